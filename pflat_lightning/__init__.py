@@ -1,0 +1,8 @@
+"""pflat-lightning: privacy-preserving prefix tuning of language models through flatness."""
+from pflat_lightning.classifier import PrefixTunedClassifier
+from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.prefix_model import PrefixModel
+from pflat_lightning.privacy import PrivacyConfig
+
+__all__ = ["PrefixEncoder", "PrefixModel", "PrefixTunedClassifier", "PrivacyConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,314 @@
+"""``PrefixTunedClassifier``: DP prefix tuning of a frozen transformer for text classification."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import AutoTokenizer
+
+from pflat_lightning.bundled import resolve_model
+from pflat_lightning.families import family_for
+from pflat_lightning.prefix_model import PrefixModel, label_word_ids, load_backbone
+from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.privacy.engine import DPSGDEngine
+from pflat_lightning.privacy.ledger import PrivacyLedger
+from pflat_lightning.privacy.report import build_report, write_report
+from pflat_lightning.privacy.sampling import PoissonDataLoader
+
+#: Precisions under which per-example clipping sees true gradients (16-bit mixed precision clips
+#: loss-scaled gradients, which breaks the sensitivity bound).
+DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+CHECKPOINT_KEY = "pflat_privacy"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class PrefixTunedClassifier(pl.LightningModule):
+    """A frozen transformer classifier whose only trainable parts are a prefix and a small head.
+
+    With the default :class:`PrivacyConfig` every fit is DP-SGD through Opacus: Poisson-sampled
+    logical batches (split into physical chunks of ``max_physical_batch_size``), per-example clipping,
+    Gaussian noise calibrated so that the planned steps end at ``target_epsilon``, epsilon in the
+    progress bar, and a privacy report (``privacy_report.json``/``.md`` in ``trainer.log_dir``).
+    ``PrivacyConfig(enabled=False)`` trains the identical model without privacy.
+
+    Args:
+        backbone: a Hugging Face model id or folder, or a bundled name (``"bundled-minilm"``).
+        num_labels: number of classes.
+        head: ``"linear"`` (pooled features into a trainable linear layer) or ``"label_words"``
+            (LM-BFF prompting: the masked/causal LM's logits of one ``label_words`` entry per class;
+            use it with a datamodule ``template`` such as ``"{text} It was {mask}."``).
+        label_words: one word per class, e.g. ``["terrible", "great"]``.
+        num_virtual_tokens: prefix length.
+        prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
+        prefix_init_std: standard deviation of the prefix initialisation.
+        privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
+        optimizer: optimizer factory over the trainable parameters.
+        lr_scheduler: optional scheduler factory, stepped once per logical batch.
+        max_physical_batch_size: examples per forward/backward; a logical batch is processed in
+            chunks of this size (virtual steps), so its memory never depends on the logical batch.
+        log_train_loss: log the training loss. It is a statistic of private data released outside
+            the accountant, so under DP it is recorded in the ledger and voids the formal guarantee.
+
+    Example::
+
+        model = PrefixTunedClassifier("bundled-minilm", num_labels=2,
+                                      privacy=PrivacyConfig(target_epsilon=8.0))
+        trainer = pl.Trainer(max_epochs=3)
+        trainer.fit(model, datamodule=TextClassificationDataModule("movie_reviews"))
+    """
+
+    def __init__(
+        self,
+        backbone: str = "bundled-minilm",
+        num_labels: int = 2,
+        *,
+        head: Literal["linear", "label_words"] = "linear",
+        label_words: Optional[List[str]] = None,
+        num_virtual_tokens: int = 10,
+        prefix_hidden: Optional[int] = None,
+        prefix_init_std: float = 0.5,
+        privacy: Optional[PrivacyConfig] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        max_physical_batch_size: int = 32,
+        log_train_loss: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        self.privacy = privacy if privacy is not None else PrivacyConfig()
+        path = resolve_model(backbone)
+        try:
+            model = load_backbone(path, head)
+        except OSError as error:
+            raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        word_ids = None
+        if head == "label_words":
+            if not label_words:
+                raise ValueError("head='label_words' needs label_words, one word per class.")
+            word_ids = label_word_ids(self.tokenizer, label_words, family_for(model.config).label_word_prefix)
+        self.model = PrefixModel(
+            model,
+            num_labels,
+            head=head,
+            label_word_ids=word_ids,
+            mask_token_id=self.tokenizer.mask_token_id,
+            num_virtual_tokens=num_virtual_tokens,
+            reparam_hidden=prefix_hidden,
+            prefix_init_std=prefix_init_std,
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.max_physical_batch_size = max_physical_batch_size
+        self.log_train_loss = log_train_loss
+        self.ledger = PrivacyLedger()
+        self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
+        self._resumed = False
+        self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
+
+    # ------------------------------------------------------------------ model
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask, token_type_ids)
+
+    def example_losses(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One cross-entropy loss per example (DP clips each example's gradient separately)."""
+        logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        return F.cross_entropy(logits, batch["labels"], reduction="none")
+
+    @property
+    def is_private(self) -> bool:
+        return self.engine is not None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.is_private:
+            return
+        trainer = self.trainer
+        if trainer.precision not in DP_PRECISIONS:
+            raise ValueError(
+                f"Trainer(precision={trainer.precision!r}) cannot be used with DP: 16-bit mixed precision clips "
+                f"loss-scaled per-example gradients. Allowed with DP: {DP_PRECISIONS}."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot be used with DP: it "
+                "scales per-example gradients before clipping and breaks Poisson sampling. Set the datamodule's "
+                "batch_size to the logical batch; max_physical_batch_size bounds the memory."
+            )
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "poisson_sampling"):
+            datamodule.poisson_sampling = self.privacy.poisson_sampling
+
+    def configure_optimizers(self) -> Any:
+        self._check_trainable()
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.is_private:
+            optimizer = self._make_private(optimizer)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    def _check_trainable(self) -> None:
+        own = {id(p) for m in (self.model.prefix, self.model.classifier) if m is not None for p in m.parameters()}
+        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in own]
+        if stray and self.is_private:
+            raise ValueError(
+                f"Trainable backbone parameters {stray[:5]}{'...' if len(stray) > 5 else ''} are not part of the DP "
+                "prefix: the backbone must stay frozen so the accountant covers every trained parameter."
+            )
+
+    def _make_private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        trainer = self.trainer
+        planned = trainer.estimated_stepping_batches  # also sets up the training dataloader
+        if not math.isfinite(planned):
+            raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
+        loader = trainer.train_dataloader
+        if isinstance(loader, PoissonDataLoader):
+            expected_batch = loader.expected_batch_size
+        elif self.privacy.poisson_sampling:
+            raise ValueError(
+                "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
+                "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
+            )
+        else:
+            expected_batch = loader.batch_size
+            self.ledger.record(
+                "sampling", "unaccounted",
+                "fixed-size shuffled batches (poisson_sampling=False): the accountant's epsilon assumes Poisson "
+                "sampling and is not a formal bound for shuffling",
+            )
+        if trainer.ckpt_path is not None and not self._resumed:
+            raise ValueError(
+                f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
+                "history, noise, sampler), so the privacy already spent would be forgotten."
+            )
+        dp_optimizer = self.engine.attach(
+            self.model,
+            optimizer,
+            dataset_size=len(loader.dataset),
+            expected_batch_size=expected_batch,
+            planned_steps=int(planned),
+        )
+        if self.log_train_loss:
+            self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
+        rank_zero_info(
+            f"DP-SGD: noise_multiplier={self.engine.noise_multiplier:.4f}, sample_rate={self.engine.sample_rate:.5f}, "
+            f"{self.engine.planned_steps} steps, target epsilon={self.privacy.target_epsilon}, delta={self.engine.delta:.3g}"
+        )
+        return dp_optimizer
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        if self.is_private and isinstance(loader, PoissonDataLoader):
+            # Resuming inside an epoch: replay the epoch's draws and skip the batches already trained on.
+            done = self.engine.steps - self.current_epoch * loader.batch_sampler.num_batches
+            if 0 < done < loader.batch_sampler.num_batches:
+                loader.batch_sampler.fast_forward(done)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        if self.is_private and self.engine.budget_exhausted:
+            self.trainer.should_stop = True
+            return -1
+        return None
+
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        size = batch["labels"].shape[0]
+        chunks = [
+            {k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()}
+            for start in range(0, size, self.max_physical_batch_size)
+        ]
+        total = 0.0
+        for i, chunk in enumerate(chunks):
+            losses = self.example_losses(chunk)
+            total += float(losses.detach().sum())
+            if self.is_private:
+                self.engine.backward(losses)
+                if i < len(chunks) - 1:
+                    self.engine.virtual_step()
+            else:
+                self.manual_backward(losses.sum() / size)
+        if self.is_private:
+            if size == 0:
+                self.engine.prepare_empty_step()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.log("epsilon", self.engine.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        elif size > 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        if self.log_train_loss and size > 0:
+            self.log("train_loss", total / size, prog_bar=True, batch_size=size)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Dict[str, torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+        logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+        loss = F.cross_entropy(logits, batch["labels"])
+        accuracy(logits, batch["labels"])
+        size = batch["labels"].shape[0]
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=size)
+
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_accuracy)
+
+    # ------------------------------------------------------------------ report and checkpoints
+    def privacy_report(self) -> Dict[str, Any]:
+        """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
+        trainer = self.trainer
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
+        size = self.engine.dataset_size if self.is_private else None
+        return build_report(
+            config=self.privacy,
+            engine=self.engine,
+            ledger=self.ledger,
+            dataset_size=size,
+            epochs=trainer.current_epoch,
+            steps=trainer.global_step,
+            metrics=metrics,
+        )
+
+    @rank_zero_only
+    def _write_report(self) -> None:
+        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        path = write_report(self.privacy_report(), folder)
+        rank_zero_info(f"Privacy report written to {path}")
+
+    def on_fit_end(self) -> None:
+        self._write_report()
+
+    def on_test_end(self) -> None:
+        self._write_report()
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        if self.is_private and self.engine.optimizer is not None:
+            checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is not None and self.is_private:
+            self.engine.load_state_dict(state["engine"])
+            self.ledger.load_state_dict(state["ledger"])
+            self._resumed = True
+
+    def teardown(self, stage: str) -> None:
+        if self.is_private:
+            self.engine.detach()

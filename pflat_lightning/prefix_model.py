@@ -1,0 +1,141 @@
+"""A frozen transformer with a trainable prefix and a classifier read from its output."""
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from pflat_lightning.families import cache_keyword, family_for, kv_geometry, lm_head
+from pflat_lightning.prefix import PrefixEncoder
+
+HEADS = ("linear", "label_words")
+
+
+def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], prefix: str) -> List[int]:
+    """One vocabulary id per label word; a word that is not a single token is refused."""
+    ids = []
+    for word in words:
+        tokens = tokenizer.encode(prefix + word, add_special_tokens=False)
+        if len(tokens) != 1:
+            raise ValueError(
+                f"label word {word!r} is {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)} for this "
+                "tokenizer; label words must be single tokens."
+            )
+        ids.append(tokens[0])
+    return ids
+
+
+class PrefixModel(nn.Module):
+    """Frozen backbone + :class:`PrefixEncoder` + classifier, mapping a tokenised batch to class logits.
+
+    ``head="linear"`` pools the last hidden states (mean over real tokens for encoders, the last real
+    token for decoders) into a trainable linear layer. ``head="label_words"`` reads the backbone's own
+    language-model head at the ``[MASK]`` token (masked LMs) or at the last real token (causal LMs)
+    and keeps the logits of one label word per class, as in LM-BFF.
+
+    Args:
+        backbone: a Hugging Face model: a base model for ``"linear"``, a masked/causal LM for
+            ``"label_words"``. Its parameters are frozen here.
+        num_labels: number of classes.
+        head: ``"linear"`` or ``"label_words"``.
+        label_word_ids: vocabulary id of each class' label word (``"label_words"`` only).
+        mask_token_id: id of the mask token, read by masked LMs in ``"label_words"`` mode.
+        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        num_labels: int,
+        *,
+        head: Literal["linear", "label_words"] = "linear",
+        label_word_ids: Optional[Sequence[int]] = None,
+        mask_token_id: Optional[int] = None,
+        num_virtual_tokens: int = 10,
+        reparam_hidden: Optional[int] = None,
+        prefix_init_std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
+        if num_labels < 2:
+            raise ValueError(f"num_labels must be >= 2, got {num_labels}.")
+        self.family = family_for(backbone.config)
+        self.backbone = backbone.requires_grad_(False)
+        self.transformer = backbone.base_model
+        self.cache_keyword = cache_keyword(self.transformer.forward)
+        self.prefix = PrefixEncoder(
+            kv_geometry(backbone.config),
+            num_virtual_tokens=num_virtual_tokens,
+            reparam_hidden=reparam_hidden,
+            init_std=prefix_init_std,
+        )
+        self.head_kind = head
+        if head == "linear":
+            self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+        else:
+            if label_word_ids is None or len(label_word_ids) != num_labels:
+                raise ValueError(f"head='label_words' needs one label word per class ({num_labels}), got {label_word_ids}.")
+            if self.family.bidirectional and mask_token_id is None:
+                raise ValueError("head='label_words' on a masked LM needs the tokenizer's mask_token_id.")
+            self.classifier = None
+            self.lm_head = lm_head(backbone, self.family)
+            self.register_buffer("label_word_ids", torch.as_tensor(list(label_word_ids), dtype=torch.long))
+        self.mask_token_id = mask_token_id
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        cache = DynamicCache()
+        for layer, (key, value) in enumerate(self.prefix(batch)):
+            cache.update(key, value, layer)
+        prefix_length = self.prefix.num_virtual_tokens
+        prefix_mask = attention_mask.new_ones(batch, prefix_length)
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([prefix_mask, attention_mask], dim=1),
+            "position_ids": self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
+            self.cache_keyword: cache,
+        }
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.transformer(**kwargs).last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if self.head_kind == "linear" and self.family.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        if self.family.bidirectional:
+            is_mask = input_ids == self.mask_token_id
+            if not bool((is_mask.sum(1) == 1).all()):
+                raise ValueError("head='label_words' needs exactly one mask token per example; use a template with {mask}.")
+            position = is_mask.long().argmax(1)
+        else:
+            # The last real token, whichever side the tokenizer pads.
+            steps = torch.arange(attention_mask.shape[1], device=hidden.device)
+            position = (attention_mask.long() * (steps + 1)).argmax(1)
+        features = hidden[rows, position]
+        if self.head_kind == "linear":
+            return self.classifier(features)
+        return self.lm_head(features)[:, self.label_word_ids]
+
+
+def load_backbone(name_or_path: str, head: str, **kwargs) -> PreTrainedModel:
+    """Load a backbone for ``head``: the base model, or the masked/causal LM for label words."""
+    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    family = family_for(config)
+    auto = AutoModel if head == "linear" else family.lm_class
+    return auto.from_pretrained(name_or_path, **kwargs)

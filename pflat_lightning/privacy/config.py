@@ -1,0 +1,75 @@
+"""The privacy parameters of a run, in one typed object."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+@dataclass
+class PrivacyConfig:
+    """What DP-SGD guarantee a run must give and how it clips.
+
+    Args:
+        enabled: train with DP-SGD; ``False`` trains the identical model without privacy (baselines,
+            teachers) and the report says that no guarantee holds.
+        target_epsilon: the epsilon the planned steps must end at. The noise is calibrated so that
+            ``max_epochs`` (or ``max_steps``) of Poisson-sampled steps spend exactly this.
+        target_delta: delta of the guarantee. ``None`` means ``N ** -1.1`` for a training set of ``N``
+            examples (the Privacy-Flat paper's choice); any value must be below ``1 / N``.
+        max_grad_norm: per-example clipping bound ``C`` on the L2 norm of the trainable gradient.
+        noise_multiplier: explicit noise ``sigma`` (noise std is ``sigma * C``). With ``target_epsilon``
+            also set, training stops at the last step that stays within it, and a noise that cannot
+            reach the planned steps within the target is refused.
+        accountant: ``"prv"`` (tight numerical composition, default) or ``"rdp"`` (Renyi DP).
+        poisson_sampling: sample each logical batch by including every example independently, the
+            scheme the accountants analyse. ``False`` shuffles into fixed batches, for which the
+            reported epsilon is not a formal bound (recorded in the ledger).
+        grad_sample_mode: how per-example gradients are clipped: ``"hooks"`` (Opacus hooks),
+            ``"functorch"`` or ``"ghost"`` (ghost clipping: per-example norms without
+            materialising per-example gradients, at the price of a second backward pass).
+        secure_mode: draw noise from a cryptographically secure generator (slower).
+        seed: seed of the Poisson sampler and of the noise generator (when not in secure mode).
+    """
+
+    enabled: bool = True
+    target_epsilon: Optional[float] = 8.0
+    target_delta: Optional[float] = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: Optional[float] = None
+    accountant: Literal["prv", "rdp"] = "prv"
+    poisson_sampling: bool = True
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    secure_mode: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            raise ValueError(f"target_epsilon must be > 0 (or None with an explicit noise_multiplier), got {self.target_epsilon}.")
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1 / dataset size), got {self.target_delta}.")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}.")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0 or None, got {self.noise_multiplier}.")
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("Set target_epsilon or noise_multiplier (both are None): DP needs a noise level.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}.")
+
+    def delta_for(self, dataset_size: int) -> float:
+        """The delta used for ``dataset_size`` training examples; refuses ``delta >= 1 / N``."""
+        if self.target_delta is None:
+            return float(dataset_size) ** -1.1
+        if self.target_delta >= 1.0 / dataset_size:
+            raise ValueError(
+                f"target_delta={self.target_delta} must be < 1/N = {1.0 / dataset_size:.3g} for N={dataset_size} "
+                "training examples: a larger delta allows leaking whole examples."
+            )
+        return self.target_delta

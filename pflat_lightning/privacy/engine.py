@@ -1,0 +1,223 @@
+"""DP-SGD on a module's trainable parameters, through Opacus' per-example gradients and accountants.
+
+The engine owns what makes one training step private: per-example gradients (Opacus hooks attached to
+the module without wrapping it, so checkpoints keep their plain parameter names), clipping and noise
+(an Opacus ``DPOptimizer``), virtual steps that split a logical Poisson batch into physical chunks, the
+noise calibration for the planned steps, and the accountant's history.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from torch import nn
+
+from pflat_lightning.privacy.config import PrivacyConfig
+
+History = List[Tuple[float, float, int]]
+
+
+def epsilon_of(history: History, delta: float, accountant: str) -> float:
+    """Epsilon that ``accountant`` gives for a history of ``(noise, sample_rate, steps)`` runs."""
+    if not history:
+        return 0.0
+    if any(noise == 0 for noise, _, _ in history):
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+class DPSGDEngine:
+    """Makes a module's training private and keeps the privacy spend.
+
+    Use :meth:`attach` once the dataset size and the planned number of steps are known, then per
+    physical chunk :meth:`backward`, :meth:`virtual_step` between chunks of one logical batch, and the
+    optimizer's ``step()`` at the end of the logical batch (after :meth:`prepare_empty_step` when the
+    Poisson batch was empty).
+
+    Args:
+        config: the privacy parameters.
+    """
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        self.config = config
+        self.hooks: Any = None
+        self.optimizer: Optional[DPOptimizer] = None
+        self.noise_multiplier: Optional[float] = None
+        self.sample_rate: Optional[float] = None
+        self.expected_batch_size: Optional[int] = None
+        self.dataset_size: Optional[int] = None
+        self.delta: Optional[float] = None
+        self.planned_steps: Optional[int] = None
+        self.history: History = []
+        self._generator: Optional[torch.Generator] = None
+        self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
+
+    # ------------------------------------------------------------------ setup
+    def attach(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        dataset_size: int,
+        expected_batch_size: int,
+        planned_steps: int,
+        distributed: bool = False,
+    ) -> DPOptimizer:
+        """Hook ``module`` for per-example gradients and wrap ``optimizer`` into a DP optimizer.
+
+        After :meth:`load_state_dict` (resuming an interrupted run) the restored noise, history and noise
+        generator are kept instead of calibrating anew, so a resumed run spends exactly as if it had never
+        stopped.
+        """
+        cfg = self.config
+        if expected_batch_size > dataset_size:
+            raise ValueError(
+                f"The logical batch size {expected_batch_size} is larger than the training set ({dataset_size} examples)."
+            )
+        setting = {"dataset_size": dataset_size, "sample_rate": expected_batch_size / dataset_size}
+        if self.noise_multiplier is not None:  # restored by load_state_dict: continue the same spend
+            for key, now in setting.items():
+                if not math.isclose(getattr(self, key), now):
+                    raise ValueError(
+                        f"Cannot resume: the checkpoint was trained with {key}={getattr(self, key)!r}, this run has "
+                        f"{now!r}. Changing it mid-run would make the privacy accounting wrong."
+                    )
+        else:
+            self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
+            self.delta = cfg.delta_for(dataset_size)
+            self.planned_steps = planned_steps
+            self.noise_multiplier = self._calibrate(planned_steps)
+        self.expected_batch_size = expected_batch_size
+
+        self.hooks = prepare_module(
+            module, cfg.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
+        )
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=cfg.grad_sample_mode)
+        if self._generator is None and not cfg.secure_mode:
+            self._generator = torch.Generator().manual_seed(cfg.seed)
+        extra = {"max_grad_norm": cfg.max_grad_norm}
+        if cfg.grad_sample_mode == "ghost":
+            self.hooks.max_grad_norm = cfg.max_grad_norm
+        self.optimizer = optimizer_class(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
+            generator=self._generator,
+            secure_mode=cfg.secure_mode,
+            **extra,
+        )
+        self.optimizer.attach_step_hook(self._on_step)
+        return self.optimizer
+
+    def _calibrate(self, steps: int) -> float:
+        cfg = self.config
+        if cfg.noise_multiplier is not None:
+            if cfg.target_epsilon is not None:
+                spent = epsilon_of([(cfg.noise_multiplier, self.sample_rate, steps)], self.delta, cfg.accountant)
+                if spent > cfg.target_epsilon:
+                    raise ValueError(
+                        f"noise_multiplier={cfg.noise_multiplier} and target_epsilon={cfg.target_epsilon} contradict: "
+                        f"{steps} steps at sample rate {self.sample_rate:.4g} spend epsilon={spent:.3f}. "
+                        "Raise the noise, train fewer steps, or drop one of the two."
+                    )
+            return cfg.noise_multiplier
+        return float(
+            get_noise_multiplier(
+                target_epsilon=cfg.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant=cfg.accountant,
+            )
+        )
+
+    def detach(self) -> None:
+        """Remove the per-example gradient hooks."""
+        if self.hooks is not None:
+            self.hooks.remove_hooks()
+            self.hooks = None
+
+    # ------------------------------------------------------------------ per step
+    def backward(self, loss_per_example: torch.Tensor) -> None:
+        """Back-propagate a chunk's per-example losses so that each example's gradient can be clipped."""
+        if self.config.grad_sample_mode == "ghost":
+            DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
+        else:
+            loss_per_example.sum().backward()
+
+    def virtual_step(self) -> None:
+        """Clip and accumulate the chunk just back-propagated, without noise or update."""
+        self.optimizer.signal_skip_step(do_skip=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def prepare_empty_step(self) -> None:
+        """Give an empty Poisson batch zero clipped gradients, so the step still adds noise and is counted."""
+        ghost = self.config.grad_sample_mode == "ghost"
+        for p in self.optimizer.params:
+            if ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
+
+    def _on_step(self, optimizer: DPOptimizer) -> None:
+        entry = (self.noise_multiplier, self.sample_rate)
+        if self.history and tuple(self.history[-1][:2]) == entry:
+            noise, rate, steps = self.history[-1]
+            self.history[-1] = (noise, rate, steps + 1)
+        else:
+            self.history.append((*entry, 1))
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def steps(self) -> int:
+        return sum(h[2] for h in self.history)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.planned_steps is not None and self.steps >= self.planned_steps
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the run's delta (cached per history)."""
+        key = tuple(tuple(h) for h in self.history)
+        if self._epsilon_cache[0] != key:
+            self._epsilon_cache = (key, epsilon_of(self.history, self.delta, self.config.accountant))
+        return self._epsilon_cache[1]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "history": [list(h) for h in self.history],
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "planned_steps": self.planned_steps,
+            "delta": self.delta,
+            "dataset_size": self.dataset_size,
+            "accountant": self.config.accountant,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["accountant"] != self.config.accountant:
+            raise ValueError(
+                f"Cannot resume: the checkpoint was accounted with accountant={state['accountant']!r}, this run uses "
+                f"{self.config.accountant!r}."
+            )
+        self.history = [tuple(h) for h in state["history"]]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.sample_rate = state["sample_rate"]
+        self.planned_steps = state["planned_steps"]
+        self.delta = state["delta"]
+        self.dataset_size = state["dataset_size"]
+        if state["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])

@@ -1,0 +1,50 @@
+"""The privacy ledger: every use of data that the run makes, and whether the accountant covers it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Literal
+
+Status = Literal["accounted", "public", "unaccounted"]
+STATUSES = ("accounted", "public", "unaccounted")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One component's use of data.
+
+    Args:
+        component: who touched the data (``"dp_sgd"``, ``"AdversarialWeightPerturbation"``, ...).
+        status: ``"accounted"`` (in the accountant's epsilon), ``"public"`` (no private data),
+            ``"unaccounted"`` (private data outside the accountant: no formal guarantee).
+        detail: what was done and, for ``unaccounted``, why it breaks the guarantee.
+    """
+
+    component: str
+    status: Status
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}.")
+
+
+class PrivacyLedger:
+    """Declarations of data use; ``formal_guarantee`` holds only if nothing is unaccounted."""
+
+    def __init__(self) -> None:
+        self.entries: List[LedgerEntry] = []
+
+    def record(self, component: str, status: Status, detail: str) -> None:
+        entry = LedgerEntry(component, status, detail)
+        if entry not in self.entries:
+            self.entries.append(entry)
+
+    @property
+    def unaccounted(self) -> List[LedgerEntry]:
+        return [e for e in self.entries if e.status == "unaccounted"]
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"entries": [asdict(e) for e in self.entries]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.entries = [LedgerEntry(**e) for e in state["entries"]]

@@ -1,0 +1,105 @@
+"""The privacy report every fit writes: what guarantee holds, from which numbers, and why (not)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.privacy.engine import DPSGDEngine
+from pflat_lightning.privacy.ledger import PrivacyLedger
+
+REPORT_JSON = "privacy_report.json"
+REPORT_MD = "privacy_report.md"
+
+
+def build_report(
+    *,
+    config: PrivacyConfig,
+    engine: Optional[DPSGDEngine],
+    ledger: PrivacyLedger,
+    dataset_size: Optional[int],
+    epochs: int,
+    steps: int,
+    metrics: Dict[str, float],
+) -> Dict[str, Any]:
+    """Assemble the report; every privacy number comes from ``engine``'s accountant history."""
+    reasons: List[str] = []
+    if not config.enabled or engine is None:
+        reasons.append("privacy disabled (PrivacyConfig.enabled=False): trained without DP-SGD")
+        epsilon = delta = noise = rate = None
+        history: list = []
+    else:
+        eps = engine.epsilon()
+        epsilon = None if math.isinf(eps) else eps
+        delta, noise, rate, steps = engine.delta, engine.noise_multiplier, engine.sample_rate, engine.steps
+        history = [list(h) for h in engine.history]
+        if noise == 0:
+            reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
+    reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
+    return {
+        "formal_guarantee": not reasons,
+        "reasons": reasons,
+        "epsilon": epsilon,
+        "delta": delta,
+        "target_epsilon": config.target_epsilon if config.enabled else None,
+        "noise_multiplier": noise,
+        "sample_rate": rate,
+        "steps": steps,
+        "epochs": epochs,
+        "max_grad_norm": config.max_grad_norm if config.enabled else None,
+        "accountant": config.accountant if config.enabled else None,
+        "poisson_sampling": config.poisson_sampling if config.enabled else None,
+        "grad_sample_mode": config.grad_sample_mode if config.enabled else None,
+        "dataset_size": dataset_size,
+        "accountant_history": history,
+        "ledger": [e.__dict__ for e in ledger.entries],
+        "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    verdict = "holds" if report["formal_guarantee"] else "does NOT hold"
+    lines = [
+        "# Privacy report",
+        "",
+        f"**Formal (epsilon, delta) guarantee: {verdict}.**",
+        "",
+    ]
+    if report["epsilon"] is not None:
+        lines += [f"The training set is protected at (epsilon = {report['epsilon']:.4f}, delta = {report['delta']:.3g}).", ""]
+    if report["reasons"]:
+        lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
+    lines += ["| parameter | value |", "| --- | --- |"]
+    for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
+                "max_grad_norm", "accountant", "poisson_sampling", "grad_sample_mode", "dataset_size"):
+        lines.append(f"| {key} | {_fmt(report[key])} |")
+    lines += ["", "## Ledger: data use outside DP-SGD's accountant", ""]
+    if report["ledger"]:
+        lines += ["| component | status | detail |", "| --- | --- | --- |"]
+        lines += [f"| {e['component']} | {e['status']} | {e['detail']} |" for e in report["ledger"]]
+    else:
+        lines.append("Nothing: every use of private training data went through the accountant.")
+    if report["metrics"]:
+        lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in report["metrics"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: Dict[str, Any], folder: str | Path) -> Path:
+    """Write ``privacy_report.json`` and ``privacy_report.md`` into ``folder``; return the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / REPORT_JSON
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    (folder / REPORT_MD).write_text(render_markdown(report))
+    return path
