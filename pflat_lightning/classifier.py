@@ -170,7 +170,8 @@ class PrefixTunedClassifier(pl.LightningModule):
 
     def _make_private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         trainer = self.trainer
-        planned = trainer.estimated_stepping_batches  # also sets up the training dataloader
+        trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
+        planned = trainer.estimated_stepping_batches
         if not math.isfinite(planned):
             raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
         loader = trainer.train_dataloader

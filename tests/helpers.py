@@ -1,0 +1,62 @@
+"""Small synthetic data for unit tests of the training mechanics."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import lightning.pytorch as pl
+
+from pflat_lightning.privacy import PoissonDataLoader
+
+
+class TokenDataset(Dataset):
+    """Random token sequences (ids in the ordinary-word range of the WordPiece vocab) with labels."""
+
+    def __init__(self, size: int = 64, length: int = 8, seed: int = 0, mask_token_id: int | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(2000, 3000, (size, length), generator=g)
+        if mask_token_id is not None:
+            self.input_ids[:, -2] = mask_token_id
+        self.attention_mask = torch.ones_like(self.input_ids)
+        self.attention_mask[::3, -1] = 0  # some padding
+        self.labels = torch.randint(0, 2, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.input_ids[i], self.attention_mask[i], self.labels[i]
+
+
+def collate(items: List) -> Dict[str, torch.Tensor]:
+    if not items:
+        return {"input_ids": torch.zeros(0, 1, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+                "labels": torch.zeros(0, dtype=torch.long)}
+    ids, mask, labels = zip(*items)
+    return {"input_ids": torch.stack(ids), "attention_mask": torch.stack(mask), "labels": torch.stack(labels)}
+
+
+class TokenDataModule(pl.LightningDataModule):
+    def __init__(self, size: int = 64, batch_size: int = 8, poisson: bool = True, seed: int = 0, **kwargs) -> None:
+        super().__init__()
+        self.dataset = TokenDataset(size, **kwargs)
+        self.batch_size, self.poisson, self.seed = batch_size, poisson, seed
+
+    def train_dataloader(self) -> DataLoader:
+        if self.poisson:
+            return PoissonDataLoader(self.dataset, expected_batch_size=self.batch_size, collate_fn=collate, seed=self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=32, collate_fn=collate)
+
+    test_dataloader = val_dataloader
+
+
+def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                    enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

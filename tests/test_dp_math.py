@@ -1,0 +1,154 @@
+"""DP-SGD mathematics, each checked against an independent computation."""
+import copy
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import PRVAccountant, RDPAccountant
+from transformers import AutoTokenizer
+
+from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning.prefix_model import PrefixModel, load_backbone
+from pflat_lightning.privacy import DPSGDEngine
+
+from conftest import FAMILIES
+from helpers import TokenDataModule, TokenDataset, collate, quiet_trainer
+
+HEADS = ["linear", "label_words"]
+
+
+def tiny_prefix_model(path, head):
+    backbone = load_backbone(path, head)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    words = tokenizer.convert_tokens_to_ids(["bad", "good"])
+    return PrefixModel(backbone, 2, head=head, label_word_ids=words, mask_token_id=tokenizer.mask_token_id,
+                       num_virtual_tokens=3), tokenizer
+
+
+def batch_for(tokenizer, size=6, seed=1):
+    data = TokenDataset(size, length=7, seed=seed, mask_token_id=tokenizer.mask_token_id)
+    return collate([data[i] for i in range(size)])
+
+
+def per_example_gradients(model, batch):
+    """Reference: one autograd call per example."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for i in range(batch["labels"].shape[0]):
+        logits = model(batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1])
+        loss = F.cross_entropy(logits, batch["labels"][i : i + 1])
+        grads.append(torch.autograd.grad(loss, params))
+    return params, grads
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_gradients_equal_per_example_autograd(family, head, mode, tiny_model_dir):
+    model, tokenizer = tiny_prefix_model(tiny_model_dir(family), head)
+    model.prefix.train()
+    batch = batch_for(tokenizer)
+    reference = copy.deepcopy(model)
+    ref_params, ref_grads = per_example_gradients(reference, batch)
+
+    engine = DPSGDEngine(PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, grad_sample_mode=mode))
+    engine.attach(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+                  dataset_size=100, expected_batch_size=6, planned_steps=1)
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    engine.backward(F.cross_entropy(logits, batch["labels"], reduction="none"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == len(ref_params)
+    for j, p in enumerate(params):
+        expected = torch.stack([g[j] for g in ref_grads])
+        torch.testing.assert_close(p.grad_sample, expected, atol=1e-6, rtol=1e-4)
+    engine.detach()
+
+
+def clipped_mean(grads, max_norm, batch_size):
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
+    clipped = [f * min(1.0, max_norm / (f.norm().item() + 1e-6)) for f in flat]
+    return torch.stack(clipped).sum(0) / batch_size
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode, tiny_model_dir, tmp_path):
+    """Through the Lightning module: a logical batch of 8 in physical chunks of 3 (virtual steps)."""
+    clip = 0.05
+    module = PrefixTunedClassifier(
+        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
+                              grad_sample_mode=mode),
+    )
+    data = TokenDataModule(size=64, batch_size=8, poisson=False)
+    first = collate([data.dataset[i] for i in range(8)])
+    reference = copy.deepcopy(module.model)
+    _, grads = per_example_gradients(reference, first)
+    norms = [torch.cat([g.flatten() for g in gs]).norm() for gs in grads]
+    assert sum(n > clip for n in norms) >= 2, "the test must exercise clipping"
+    before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters() if p.requires_grad])
+    quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    after = torch.cat([p.detach().flatten() for p in module.model.parameters() if p.requires_grad])
+    torch.testing.assert_close(before - after, clipped_mean(grads, clip, 8), atol=1e-6, rtol=1e-4)
+
+
+def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
+    """With clipping to zero signal, an update is pure noise: std = sigma * C / expected batch."""
+    model, tokenizer = tiny_prefix_model(tiny_model_dir("bert"), "linear")
+    sigma, clip, expected = 1.3, 0.7, 5
+    engine = DPSGDEngine(PrivacyConfig(noise_multiplier=sigma, target_epsilon=None, max_grad_norm=clip))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = engine.attach(model, torch.optim.SGD(params, lr=1.0), dataset_size=100, expected_batch_size=expected,
+                              planned_steps=1)
+    before = torch.cat([p.detach().flatten().clone() for p in params])
+    engine.prepare_empty_step()  # an empty Poisson batch: zero signal, the step still adds noise
+    optimizer.step()
+    delta = before - torch.cat([p.detach().flatten() for p in params])
+    n = delta.numel()
+    target = sigma * clip / expected
+    # The sample std of n normals is within 5 standard errors (target / sqrt(2n)) of the truth.
+    assert abs(delta.std().item() - target) < 5 * target / math.sqrt(2 * n)
+    assert abs(delta.mean().item()) < 5 * target / math.sqrt(n)
+    assert engine.steps == 1
+
+
+@pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
+def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference, tiny_model_dir, tmp_path):
+    target = 3.0
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+                                   privacy=PrivacyConfig(target_epsilon=target, accountant=accountant))
+    data = TokenDataModule(size=64, batch_size=8)
+    trainer = quiet_trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, datamodule=data)
+    engine = module.engine
+    assert engine.steps == 2 * 8  # every planned step ran (empty Poisson batches included)
+    fresh = reference()
+    fresh.history = [(engine.noise_multiplier, 8 / 64, 16)]
+    expected = fresh.get_epsilon(delta=64 ** -1.1)
+    report = module.privacy_report()
+    assert report["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert report["epsilon"] <= target
+    assert report["epsilon"] > target - 0.05, "the noise is calibrated to end at the target"
+    assert report["formal_guarantee"] is True and report["ledger"] == []
+
+
+def test_explicit_noise_that_cannot_reach_the_plan_is_refused(tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+                                   privacy=PrivacyConfig(target_epsilon=1.0, noise_multiplier=0.3))
+    with pytest.raises(ValueError, match="noise_multiplier=0.3 and target_epsilon=1.0 contradict"):
+        quiet_trainer(tmp_path, max_epochs=2).fit(module, datamodule=TokenDataModule())
+
+
+def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+                                   privacy=PrivacyConfig(noise_multiplier=2.0, target_epsilon=None))
+    module.model.prefix.set_layer_mask([False, True])
+    pruned = module.model.prefix.layers[0].weight.detach().clone()
+    kept = module.model.prefix.layers[1].weight.detach().clone()
+    quiet_trainer(tmp_path, max_steps=3).fit(module, datamodule=TokenDataModule())
+    assert torch.equal(module.model.prefix.layers[0].weight, pruned)
+    assert module.model.prefix.layers[0].weight.grad is None
+    assert not torch.equal(module.model.prefix.layers[1].weight, kept)
