@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+import torch
+
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 
@@ -73,3 +75,7 @@ class PrivacyConfig:
                 "training examples: a larger delta allows leaking whole examples."
             )
         return self.target_delta
+
+
+# Checkpoints store the config among the hyperparameters; allow it in ``torch.load(weights_only=True)``.
+torch.serialization.add_safe_globals([PrivacyConfig])
