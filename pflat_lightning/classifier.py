@@ -21,9 +21,10 @@ from pflat_lightning.privacy.ledger import PrivacyLedger
 from pflat_lightning.privacy.report import build_report, write_report
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
-#: Precisions under which per-example clipping sees true gradients (16-bit mixed precision clips
-#: loss-scaled gradients, which breaks the sensitivity bound).
-DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+#: Precisions under which per-example clipping sees true fp32/fp64 gradients. 16-bit mixed precision
+#: clips loss-scaled gradients, which breaks the sensitivity bound; bf16 gives Opacus bf16 gradients of
+#: fp32 parameters, which it cannot accumulate.
+DP_PRECISIONS = ("32-true", "64-true")
 CHECKPOINT_KEY = "pflat_privacy"
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -113,6 +114,7 @@ class PrefixTunedClassifier(pl.LightningModule):
         self.ledger = PrivacyLedger()
         self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
         self._resumed = False
+        self._final_metrics: Dict[str, float] = {}
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
 
@@ -136,8 +138,8 @@ class PrefixTunedClassifier(pl.LightningModule):
         trainer = self.trainer
         if trainer.precision not in DP_PRECISIONS:
             raise ValueError(
-                f"Trainer(precision={trainer.precision!r}) cannot be used with DP: 16-bit mixed precision clips "
-                f"loss-scaled per-example gradients. Allowed with DP: {DP_PRECISIONS}."
+                f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
+                f"full-precision gradients (16-bit mixed precision clips loss-scaled ones). Allowed with DP: {DP_PRECISIONS}."
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
@@ -275,7 +277,10 @@ class PrefixTunedClassifier(pl.LightningModule):
     def privacy_report(self) -> Dict[str, Any]:
         """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
         trainer = self.trainer
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
+        # Validation metrics of the fit and test metrics of a later test run both belong in the report.
+        self._final_metrics.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
+        )
         size = self.engine.dataset_size if self.is_private else None
         return build_report(
             config=self.privacy,
@@ -284,7 +289,7 @@ class PrefixTunedClassifier(pl.LightningModule):
             dataset_size=size,
             epochs=trainer.current_epoch,
             steps=trainer.global_step,
-            metrics=metrics,
+            metrics=self._final_metrics,
         )
 
     @rank_zero_only

@@ -1,0 +1,83 @@
+"""Combinations that would silently break DP are refused before training, with a clear message."""
+import pytest
+
+from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+
+from helpers import TokenDataModule, quiet_trainer
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_epsilon=0.0), r"target_epsilon must be > 0.*got 0.0"),
+        (dict(target_epsilon=-1.0), r"target_epsilon must be > 0.*got -1.0"),
+        (dict(max_grad_norm=0.0), r"max_grad_norm must be > 0, got 0.0"),
+        (dict(noise_multiplier=-0.1), r"noise_multiplier must be >= 0 or None, got -0.1"),
+        (dict(target_epsilon=None), r"Set target_epsilon or noise_multiplier"),
+        (dict(accountant="gdp"), r"accountant must be one of \('prv', 'rdp'\), got 'gdp'"),
+        (dict(grad_sample_mode="ew"), r"grad_sample_mode must be one of .*got 'ew'"),
+        (dict(target_delta=1.5), r"target_delta must be in \(0, 1 / dataset size\), got 1.5"),
+    ],
+)
+def test_bad_privacy_values_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PrivacyConfig(**kwargs)
+
+
+def test_delta_must_be_below_one_over_n():
+    assert PrivacyConfig().delta_for(100) == pytest.approx(100 ** -1.1)
+    with pytest.raises(ValueError, match=r"target_delta=0.02 must be < 1/N = 0.01 for N=100"):
+        PrivacyConfig(target_delta=0.02).delta_for(100)
+
+
+@pytest.fixture
+def dp_module(tiny_model_dir):
+    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "bf16-true"])
+def test_16_bit_precision_is_refused_with_dp(dp_module, precision, tmp_path):
+    # On CPU Lightning turns 16-mixed into bf16-mixed before the module sees it.
+    with pytest.raises(ValueError, match=r"precision='(bf)?16-(mixed|true)'.*Allowed with DP: \('32-true', '64-true'\)"):
+        quiet_trainer(tmp_path, max_steps=1, precision=precision).fit(dp_module, datamodule=TokenDataModule())
+
+
+def test_gradient_accumulation_is_refused_with_dp(dp_module, tmp_path):
+    with pytest.raises(Exception, match="accumulate_grad_batches"):
+        quiet_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2).fit(dp_module, datamodule=TokenDataModule())
+
+
+def test_trainable_backbone_is_refused_with_dp(dp_module, tmp_path):
+    dp_module.model.backbone.embeddings.word_embeddings.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"Trainable backbone parameters .*word_embeddings.*backbone must stay frozen"):
+        quiet_trainer(tmp_path, max_steps=1).fit(dp_module, datamodule=TokenDataModule())
+
+
+def test_shuffled_loader_is_refused_unless_poisson_is_switched_off(dp_module, tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs a Poisson training loader"):
+        quiet_trainer(tmp_path, max_steps=1).fit(dp_module, datamodule=TokenDataModule(poisson=False))
+    shuffled = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+                                     privacy=PrivacyConfig(poisson_sampling=False))
+    quiet_trainer(tmp_path, max_steps=1).fit(shuffled, datamodule=TokenDataModule(poisson=False))
+    report = shuffled.privacy_report()
+    assert report["formal_guarantee"] is False and "Poisson" in report["reasons"][0]
+
+
+def test_logical_batch_larger_than_the_dataset_is_refused(dp_module, tmp_path):
+    with pytest.raises(ValueError, match=r"batch.*larger than|expected_batch_size must be in \[1, dataset size 64\]"):
+        quiet_trainer(tmp_path, max_steps=1).fit(dp_module, datamodule=TokenDataModule(batch_size=100))
+
+
+def test_unbounded_training_is_refused(dp_module, tmp_path):
+    with pytest.raises(ValueError, match="needs a finite plan"):
+        quiet_trainer(tmp_path, max_epochs=-1).fit(dp_module, datamodule=TokenDataModule())
+
+
+def test_unknown_model_path_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match=r"backbone='.*nowhere'"):
+        PrefixTunedClassifier(str(tmp_path / "nowhere"), 2)
+
+
+def test_unsupported_head_and_bad_sizes():
+    with pytest.raises(ValueError, match="max_physical_batch_size must be >= 1, got 0"):
+        PrefixTunedClassifier("bundled-minilm", 2, max_physical_batch_size=0)
