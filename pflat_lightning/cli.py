@@ -15,6 +15,22 @@ class PflatCLI(LightningCLI):
         parser.link_arguments("model.num_labels", "data.num_labels")
 
 
+    def after_fit(self) -> None:
+        """Evaluate on the test split and say where the privacy report is."""
+        if self.trainer.interrupted or self.datamodule is None:
+            return
+        self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+        report = self.model.privacy_report()
+        epsilon = "none (non-private)" if report["epsilon"] is None else f"{report['epsilon']:.3f}"
+        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        print(
+            f"\nResult: test accuracy {report['metrics'].get('test_acc', float('nan')):.4f}, "
+            f"validation accuracy {report['metrics'].get('val_acc', float('nan')):.4f}, epsilon {epsilon}, "
+            f"formal guarantee {'yes' if report['formal_guarantee'] else 'no'}.\n"
+            f"Privacy report: {folder}/privacy_report.md (and .json)"
+        )
+
+
 def main(args=None) -> None:
     PflatCLI(
         PrefixTunedClassifier,
