@@ -153,7 +153,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
         if self.source in BUILTIN_CORPORA:
             return datasets.DatasetDict(train=BUILTIN_CORPORA[self.source]())
         if self.source in FILE_FORMATS:
-            return datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir)
+            try:
+                return datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir)
+            except Exception as error:  # datasets raises many types for unreadable or empty files
+                raise ValueError(f"data_files={self.data_files!r} could not be read as {self.source}: {error}") from error
         return datasets.load_dataset(self.source, self.subset, cache_dir=self.cache_dir)
 
     def _split(self, raw: datasets.DatasetDict) -> Dict[str, datasets.Dataset]:
