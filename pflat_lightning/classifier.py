@@ -216,7 +216,7 @@ class PrefixTunedClassifier(pl.LightningModule):
         loader = self.trainer.train_dataloader
         if self.is_private and isinstance(loader, PoissonDataLoader):
             # Resuming inside an epoch: replay the epoch's draws and skip the batches already trained on.
-            done = self.engine.steps - self.current_epoch * loader.batch_sampler.num_batches
+            done = self.engine.updates - self.current_epoch * loader.batch_sampler.num_batches
             if 0 < done < loader.batch_sampler.num_batches:
                 loader.batch_sampler.fast_forward(done)
 

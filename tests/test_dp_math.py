@@ -112,7 +112,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
     # The sample std of n normals is within 5 standard errors (target / sqrt(2n)) of the truth.
     assert abs(delta.std().item() - target) < 5 * target / math.sqrt(2 * n)
     assert abs(delta.mean().item()) < 5 * target / math.sqrt(n)
-    assert engine.steps == 1
+    assert engine.updates == 1
 
 
 @pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
@@ -124,7 +124,7 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference
     trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(module, datamodule=data)
     engine = module.engine
-    assert engine.steps == 2 * 8  # every planned step ran (empty Poisson batches included)
+    assert engine.updates == 2 * 8  # every planned step ran (empty Poisson batches included)
     fresh = reference()
     fresh.history = [(engine.noise_multiplier, 8 / 64, 16)]
     expected = fresh.get_epsilon(delta=64 ** -1.1)

@@ -70,7 +70,7 @@ def test_empty_poisson_batches_are_noise_only_steps_and_epsilon_is_in_the_progre
     trainer = quiet_trainer(tmp_path, max_epochs=1)
     trainer.fit(module, datamodule=TokenDataModule(size=64, batch_size=1))  # q = 1/64: many empty batches
     assert 0 in seen, "the test needs an empty Poisson batch"
-    assert module.engine.steps == len(seen) == 64
+    assert module.engine.updates == len(seen) == 64
     assert trainer.progress_bar_metrics["epsilon"] == pytest.approx(module.engine.epsilon())
 
 

@@ -34,11 +34,11 @@ def test_resume_gives_the_same_epsilon_steps_and_weights(stop_at, tiny_model_dir
     ckpt = tmp_path / "interrupted.ckpt"
     first = make(path)
     quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(stop_at, ckpt)]).fit(first, datamodule=TokenDataModule())
-    assert first.engine.steps == stop_at
+    assert first.engine.updates == stop_at
     resumed = make(path)
     quiet_trainer(tmp_path / "b", max_epochs=2).fit(resumed, datamodule=TokenDataModule(), ckpt_path=ckpt)
 
-    assert resumed.engine.steps == whole.engine.steps == 16
+    assert resumed.engine.updates == whole.engine.updates == 16
     assert resumed.engine.history == whole.engine.history
     assert resumed.privacy_report()["epsilon"] == pytest.approx(whole.privacy_report()["epsilon"], rel=1e-12)
     # Same Poisson draws and the same noise stream: the resumed run is the uninterrupted run.
@@ -66,5 +66,5 @@ def test_training_never_exceeds_the_planned_budget(tiny_model_dir, tmp_path):
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[StopAfter(10, ckpt)]).fit(first, datamodule=TokenDataModule())
     longer = make(path)
     quiet_trainer(tmp_path, max_epochs=5).fit(longer, datamodule=TokenDataModule(), ckpt_path=ckpt)
-    assert longer.engine.steps == 16
+    assert longer.engine.updates == 16
     assert longer.privacy_report()["epsilon"] <= 3.0

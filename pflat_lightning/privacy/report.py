@@ -33,7 +33,7 @@ def build_report(
     else:
         eps = engine.epsilon()
         epsilon = None if math.isinf(eps) else eps
-        delta, noise, rate, steps = engine.delta, engine.noise_multiplier, engine.sample_rate, engine.steps
+        delta, noise, rate, steps = engine.delta, engine.noise_multiplier, engine.sample_rate, engine.updates
         history = [list(h) for h in engine.history]
         if noise == 0:
             reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
