@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import family_for
+from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.prefix_model import PrefixModel, label_word_ids, load_backbone
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
@@ -115,6 +116,9 @@ class PrefixTunedClassifier(pl.LightningModule):
         self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
         self._resumed = False
         self._final_metrics: Dict[str, float] = {}
+        #: What the callbacks want in the privacy report (their settings and measurements).
+        self.report_sections: Dict[str, Any] = {}
+        self.loss_terms: List[Callable[..., torch.Tensor]] = []
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
 
@@ -123,9 +127,24 @@ class PrefixTunedClassifier(pl.LightningModule):
         return self.model(input_ids, attention_mask, token_type_ids)
 
     def example_losses(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """One cross-entropy loss per example (DP clips each example's gradient separately)."""
-        logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        return F.cross_entropy(logits, batch["labels"], reduction="none")
+        """One loss per example (DP clips each example's gradient separately): cross-entropy plus the
+        per-example terms that callbacks registered in ``loss_terms``."""
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        if not self.loss_terms:
+            return F.cross_entropy(self(**inputs), batch["labels"], reduction="none")
+        logits, prefix = self.model(**inputs, return_prefix=True)
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+        for term in self.loss_terms:
+            losses = losses + term(batch, logits, prefix)
+        return losses
+
+    @property
+    def prefix(self) -> PrefixEncoder:
+        return self.model.prefix
+
+    def layer_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
+        """Each active prefix layer's parameters (the "layers" that AWP perturbs)."""
+        return {f"prefix.layers.{i}": list(self.prefix.layers[i].parameters()) for i in self.prefix.active_layers}
 
     @property
     def is_private(self) -> bool:
@@ -153,7 +172,9 @@ class PrefixTunedClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         self._check_trainable()
-        params = [p for p in self.parameters() if p.requires_grad]
+        # Pruned prefix layers stay in the optimizer (frozen, so never updated): the parameter groups
+        # then match across a pruning and a resume.
+        params = [p for m in (self.model.prefix, self.model.classifier) if m is not None for p in m.parameters()]
         optimizer = self.optimizer_factory(params)
         if self.is_private:
             optimizer = self._make_private(optimizer)
@@ -229,29 +250,20 @@ class PrefixTunedClassifier(pl.LightningModule):
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         optimizer = self.optimizers()
         size = batch["labels"].shape[0]
-        chunks = [
-            {k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()}
-            for start in range(0, size, self.max_physical_batch_size)
-        ]
-        total = 0.0
-        for i, chunk in enumerate(chunks):
-            losses = self.example_losses(chunk)
-            total += float(losses.detach().sum())
-            if self.is_private:
-                self.engine.backward(losses)
-                if i < len(chunks) - 1:
-                    self.engine.virtual_step()
-            else:
-                self.manual_backward(losses.sum() / size)
         if self.is_private:
-            if size == 0:
-                self.engine.prepare_empty_step()
+            total = self.engine.backward_batch(batch, self.example_losses, self.max_physical_batch_size)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.log("epsilon", self.engine.epsilon(), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        elif size > 0:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        else:
+            total = 0.0
+            for start in range(0, size, self.max_physical_batch_size):
+                losses = self.example_losses({k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()})
+                total += float(losses.detach().sum())
+                self.manual_backward(losses.sum() / size)
+            if size > 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -290,6 +302,7 @@ class PrefixTunedClassifier(pl.LightningModule):
             epochs=trainer.current_epoch,
             steps=trainer.global_step,
             metrics=self._final_metrics,
+            sections=self.report_sections,
         )
 
     @rank_zero_only

@@ -47,6 +47,7 @@ class PrefixEncoder(nn.Module):
             raise ValueError(f"reparam_hidden must be >= 1 or None, got {reparam_hidden}.")
         self.geometry = geometry
         self.num_virtual_tokens = num_virtual_tokens
+        self.reparam_hidden = reparam_hidden
         width = 2 * geometry.num_kv_heads * geometry.head_dim
         if reparam_hidden is None:
             self.embeddings = None

@@ -1,7 +1,7 @@
 """A frozen transformer with a trainable prefix and a classifier read from its output."""
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Sequence
+from typing import List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -90,10 +90,12 @@ class PrefixModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: Optional[torch.Tensor] = None,
+        past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> torch.Tensor:
         batch = input_ids.shape[0]
         cache = DynamicCache()
-        for layer, (key, value) in enumerate(self.prefix(batch)):
+        past = self.prefix(batch) if past is None else past
+        for layer, (key, value) in enumerate(past):
             cache.update(key, value, layer)
         prefix_length = self.prefix.num_virtual_tokens
         prefix_mask = attention_mask.new_ones(batch, prefix_length)
@@ -112,8 +114,16 @@ class PrefixModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        return_prefix: bool = False,
+    ):
+        """Class logits; with ``return_prefix`` also the per-example prefix this forward used (for
+        per-example regularisers of the prefix, whose gradients then reach each example separately)."""
+        past = self.prefix(input_ids.shape[0])
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, past)
+        logits = self._classify(hidden, input_ids, attention_mask)
+        return (logits, past) if return_prefix else logits
+
+    def _classify(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         if self.head_kind == "linear" and self.family.pooling == "mean":
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)

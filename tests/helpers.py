@@ -54,6 +54,10 @@ class TokenDataModule(pl.LightningDataModule):
 
     test_dataloader = val_dataloader
 
+    def public_dataloader(self, batch_size=None, shuffle=False) -> DataLoader:
+        public = TokenDataset(32, seed=99)
+        return DataLoader(public, batch_size=batch_size or 16, shuffle=shuffle, collate_fn=collate)
+
 
 def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False, logger=False,

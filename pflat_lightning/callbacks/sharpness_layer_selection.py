@@ -1,0 +1,239 @@
+"""Cross-layer flattening: keep the prefix layers whose removal would sharpen the loss the most."""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
+
+DATA_SOURCES = ("public", "validation", "private")
+DIRECTIONS = ("released", "data")
+DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
+
+
+class SharpnessLayerSelection(Callback):
+    """Sparse prefix tuning: prunes the prefix layers whose removal leaves the flattest loss.
+
+    At the start of epoch ``at_epoch`` (default 1: after one epoch of warm-up, so that a private
+    direction exists) it measures, for every active prefix layer ``l``, the flatness indicator of the
+    paper: with layer ``l``'s prefix removed (keys and values zeroed), the loss along the normalised
+    direction ``d`` at ``w + alpha * radius * d`` for ``alpha`` in ``alphas``; the layer's score is the
+    largest rise ``max_alpha L(alpha) - L(0)``. Removing a layer with a low score flattens the loss, so
+    the ``keep_layers`` layers with the highest scores keep their prefix and the rest are pruned (no
+    gradient, no noise, no update from then on). Scores go to the logger and the privacy report.
+
+    Which data it reads is explicit (``data``): the ``public`` split (no privacy cost), the
+    ``validation`` split (held out, not training data), or the ``private`` training data (a ledger
+    entry: the selection then depends on private data outside the accountant). The direction ``d`` is
+    the last released (noised) DP gradient (``"released"``, post-processing) or the gradient of the
+    selection data itself (``"data"``), which is refused with private data under DP.
+
+    Args:
+        keep_layers: how many layers keep a prefix: a count, or a fraction of the layers (the paper
+            kept 9 of 12, 0.75).
+        at_epoch: epoch at whose start the selection runs.
+        layers: a fixed list of layers to keep instead of measuring.
+        data: ``"public"``, ``"validation"`` or ``"private"``.
+        direction: ``"released"`` or ``"data"``; ``None`` picks ``"released"`` under DP, else ``"data"``.
+        alphas: steps along ``d`` (default 0, 0.1, ..., 1.0, as in the paper's curves).
+        radius: length of the step at ``alpha = 1`` (``d`` has unit norm).
+        num_batches: batches of the selection data evaluated per point of each curve.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[SharpnessLayerSelection(keep_layers=0.75, data="public")])
+    """
+
+    def __init__(
+        self,
+        keep_layers: Union[int, float] = 0.75,
+        *,
+        at_epoch: int = 1,
+        layers: Optional[List[int]] = None,
+        data: Literal["public", "validation", "private"] = "validation",
+        direction: Optional[Literal["released", "data"]] = None,
+        alphas: Optional[List[float]] = None,
+        radius: float = 1.0,
+        num_batches: int = 4,
+    ) -> None:
+        if isinstance(keep_layers, float) and not 0 < keep_layers <= 1:
+            raise ValueError(f"keep_layers as a fraction must be in (0, 1], got {keep_layers}.")
+        if isinstance(keep_layers, int) and keep_layers < 1:
+            raise ValueError(f"keep_layers as a count must be >= 1, got {keep_layers}.")
+        if at_epoch < 0:
+            raise ValueError(f"at_epoch must be >= 0, got {at_epoch}.")
+        if data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {DATA_SOURCES}, got {data!r}.")
+        if direction is not None and direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS} or None, got {direction!r}.")
+        if radius <= 0:
+            raise ValueError(f"radius must be > 0, got {radius}.")
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+        self.keep_layers = keep_layers
+        self.at_epoch = at_epoch
+        self.fixed_layers = layers
+        self.data = data
+        self.direction = direction
+        self.alphas = list(alphas) if alphas is not None else DEFAULT_ALPHAS
+        if not self.alphas or self.alphas[0] != 0:
+            raise ValueError(f"alphas must start at 0 (the unperturbed loss), got {alphas}.")
+        self.radius = radius
+        self.num_batches = num_batches
+        self.selected: Optional[List[int]] = None
+        self.scores: Dict[int, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        require(pl_module, "prefix", type(self).__name__)
+        if self.fixed_layers is not None:
+            return
+        require(pl_module, "example_losses", type(self).__name__)
+        engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
+        direction = self._direction_kind(pl_module)
+        if engine is None:
+            return
+        if direction == "data" and self.data == "private":
+            raise ValueError(
+                "SharpnessLayerSelection(data='private', direction='data') would step along a raw gradient of "
+                "private data under DP: use direction='released' or public/validation data."
+            )
+        if direction == "released":
+            if self.at_epoch == 0:
+                raise ValueError("direction='released' needs a released gradient: at_epoch must be >= 1.")
+            engine.keep_released_gradient = True
+        name = type(self).__name__
+        if self.data == "private":
+            ledger.record(name, "unaccounted", "layer scores measured on private training batches: the selection "
+                                               "depends on private data outside the accountant")
+        elif self.data == "public":
+            ledger.record(name, "public", "layer scores measured on the public split")
+        else:
+            ledger.record(name, "public", "layer scores measured on the held-out validation split (not training data)")
+
+    def _direction_kind(self, pl_module: pl.LightningModule) -> str:
+        if self.direction is not None:
+            return self.direction
+        return "released" if privacy_engine(pl_module) is not None else "data"
+
+    # ------------------------------------------------------------------ selection
+    def _keep_count(self, num_layers: int) -> int:
+        if isinstance(self.keep_layers, float):
+            return max(1, round(self.keep_layers * num_layers))
+        return min(self.keep_layers, num_layers)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.selected is not None or trainer.current_epoch != self.at_epoch:
+            return
+        prefix = pl_module.prefix
+        if self.fixed_layers is not None:
+            keep = sorted(self.fixed_layers)
+        else:
+            keep = None
+            if trainer.is_global_zero:
+                self.scores = self._measure(trainer, pl_module)
+                ranked = sorted(self.scores, key=lambda layer: -self.scores[layer])
+                keep = sorted(ranked[: self._keep_count(len(ranked))])
+            keep = trainer.strategy.broadcast(keep, src=0)
+            self.scores = trainer.strategy.broadcast(self.scores, src=0)
+            for layer, score in self.scores.items():
+                pl_module.log(f"sharpness_without_layer_{layer}", score, rank_zero_only=True)
+        prefix.set_layer_mask([layer in keep for layer in range(prefix.geometry.num_layers)])
+        self.selected = keep
+        self._publish(pl_module)
+        rank_zero_info(f"SharpnessLayerSelection: keeping prefix layers {keep}, scores {self.scores}")
+
+    def _publish(self, pl_module: pl.LightningModule) -> None:
+        sections = getattr(pl_module, "report_sections", None)
+        if sections is not None:
+            sections[type(self).__name__] = {
+                "kept_layers": self.selected, "scores": {str(k): v for k, v in self.scores.items()},
+                "data": self.data, "direction": self._direction_kind(pl_module) if self.fixed_layers is None else None,
+            }
+
+    def _batches(self, trainer: pl.Trainer) -> Iterable[Dict[str, torch.Tensor]]:
+        datamodule = trainer.datamodule
+        if self.data == "public":
+            if datamodule is None or not hasattr(datamodule, "public_dataloader"):
+                raise ValueError("data='public' needs a datamodule with public_dataloader() (public_fraction > 0).")
+            loader = datamodule.public_dataloader()
+        elif self.data == "validation":
+            loader = trainer.datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        else:
+            loader = trainer.train_dataloader
+        batches = []
+        for batch in loader:
+            if batch["labels"].shape[0] == 0:
+                continue
+            batches.append(trainer.strategy.batch_to_device(batch))
+            if len(batches) == self.num_batches:
+                break
+        return batches
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[int, float]:
+        batches = self._batches(trainer)
+        params = [p for ps in layer_groups(pl_module).values() for p in ps]
+        direction = self._unit_direction(pl_module, params, batches)
+        prefix = pl_module.prefix
+        original_mask = prefix.layer_mask.clone()
+        backup = [p.detach().clone() for p in params]
+        was_training = pl_module.training
+        pl_module.eval()
+        scores: Dict[int, float] = {}
+        try:
+            with torch.no_grad():
+                for layer in prefix.active_layers:
+                    prefix.layer_mask.copy_(original_mask)
+                    prefix.layer_mask[layer] = False
+                    curve = []
+                    for alpha in self.alphas:
+                        for p, w, d in zip(params, backup, direction):
+                            p.copy_(w + alpha * self.radius * d)
+                        curve.append(sum(float(pl_module.example_losses(b).mean()) for b in batches) / len(batches))
+                    scores[layer] = max(curve) - curve[0]
+        finally:
+            with torch.no_grad():
+                for p, w in zip(params, backup):
+                    p.copy_(w)
+            prefix.layer_mask.copy_(original_mask)
+            pl_module.train(was_training)
+        return scores
+
+    def _unit_direction(self, pl_module, params, batches) -> List[torch.Tensor]:
+        engine = privacy_engine(pl_module)
+        if self._direction_kind(pl_module) == "released":
+            if engine is None or engine.released_gradient is None:
+                raise RuntimeError("No released gradient yet: SharpnessLayerSelection needs at_epoch >= 1.")
+            released = dict(zip(engine.optimizer.params, engine.released_gradient))
+            direction = [released.get(p, torch.zeros_like(p)) for p in params]
+        else:
+            hooks = engine.hooks if engine is not None else None
+            if hooks is not None:
+                hooks.disable_hooks()
+            try:
+                loss = sum(pl_module.example_losses(b).mean() for b in batches) / len(batches)
+                direction = list(torch.autograd.grad(loss, params, allow_unused=True))
+            finally:
+                if hooks is not None:
+                    hooks.enable_hooks()
+            direction = [torch.zeros_like(p) if g is None else g for p, g in zip(params, direction)]
+        norm = torch.sqrt(sum((d.float() ** 2).sum() for d in direction)).clamp(min=1e-12)
+        return [d / norm for d in direction]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"selected": self.selected, "scores": self.scores}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.selected = state_dict["selected"]
+        self.scores = {int(k): v for k, v in state_dict["scores"].items()}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.selected is not None:
+            self._publish(pl_module)

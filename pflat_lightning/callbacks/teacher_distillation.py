@@ -1,0 +1,222 @@
+"""Cross-model flattening: a teacher prefix regularises the private one."""
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
+
+SOURCES = ("checkpoint", "public", "private_dp", "private_nonprivate")
+
+
+class TeacherDistillation(Callback):
+    """Adds ``weight * ||P - P_teacher||`` (and optionally logit distillation) to each example's loss.
+
+    ``P`` is the student's prefix (every active layer's keys and values), ``P_teacher`` a teacher
+    prefix of the same architecture; the unsquared L2 distance with ``weight = 0.01`` is the paper's
+    regulariser. The term is added to each example's loss before clipping, so DP clips it with the
+    rest. With ``logit_weight > 0`` the KL divergence between the teacher's and the student's class
+    distributions at ``temperature`` is added too. Teacher forward passes run without gradients and
+    without Opacus hooks.
+
+    Where the teacher comes from decides the privacy claim:
+
+    - ``"checkpoint"``: a ``PrefixTunedClassifier`` checkpoint (assumed trained on public data).
+    - ``"public"`` (default): trained here, before the student, on the datamodule's public split.
+    - ``"private_dp"``: trained here with DP (``teacher_privacy``) on the private training data; its
+      releases are composed into the student's accountant and the student's noise is calibrated so
+      that the total stays within the student's ``target_epsilon``.
+    - ``"private_nonprivate"`` (the paper's choice): trained without noise on the private data. The
+      ledger records it and the report says no formal guarantee holds.
+
+    Args:
+        teacher: where the teacher comes from (see above).
+        checkpoint_path: the teacher checkpoint for ``teacher="checkpoint"``.
+        weight: ``lambda`` of the prefix distance term.
+        logit_weight: weight of the logit-distillation (KL) term; 0 disables it.
+        temperature: softmax temperature of logit distillation.
+        teacher_epochs: epochs of teacher training.
+        teacher_lr: AdamW learning rate of teacher training.
+        teacher_batch_size: (logical) batch size of teacher training.
+        teacher_privacy: privacy of a ``"private_dp"`` teacher; default: half the student's target
+            epsilon, the rest of its settings.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[TeacherDistillation("public", weight=0.01)])
+    """
+
+    def __init__(
+        self,
+        teacher: Literal["checkpoint", "public", "private_dp", "private_nonprivate"] = "public",
+        *,
+        checkpoint_path: Optional[str] = None,
+        weight: float = 0.01,
+        logit_weight: float = 0.0,
+        temperature: float = 2.0,
+        teacher_epochs: int = 3,
+        teacher_lr: float = 1e-2,
+        teacher_batch_size: int = 64,
+        teacher_privacy: Optional[PrivacyConfig] = None,
+    ) -> None:
+        if teacher not in SOURCES:
+            raise ValueError(f"teacher must be one of {SOURCES}, got {teacher!r}.")
+        if teacher == "checkpoint" and not checkpoint_path:
+            raise ValueError("teacher='checkpoint' needs checkpoint_path.")
+        for name, value in (("weight", weight), ("logit_weight", logit_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}.")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        if teacher_epochs < 1 or teacher_batch_size < 1 or teacher_lr <= 0:
+            raise ValueError(
+                f"teacher_epochs and teacher_batch_size must be >= 1 and teacher_lr > 0, got {teacher_epochs}, "
+                f"{teacher_batch_size}, {teacher_lr}."
+            )
+        self.source = teacher
+        self.checkpoint_path = checkpoint_path
+        self.weight = weight
+        self.logit_weight = logit_weight
+        self.temperature = temperature
+        self.teacher_epochs = teacher_epochs
+        self.teacher_lr = teacher_lr
+        self.teacher_batch_size = teacher_batch_size
+        self.teacher_privacy = teacher_privacy
+        #: The teacher's prefix and classifier weights (names as in ``PrefixModel``).
+        self.teacher_state: Optional[Dict[str, torch.Tensor]] = None
+        self._teacher: Optional[torch.nn.Module] = None
+        self._student: Optional[torch.nn.Module] = None
+        self._teacher_prefix: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._term = None
+
+    # ------------------------------------------------------------------ obtaining the teacher
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        for attribute in ("model", "loss_terms", "hparams"):
+            require(pl_module, attribute, type(self).__name__)
+        ledger = privacy_ledger(pl_module)
+        name = type(self).__name__
+        details = {
+            "checkpoint": ("public", f"teacher loaded from {self.checkpoint_path}, assumed trained without private data"),
+            "public": ("public", "teacher trained on the public split"),
+            "private_dp": ("accounted", "teacher trained with DP on the private data; its releases are composed "
+                                        "into this run's accountant"),
+            "private_nonprivate": ("unaccounted", "teacher trained WITHOUT noise on the private training data (the "
+                                                  "paper's choice): the student's regulariser leaks it"),
+        }
+        if ledger is not None and privacy_engine(pl_module) is not None:
+            ledger.record(name, *details[self.source])
+        if trainer.ckpt_path is not None:
+            return  # resuming: the teacher comes back through load_state_dict, its spend through the engine
+        if self.source == "checkpoint":
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
+            self.teacher_state = {k[len("model."):]: v for k, v in state.items()
+                                  if k.startswith(("model.prefix.", "model.classifier."))}
+        else:
+            self.teacher_state, history = self._train_teacher(trainer, pl_module)
+            if history:
+                privacy_engine(pl_module).prior_history = history
+
+    def _teacher_privacy(self, pl_module: pl.LightningModule) -> PrivacyConfig:
+        if self.source != "private_dp":
+            return PrivacyConfig(enabled=False)
+        if self.teacher_privacy is not None:
+            return self.teacher_privacy
+        student = pl_module.privacy
+        if student.target_epsilon is None:
+            raise ValueError("teacher='private_dp' needs teacher_privacy when the student has no target_epsilon.")
+        return PrivacyConfig(**{**student.__dict__, "target_epsilon": student.target_epsilon / 2})
+
+    def _train_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError(f"TeacherDistillation(teacher={self.source!r}) needs the trainer's datamodule.")
+        if self.source == "private_dp" and privacy_engine(pl_module) is None:
+            raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
+        hparams = dict(pl_module.hparams)
+        hparams["privacy"] = self._teacher_privacy(pl_module)
+        teacher = type(pl_module)(**hparams, optimizer=partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0))
+        nested = pl.Trainer(max_epochs=self.teacher_epochs, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, accelerator=trainer.accelerator, devices=1)
+        rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {self.teacher_epochs} epochs")
+        if self.source == "public":
+            nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
+        else:
+            saved = (datamodule.batch_size, datamodule.trainer)
+            datamodule.batch_size = self.teacher_batch_size
+            try:
+                nested.fit(teacher, datamodule=datamodule)
+            finally:
+                datamodule.batch_size, datamodule.trainer = saved
+        state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
+                 if k.startswith(("prefix.", "classifier."))}
+        history = list(teacher.engine.history) if teacher.engine is not None else []
+        return state, history
+
+    # ------------------------------------------------------------------ the regulariser
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        # The teacher shares the student's frozen backbone and gets a fresh prefix and classifier.
+        teacher = copy.copy(model)
+        teacher._modules = dict(model._modules)
+        student_prefix = model.prefix
+        teacher.prefix = PrefixEncoder(student_prefix.geometry, num_virtual_tokens=student_prefix.num_virtual_tokens,
+                                       reparam_hidden=student_prefix.reparam_hidden)
+        if model.classifier is not None:
+            teacher.classifier = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
+        missing = teacher.load_state_dict(self.teacher_state, strict=False)
+        unexpected = [k for k in missing.missing_keys if k.startswith(("prefix.", "classifier."))]
+        if unexpected or missing.unexpected_keys:
+            raise ValueError(f"The teacher does not match the student's architecture: {unexpected + missing.unexpected_keys}")
+        teacher.prefix.requires_grad_(False)
+        if teacher.classifier is not None:
+            teacher.classifier.requires_grad_(False)
+        teacher.eval()
+        self._teacher, self._student = teacher, model
+        with torch.no_grad():
+            self._teacher_prefix = [(k[:1], v[:1]) for k, v in teacher.prefix(1)]
+        self._term = self.example_terms
+        pl_module.loss_terms.append(self._term)
+        sections = getattr(pl_module, "report_sections", None)
+        if sections is not None:
+            sections[type(self).__name__] = {"teacher": self.source, "weight": self.weight,
+                                             "logit_weight": self.logit_weight, "temperature": self.temperature}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._term in pl_module.loss_terms:
+            pl_module.loss_terms.remove(self._term)
+
+    def example_terms(self, batch: Dict[str, torch.Tensor], logits: torch.Tensor, prefix) -> torch.Tensor:
+        """Per-example ``weight * ||P_i - P_teacher|| (+ logit_weight * T^2 * KL)``; ``prefix`` is the
+        per-example prefix of the student's forward that produced ``logits``."""
+        active = self._student.prefix.active_layers
+        squared = sum(((prefix[i][0] - self._teacher_prefix[i][0]) ** 2).flatten(1).sum(1)
+                      + ((prefix[i][1] - self._teacher_prefix[i][1]) ** 2).flatten(1).sum(1) for i in active)
+        terms = self.weight * torch.sqrt(squared + 1e-12)
+        if self.logit_weight > 0:
+            with torch.no_grad():
+                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                teacher_logits = self._teacher(**inputs)
+            t = self.temperature
+            kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,
+                          reduction="none").sum(-1)
+            terms = terms + self.logit_weight * t * t * kl
+        return terms
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        return {"teacher_state": self.teacher_state}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.teacher_state = state_dict["teacher_state"]

@@ -1,0 +1,307 @@
+"""The three flattening callbacks: privacy accounting, exact perturbation, pruning, distillation."""
+import copy
+import math
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from opacus.accountants import PRVAccountant
+
+from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+from pflat_lightning.protocol import layer_groups
+
+from helpers import TokenDataModule, collate, quiet_trainer
+
+
+def make(path, privacy=None, **kwargs):
+    torch.manual_seed(0)
+    kwargs.setdefault("num_virtual_tokens", 2)
+    return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(target_epsilon=3.0, seed=1), **kwargs)
+
+
+# ---------------------------------------------------------------- AWP
+def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("bert")
+    plain, awp = make(path), make(path)
+    quiet_trainer(tmp_path, max_epochs=2).fit(plain, datamodule=TokenDataModule())
+    callback = AdversarialWeightPerturbation(gamma=0.05)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(awp, datamodule=TokenDataModule())
+    assert callback.perturbed_steps == 7  # half of 16 steps, the first has no previous gradient yet
+    assert awp.engine.history == plain.engine.history
+    assert awp.engine.noise_multiplier == plain.engine.noise_multiplier
+    assert awp.privacy_report()["epsilon"] == plain.privacy_report()["epsilon"]
+    assert awp.privacy_report()["formal_guarantee"]
+    assert not torch.equal(awp.prefix.layers[0].weight, plain.prefix.layers[0].weight), "AWP changed training"
+
+
+def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=0.5)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    engine = module.engine
+    assert engine.updates == 16 and callback.perturbed_steps == 8
+    assert engine.compositions == 16 + 8
+    reference = PRVAccountant()
+    reference.history = [(engine.noise_multiplier, 8 / 64, 24)]
+    report = module.privacy_report()
+    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
+    assert 3.0 - 0.05 < report["epsilon"] <= 3.0, "the noise is calibrated for the extra releases"
+    assert report["formal_guarantee"]
+
+
+def test_raw_awp_voids_the_formal_guarantee(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    quiet_trainer(tmp_path, max_steps=2, callbacks=[AdversarialWeightPerturbation(direction="raw")]).fit(
+        module, datamodule=TokenDataModule())
+    report = module.privacy_report()
+    assert report["formal_guarantee"] is False
+    assert any("raw" in reason for reason in report["reasons"])
+
+
+class PerturbationSpy(Callback):
+    """Placed after AWP: sees the perturbed weights at batch start, the updated ones at batch end."""
+
+    def __init__(self):
+        self.previous, self.ratios = None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.previous is not None:
+            for params in layer_groups(pl_module).values():
+                v = torch.sqrt(sum(((p - self.previous[p]) ** 2).sum() for p in params))
+                w = torch.sqrt(sum((self.previous[p] ** 2).sum() for p in params))
+                self.ratios.append(float(v / w))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.previous = {p: p.detach().clone() for ps in layer_groups(pl_module).values() for p in ps}
+
+
+def test_per_layer_perturbation_norm_is_gamma_times_layer_norm(tiny_model_dir, tmp_path):
+    spy = PerturbationSpy()
+    module = make(tiny_model_dir("gpt2"))
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[AdversarialWeightPerturbation(gamma=0.03, until_fraction=1.0), spy]
+                  ).fit(module, datamodule=TokenDataModule())
+    assert len(spy.ratios) == 7 * 2  # 7 perturbed steps after the first, 2 prefix layers
+    assert spy.ratios == pytest.approx([0.03] * 14, rel=1e-4)
+
+
+def test_update_uses_the_gradient_at_the_perturbed_point_and_restores_exactly(tiny_model_dir, tmp_path):
+    gamma = 0.2
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False), optimizer=partial(torch.optim.SGD, lr=1.0))
+    data = TokenDataModule(poisson=False)
+    batch = collate([data.dataset[i] for i in range(8)])
+    reference = copy.deepcopy(module.model)
+    groups = {f"prefix.layers.{i}": list(reference.prefix.layers[i].parameters()) for i in range(2)}
+    params = [p for p in reference.parameters() if p.requires_grad]
+
+    def mean_loss():
+        return F.cross_entropy(reference(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    start = [p.detach().clone() for p in params]
+    direction = dict(zip(params, torch.autograd.grad(mean_loss(), params)))
+    with torch.no_grad():
+        for group in groups.values():
+            w = torch.sqrt(sum((p ** 2).sum() for p in group))
+            d = torch.sqrt(sum((direction[p] ** 2).sum() for p in group))
+            for p in group:
+                p.add_(gamma * w / d * direction[p])
+    at_perturbed = torch.autograd.grad(mean_loss(), params)
+    expected = [w - g for w, g in zip(start, at_perturbed)]
+
+    callback = AdversarialWeightPerturbation(gamma=gamma, direction="raw", until_fraction=1.0)
+    quiet_trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(module, datamodule=data)
+    got = [p for p in module.model.parameters() if p.requires_grad]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_awp_on_a_plain_lightning_module(tmp_path):
+    import lightning.pytorch as pl
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def example_losses(self, batch):
+            return F.cross_entropy(self.head(torch.tanh(self.encoder(batch["x"]))), batch["labels"], reduction="none")
+
+        def training_step(self, batch, batch_idx):
+            return self.example_losses(batch).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(32)]
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    spy = PerturbationSpy()
+    model = Plain()
+    assert set(layer_groups(model)) == {"encoder", "head"}
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0), spy]
+                  ).fit(model, train_dataloaders=loader)
+    assert spy.ratios == pytest.approx([0.1] * 6, rel=1e-4)
+
+
+# ---------------------------------------------------------------- layer selection
+def test_selection_keeps_the_layers_whose_removal_sharpens_most(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("gpt2"), privacy=PrivacyConfig(enabled=False))
+    callback = SharpnessLayerSelection(keep_layers=1, at_epoch=1, data="validation", alphas=[0.0, 0.5, 1.0],
+                                       radius=5.0, num_batches=1)
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback])
+    snapshot = {}
+
+    class BeforeSelection(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                snapshot["model"] = copy.deepcopy(pl_module.model)
+
+    trainer.callbacks.insert(0, BeforeSelection())
+    trainer.fit(module, datamodule=TokenDataModule(poisson=False))
+    assert len(callback.selected) == 1 and module.prefix.active_layers == callback.selected
+
+    # Independent recomputation of one layer's score from the weights at selection time.
+    model = snapshot["model"].eval()
+    batch = next(iter(TokenDataModule().val_dataloader()))
+    params = [p for i in range(2) for p in model.prefix.layers[i].parameters()]
+    loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    model.prefix.layer_mask[0] = False
+    curve = []
+    with torch.no_grad():
+        base = [p.clone() for p in params]
+        for alpha in (0.0, 0.5, 1.0):
+            for p, w, g in zip(params, base, grads):
+                p.copy_(w + alpha * 5.0 * g / norm)
+            curve.append(float(F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])))
+    assert callback.scores[0] == pytest.approx(max(curve) - curve[0], rel=1e-4, abs=1e-6)
+    assert module.report_sections["SharpnessLayerSelection"]["kept_layers"] == callback.selected
+
+
+def test_private_selection_uses_the_released_gradient_and_records_its_data(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    callback = SharpnessLayerSelection(keep_layers=0.5, data="private", num_batches=1)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert len(callback.selected) == 1
+    report = module.privacy_report()
+    assert report["formal_guarantee"] is False and "private training batches" in report["reasons"][0]
+    with pytest.raises(ValueError, match="raw gradient of private data"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(data="private", direction="data")]
+                      ).fit(make(tiny_model_dir("bert")), datamodule=TokenDataModule())
+
+
+def test_fixed_layers_and_state_survive_resume(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    ckpt = tmp_path / "sel.ckpt"
+
+    class SaveAfter(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 10:
+                trainer.save_checkpoint(ckpt)
+                trainer.should_stop = True
+
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[1]), SaveAfter()]).fit(
+        module, datamodule=TokenDataModule())
+    assert module.prefix.active_layers == [1]
+    resumed = make(tiny_model_dir("bert"))
+    callback = SharpnessLayerSelection(layers=[1])
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(resumed, datamodule=TokenDataModule(), ckpt_path=ckpt)
+    assert callback.selected == [1] and resumed.prefix.active_layers == [1]
+    assert not resumed.prefix.layers[0].weight.requires_grad
+    assert resumed.engine.updates == 16
+
+
+# ---------------------------------------------------------------- teacher
+def test_distillation_term_gradient_matches_autograd(tiny_model_dir):
+    from pflat_lightning.privacy import DPSGDEngine
+
+    student = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
+    teacher = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
+    with torch.no_grad():
+        for p in teacher.prefix.parameters():
+            p.add_(0.3)
+    callback = TeacherDistillation("checkpoint", checkpoint_path="unused", weight=0.5, logit_weight=0.7)
+    callback.teacher_state = {k: v for k, v in teacher.model.state_dict().items() if k.startswith(("prefix.", "classifier."))}
+    callback.on_train_start(None, student)
+    data = TokenDataModule()
+    batch = collate([data.dataset[i] for i in range(5)])
+
+    # Reference: per-example autograd of CE + 0.5 ||P - P_t|| + 0.7 T^2 KL, written out here.
+    reference = copy.deepcopy(student.model)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    expected = []
+    for i in range(5):
+        ids, mask, y = batch["input_ids"][i : i + 1], batch["attention_mask"][i : i + 1], batch["labels"][i : i + 1]
+        logits = reference(ids, mask)
+        distance = torch.sqrt(sum(((a - b) ** 2).sum() for (k, v), (tk, tv) in zip(reference.prefix(1), teacher.prefix(1))
+                                  for a, b in ((k, tk.detach()), (v, tv.detach()))))
+        with torch.no_grad():
+            t_logits = teacher.model(ids, mask)
+        kl = F.kl_div(F.log_softmax(logits / 2.0, -1), F.softmax(t_logits / 2.0, -1), reduction="sum")
+        loss = F.cross_entropy(logits, y) + 0.5 * distance + 0.7 * 4.0 * kl
+        expected.append(torch.autograd.grad(loss, params))
+
+    engine = DPSGDEngine(PrivacyConfig(noise_multiplier=0.0, target_epsilon=None))
+    student.model.train()
+    engine.attach(student.model, torch.optim.SGD([p for p in student.model.parameters() if p.requires_grad], lr=1.0),
+                  dataset_size=100, expected_batch_size=5, planned_steps=1)
+    engine.backward(student.example_losses(batch))
+    for j, p in enumerate(p for p in student.model.parameters() if p.requires_grad):
+        torch.testing.assert_close(p.grad_sample, torch.stack([g[j] for g in expected]), atol=1e-6, rtol=1e-4)
+
+
+def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    engine = module.engine
+    (t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps) = engine.history
+    assert (t_rate, t_steps) == (16 / 64, 4) and (s_rate, s_steps) == (8 / 64, 16)
+    reference = PRVAccountant()
+    reference.history = [(t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps)]
+    report = module.privacy_report()
+    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
+    assert 3.0 - 0.05 < report["epsilon"] <= 3.0
+    assert report["formal_guarantee"]
+
+
+@pytest.mark.parametrize("source, guarantee", [("public", True), ("private_nonprivate", False)])
+def test_teacher_sources_and_the_ledger(source, guarantee, tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    callback = TeacherDistillation(source, teacher_epochs=1)
+    quiet_trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    report = module.privacy_report()
+    assert report["formal_guarantee"] is guarantee
+    assert [e["status"] for e in report["ledger"]] == ["public" if guarantee else "unaccounted"]
+    assert set(callback.teacher_state) >= {"prefix.layers.0.weight", "classifier.weight"}
+    assert not module.loss_terms, "the regulariser is removed when training ends"
+
+
+def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
+    teacher = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
+    trainer = quiet_trainer(tmp_path, max_steps=2)
+    trainer.fit(teacher, datamodule=TokenDataModule(poisson=False))
+    trainer.save_checkpoint(tmp_path / "teacher.ckpt")
+    callback = TeacherDistillation("checkpoint", checkpoint_path=str(tmp_path / "teacher.ckpt"))
+    student = make(tiny_model_dir("bert"))
+    quiet_trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(student, datamodule=TokenDataModule())
+    torch.testing.assert_close(callback.teacher_state["prefix.layers.0.weight"], teacher.prefix.layers[0].weight)
+    assert callback.state_dict()["teacher_state"] is callback.teacher_state
+
+
+@pytest.mark.parametrize(
+    "factory, message",
+    [
+        (lambda: AdversarialWeightPerturbation(gamma=0), r"gamma must be > 0, got 0"),
+        (lambda: AdversarialWeightPerturbation(direction="up"), r"direction must be one of .*got 'up'"),
+        (lambda: SharpnessLayerSelection(keep_layers=1.5), r"keep_layers as a fraction must be in \(0, 1\], got 1.5"),
+        (lambda: SharpnessLayerSelection(data="test"), r"data must be one of .*got 'test'"),
+        (lambda: TeacherDistillation("checkpoint"), r"teacher='checkpoint' needs checkpoint_path"),
+        (lambda: TeacherDistillation(weight=-1.0), r"weight must be >= 0, got -1.0"),
+    ],
+)
+def test_bad_callback_arguments(factory, message):
+    with pytest.raises(ValueError, match=message):
+        factory()
