@@ -14,7 +14,8 @@ def pflat(*args, cwd):
                           timeout=600)
 
 
-@pytest.mark.parametrize("config", ["movie_reviews_dp.yaml", "movie_reviews_nonprivate.yaml"])
+@pytest.mark.parametrize("config", ["movie_reviews_dp.yaml", "movie_reviews_nonprivate.yaml",
+                                    "privacy_flat_strict.yaml", "privacy_flat_paper.yaml"])
 def test_shipped_configs_parse(config, tmp_path):
     result = pflat("fit", "--config", str(ROOT / "examples/configs" / config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -37,3 +38,23 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
     assert report["steps"] == 3 and report["formal_guarantee"] is True
     assert report["epsilon"] <= 8.0
     assert "test_acc" in report["metrics"]
+
+
+@pytest.mark.parametrize("config, guarantee", [("privacy_flat_strict.yaml", True), ("privacy_flat_paper.yaml", False)])
+def test_privacy_flat_configs_run_and_report_their_guarantee(config, guarantee, tiny_model_dir, tmp_path):
+    result = pflat(
+        "fit", "--config", str(ROOT / "examples/configs" / config),
+        "--model.backbone", tiny_model_dir("bert"), "--data.source", "sms_spam", "--data.max_length", "16",
+        "--data.batch_size", "64", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+        "--trainer.limit_val_batches", "2", "--trainer.limit_test_batches", "2",
+        "--trainer.callbacks.init_args.teacher_epochs", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    student, teacher = sorted(tmp_path.rglob("privacy_report.json"), key=lambda p: "teacher" in p.parts)
+    report = json.loads(student.read_text())
+    assert report["formal_guarantee"] is guarantee
+    components = {e["component"] for e in report["ledger"]}
+    assert components == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"}
+    assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import os
 from functools import partial
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -143,10 +145,12 @@ class TeacherDistillation(Callback):
             raise ValueError(f"TeacherDistillation(teacher={self.source!r}) needs the trainer's datamodule.")
         if self.source == "private_dp" and privacy_engine(pl_module) is None:
             raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
-        hparams = dict(pl_module.hparams)
+        accepted = inspect.signature(type(pl_module).__init__).parameters
+        hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
         hparams["privacy"] = self._teacher_privacy(pl_module)
         teacher = type(pl_module)(**hparams, optimizer=partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0))
-        nested = pl.Trainer(max_epochs=self.teacher_epochs, logger=False, enable_checkpointing=False,
+        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "teacher")  # its own privacy report
+        nested = pl.Trainer(default_root_dir=folder, max_epochs=self.teacher_epochs, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0, accelerator=trainer.accelerator, devices=1)
         rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {self.teacher_epochs} epochs")
