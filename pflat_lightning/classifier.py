@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoTokenizer
 
@@ -160,6 +160,11 @@ class PrefixTunedClassifier(pl.LightningModule):
                 f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
                 f"full-precision gradients (16-bit mixed precision clips loss-scaled ones). Allowed with DP: {DP_PRECISIONS}."
             )
+        if trainer.world_size > 1:
+            raise ValueError(
+                f"DP training on {trainer.world_size} processes is not supported yet: each rank would add its own "
+                "noise. Train DP runs on one device (non-private runs may use any strategy)."
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot be used with DP: it "
@@ -305,11 +310,12 @@ class PrefixTunedClassifier(pl.LightningModule):
             sections=self.report_sections,
         )
 
-    @rank_zero_only
     def _write_report(self) -> None:
-        folder = self.trainer.log_dir or self.trainer.default_root_dir
-        path = write_report(self.privacy_report(), folder)
-        rank_zero_info(f"Privacy report written to {path}")
+        folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
+        report = self.privacy_report()
+        if self.trainer.is_global_zero:
+            path = write_report(report, folder)
+            rank_zero_info(f"Privacy report written to {path}")
 
     def on_fit_end(self) -> None:
         self._write_report()

@@ -61,7 +61,7 @@ class PrefixEncoder(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(reparam_hidden, reparam_hidden), nn.Tanh())
             self.layers = nn.ModuleList(nn.Linear(reparam_hidden, width) for _ in range(geometry.num_layers))
         self.register_buffer("layer_mask", torch.ones(geometry.num_layers, dtype=torch.bool))
-        self.register_load_state_dict_post_hook(lambda module, _: module._sync_requires_grad())
+        self.register_load_state_dict_post_hook(_sync_after_load)
 
     @property
     def active_layers(self) -> List[int]:
@@ -93,3 +93,8 @@ class PrefixEncoder(nn.Module):
                 kv = torch.zeros(shape, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
             past.append((kv[0], kv[1]))
         return past
+
+
+def _sync_after_load(module: PrefixEncoder, incompatible_keys) -> None:
+    # A loaded layer mask also decides which layers train (a module-level function: picklable).
+    module._sync_requires_grad()
