@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import family_for
 from pflat_lightning.prefix import PrefixEncoder
-from pflat_lightning.prefix_model import PrefixModel, label_word_ids, load_backbone
+from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.ledger import PrivacyLedger
@@ -27,7 +27,6 @@ from pflat_lightning.privacy.sampling import PoissonDataLoader
 #: fp32 parameters, which it cannot accumulate.
 DP_PRECISIONS = ("32-true", "64-true")
 CHECKPOINT_KEY = "pflat_privacy"
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class PrefixTunedClassifier(pl.LightningModule):

@@ -11,6 +11,8 @@ from pflat_lightning.families import cache_keyword, family_for, kv_geometry, lm_
 from pflat_lightning.prefix import PrefixEncoder
 
 HEADS = ("linear", "label_words")
+#: The tokenizer outputs a tokenised batch carries into the model.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], prefix: str) -> List[int]:

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
 
@@ -210,7 +211,7 @@ class TeacherDistillation(Callback):
         terms = self.weight * torch.sqrt(squared + 1e-12)
         if self.logit_weight > 0:
             with torch.no_grad():
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+                inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
                 teacher_logits = self._teacher(**inputs)
             t = self.temperature
             kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,

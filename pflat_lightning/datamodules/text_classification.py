@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file, resolve_model
+from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 #: ``source`` values that read local files given by ``data_files``.
@@ -19,8 +20,6 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "validation_matched")
 TEST_SPLITS = ("test", "test_matched")
 #: The fields a ``template`` may use.
 TEMPLATE_FIELDS = ("text", "text_pair", "mask")
-#: Tokenizer outputs a batch carries to the model.
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # A tokenizer whose ``model_max_length`` is at least this has no real limit (transformers' "very large" sentinel).
 _NO_LENGTH_LIMIT = 1_000_000
 
