@@ -305,3 +305,29 @@ def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
 def test_bad_callback_arguments(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+@pytest.mark.parametrize("direction", ["previous_private", "fresh_private"])
+def test_awp_resumes_the_same_schedule(direction, tiny_model_dir, tmp_path):
+    """Interrupted at step 5 (inside the perturbed half) and resumed: the uninterrupted run's weights."""
+    path = tiny_model_dir("bert")
+    whole = make(path)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[AdversarialWeightPerturbation(0.05, direction=direction)]).fit(
+        whole, datamodule=TokenDataModule())
+    ckpt = tmp_path / "awp.ckpt"
+
+    class StopAt5(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                trainer.save_checkpoint(ckpt)
+                trainer.should_stop = True
+
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[AdversarialWeightPerturbation(0.05, direction=direction), StopAt5()]
+                  ).fit(make(path), datamodule=TokenDataModule())
+    resumed = make(path)
+    callback = AdversarialWeightPerturbation(0.05, direction=direction)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(resumed, datamodule=TokenDataModule(), ckpt_path=ckpt)
+    assert callback.perturbed_steps == (7 if direction == "previous_private" else 8)
+    assert resumed.engine.history == whole.engine.history
+    for a, b in zip(resumed.model.prefix.parameters(), whole.model.prefix.parameters()):
+        torch.testing.assert_close(a, b)
