@@ -29,12 +29,12 @@ class Record(Callback):
         }))
 
 
-def main(out: str) -> None:
+def main(out: str, private: bool) -> None:
     cls, config = tiny_config("gpt2")
     torch.manual_seed(0)
     cls(config).save_pretrained(Path(out, "model"))
     AutoTokenizer.from_pretrained(resolve_model("bundled-minilm")).save_pretrained(Path(out, "model"))
-    model = PrefixTunedClassifier(str(Path(out, "model")), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    model = PrefixTunedClassifier(str(Path(out, "model")), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=private))
     # Each rank measures on a different validation batch: only the broadcast makes them agree.
     trainer = pl.Trainer(strategy="ddp_spawn_find_unused_parameters_true",  # pruned layers stop getting gradients
                          accelerator="cpu", devices=2, max_epochs=2, logger=False,
@@ -46,4 +46,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], private=len(sys.argv) > 2 and sys.argv[2] == "private")

@@ -5,12 +5,24 @@ import sys
 from pathlib import Path
 
 
+SCRIPT = Path(__file__).parent / "ddp_selection_script.py"
+
+
+def run(tmp_path, *args):
+    return subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+
+
 def test_layer_selection_is_identical_on_both_ranks(tmp_path):
-    script = Path(__file__).parent / "ddp_selection_script.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            start_new_session=True)
+    result = run(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["selected"] == ranks[1]["selected"] and len(ranks[0]["selected"]) == 1
     assert ranks[0]["active"] == ranks[1]["active"] == ranks[0]["selected"]
     assert ranks[0]["prefix0"] == ranks[1]["prefix0"], "DDP keeps the replicas identical"
+
+
+def test_multi_process_dp_is_refused_until_noise_is_added_once(tmp_path):
+    result = run(tmp_path, "private")
+    assert result.returncode != 0
+    assert "DP training on 2 processes is not supported yet: each rank would add its own noise" in result.stderr
