@@ -262,14 +262,14 @@ class PrefixTunedClassifier(pl.LightningModule):
         optimizer = self.optimizers()
         size = batch["labels"].shape[0]
         if self.is_private:
-            total = self.engine.backward_batch(batch, self.example_losses, self.max_physical_batch_size)
+            total = self.engine.backward_batch(batch, self._finite_losses, self.max_physical_batch_size)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self._log_epsilon()
         else:
             total = 0.0
             for start in range(0, size, self.max_physical_batch_size):
-                losses = self.example_losses({k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()})
+                losses = self._finite_losses({k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()})
                 total += float(losses.detach().sum())
                 self.manual_backward(losses.sum() / size)
             if size > 0:
@@ -280,6 +280,15 @@ class PrefixTunedClassifier(pl.LightningModule):
             scheduler.step()
         if self.log_train_loss and size > 0:
             self.log("train_loss", total / size, prog_bar=True, batch_size=size)
+
+    def _finite_losses(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = self.example_losses(batch)
+        if not bool(torch.isfinite(losses.detach()).all()):
+            raise FloatingPointError(
+                f"Non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); the poisoned "
+                "update was not applied. Resume from the last checkpoint with a lower learning rate."
+            )
+        return losses
 
     def _log_epsilon(self) -> None:
         # The PRV accountant costs ~0.1 s a call, a large share of a small step: recompute every

@@ -1,5 +1,6 @@
 """Combinations that would silently break DP are refused before training, with a clear message."""
 import pytest
+import torch
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 
@@ -81,3 +82,24 @@ def test_unknown_model_path_names_the_argument(tmp_path):
 def test_unsupported_head_and_bad_sizes():
     with pytest.raises(ValueError, match="max_physical_batch_size must be >= 1, got 0"):
         PrefixTunedClassifier("bundled-minilm", 2, max_physical_batch_size=0)
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_non_finite_loss_stops_before_the_update(private, tiny_model_dir, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    privacy = PrivacyConfig() if private else PrivacyConfig(enabled=False)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=privacy)
+    snapshot = {}
+
+    class PoisonAtStep3(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                snapshot["weights"] = [p.detach().clone() for p in pl_module.model.prefix.parameters()]
+                pl_module.model.classifier.bias.data[0] = float("nan")
+
+    with pytest.raises(FloatingPointError, match="Non-finite training loss at step 3 .*not applied"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[PoisonAtStep3()]).fit(
+            module, datamodule=TokenDataModule(poisson=private))
+    for before, after in zip(snapshot["weights"], module.model.prefix.parameters()):
+        assert torch.equal(before, after)
