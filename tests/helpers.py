@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning.privacy import PoissonDataLoader
 
@@ -64,3 +65,15 @@ def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
                     enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+class StopAfter(Callback):
+    """Saves a checkpoint after ``step`` optimizer steps and stops, like a killed run's last checkpoint."""
+
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True

@@ -1,6 +1,5 @@
 """The three flattening callbacks: privacy accounting, exact perturbation, pruning, distillation."""
 import copy
-import math
 from functools import partial
 
 import pytest
@@ -13,7 +12,7 @@ from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
 from pflat_lightning.protocol import layer_groups
 
-from helpers import TokenDataModule, collate, quiet_trainer
+from helpers import StopAfter, TokenDataModule, collate, quiet_trainer
 
 
 def make(path, privacy=None, **kwargs):
@@ -195,14 +194,7 @@ def test_private_selection_uses_the_released_gradient_and_records_its_data(tiny_
 def test_fixed_layers_and_state_survive_resume(tiny_model_dir, tmp_path):
     module = make(tiny_model_dir("bert"))
     ckpt = tmp_path / "sel.ckpt"
-
-    class SaveAfter(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 10:
-                trainer.save_checkpoint(ckpt)
-                trainer.should_stop = True
-
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[1]), SaveAfter()]).fit(
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[1]), StopAfter(10, ckpt)]).fit(
         module, datamodule=TokenDataModule())
     assert module.prefix.active_layers == [1]
     resumed = make(tiny_model_dir("bert"))
@@ -315,14 +307,8 @@ def test_awp_resumes_the_same_schedule(direction, tiny_model_dir, tmp_path):
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[AdversarialWeightPerturbation(0.05, direction=direction)]).fit(
         whole, datamodule=TokenDataModule())
     ckpt = tmp_path / "awp.ckpt"
-
-    class StopAt5(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == 5:
-                trainer.save_checkpoint(ckpt)
-                trainer.should_stop = True
-
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[AdversarialWeightPerturbation(0.05, direction=direction), StopAt5()]
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[AdversarialWeightPerturbation(0.05, direction=direction),
+                                                     StopAfter(5, ckpt)]
                   ).fit(make(path), datamodule=TokenDataModule())
     resumed = make(path)
     callback = AdversarialWeightPerturbation(0.05, direction=direction)

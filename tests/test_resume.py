@@ -1,23 +1,10 @@
 """Interrupted DP runs resume with their privacy spend intact."""
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 
-from helpers import TokenDataModule, quiet_trainer
-
-
-class StopAfter(Callback):
-    """Saves a checkpoint after ``step`` optimizer steps and stops, like a killed run's last checkpoint."""
-
-    def __init__(self, step: int, path) -> None:
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
+from helpers import StopAfter, TokenDataModule, quiet_trainer
 
 
 def make(path):
