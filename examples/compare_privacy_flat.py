@@ -60,16 +60,18 @@ def run(method: str, epsilon: float | None, seed: int, args) -> dict:
 
 
 def table(results: list) -> str:
-    rows = ["| method | target epsilon | test accuracy (mean ± sd over seeds) | seeds | epsilon spent | formal guarantee |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = ["| method | target epsilon | test accuracy (mean ± sd over seeds) | seeds | epsilon spent | formal guarantee | wall s per run |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     keys = sorted({(r["method"], r["target_epsilon"] or 0.0) for r in results}, key=lambda k: (k[1], k[0]))
     for method, epsilon in keys:
         group = [r for r in results if r["method"] == method and (r["target_epsilon"] or 0.0) == epsilon]
         accs = [100 * r["test_acc"] for r in group]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         spent = "n/a" if group[0]["epsilon"] is None else f"{max(r['epsilon'] for r in group):.3f}"
+        guarantee = "n/a" if group[0]["epsilon"] is None else ("yes" if group[0]["formal_guarantee"] else "no")
+        wall = statistics.mean(r["wall_s"] for r in group)
         rows.append(f"| {method} | {epsilon or 'none'} | {statistics.mean(accs):.2f} ± {sd:.2f} | {len(group)} | {spent} | "
-                    f"{'yes' if group[0]['formal_guarantee'] else 'no'} |")
+                    f"{guarantee} | {wall:.0f} |")
     return "\n".join(rows) + "\n"
 
 
