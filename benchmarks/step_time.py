@@ -45,14 +45,14 @@ def batches(size: int, batch: int, length: int, seed: int = 0):
     return DataLoader(data, batch_size=batch, shuffle=False)
 
 
-def measure(name, args, private=True, callbacks=()):
+def measure(name, args, root, private=True, callbacks=()):
     torch.manual_seed(0)
     privacy = PrivacyConfig(noise_multiplier=1.0, target_epsilon=None, poisson_sampling=False) if private else \
         PrivacyConfig(enabled=False)
     model = PrefixTunedClassifier(args.backbone, 2, num_virtual_tokens=args.prefix, privacy=privacy,
                                   max_physical_batch_size=args.batch, optimizer=partial(torch.optim.AdamW, lr=1e-3))
     timer = StepTimer()
-    trainer = pl.Trainer(max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=args.warmup + args.steps, default_root_dir=root, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[*callbacks, timer])
     trainer.fit(model, train_dataloaders=batches(args.batch * (args.warmup + args.steps), args.batch, args.length))
@@ -77,13 +77,13 @@ def main() -> None:
         ckpt = Path(folder, "teacher.ckpt")
         torch.save({"state_dict": {f"model.{k}": v for k, v in teacher.model.state_dict().items()}}, ckpt)
         times = {
-            "non-private step": measure("non-private step", args, private=False),
-            "DP step (hooks)": measure("DP step (hooks)", args),
+            "non-private step": measure("non-private step", args, folder, private=False),
+            "DP step (hooks)": measure("DP step (hooks)", args, folder),
             "DP + AWP previous_private": measure(
-                "DP + AWP previous_private", args,
+                "DP + AWP previous_private", args, folder,
                 callbacks=[AdversarialWeightPerturbation(gamma=0.01, until_fraction=1.0)]),
             "DP + distillation (weight term)": measure(
-                "DP + distillation (weight term)", args,
+                "DP + distillation (weight term)", args, folder,
                 callbacks=[TeacherDistillation("checkpoint", checkpoint_path=str(ckpt))]),
         }
     base = times["DP step (hooks)"]
