@@ -8,11 +8,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
+from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.families import family_for
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
@@ -21,6 +23,7 @@ from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.ledger import PrivacyLedger
 from pflat_lightning.privacy.report import build_report, write_report
 from pflat_lightning.privacy.sampling import PoissonDataLoader
+from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 
 #: Precisions under which per-example clipping sees true fp32/fp64 gradients. 16-bit mixed precision
 #: clips loss-scaled gradients, which breaks the sensitivity bound; bf16 gives Opacus bf16 gradients of
@@ -158,18 +161,23 @@ class PrefixTunedClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage != "fit" or not self.is_private:
+        if stage != "fit":
             return
         trainer = self.trainer
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not self.is_private:
+            return
         if trainer.precision not in DP_PRECISIONS:
             raise ValueError(
                 f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
                 f"full-precision gradients (16-bit mixed precision clips loss-scaled ones). Allowed with DP: {DP_PRECISIONS}."
             )
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
             raise ValueError(
-                f"DP training on {trainer.world_size} processes is not supported yet: each rank would add its own "
-                "noise. Train DP runs on one device (non-private runs may use any strategy)."
+                f"DP training on {trainer.world_size} processes needs Trainer(strategy='dp_ddp') (or "
+                f"{', '.join(repr(n) for n in START_METHODS if n != 'dp_ddp')}), got {type(trainer.strategy).__name__}: "
+                "it would average raw gradients before clipping and every rank would add its own noise."
             )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
@@ -234,6 +242,7 @@ class PrefixTunedClassifier(pl.LightningModule):
             dataset_size=len(loader.dataset),
             expected_batch_size=expected_batch,
             planned_steps=int(planned),
+            distributed=trainer.world_size > 1,
         )
         if self.log_train_loss:
             self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
@@ -244,13 +253,16 @@ class PrefixTunedClassifier(pl.LightningModule):
         return dp_optimizer
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
+    def on_train_start(self) -> None:
         loader = self.trainer.train_dataloader
         if self.is_private and isinstance(loader, PoissonDataLoader):
-            # Resuming inside an epoch: replay the epoch's draws and skip the batches already trained on.
+            # Resuming inside an epoch (Lightning calls no on_train_epoch_start then): replay the epoch's
+            # draws and skip the batches already trained on, before the first batch is drawn.
             done = self.engine.updates - self.current_epoch * loader.batch_sampler.num_batches
             if 0 < done < loader.batch_sampler.num_batches:
                 loader.batch_sampler.fast_forward(done)
+                if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
+                    iter(self.trainer.fit_loop._data_fetcher)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         if self.is_private and self.engine.budget_exhausted:

@@ -22,7 +22,8 @@ def test_layer_selection_is_identical_on_both_ranks(tmp_path):
     assert ranks[0]["prefix0"] == ranks[1]["prefix0"], "DDP keeps the replicas identical"
 
 
-def test_multi_process_dp_is_refused_until_noise_is_added_once(tmp_path):
+def test_multi_process_dp_under_plain_ddp_is_refused(tmp_path):
     result = run(tmp_path, "private")
     assert result.returncode != 0
-    assert "DP training on 2 processes is not supported yet: each rank would add its own noise" in result.stderr
+    assert "DP training on 2 processes needs Trainer(strategy='dp_ddp')" in result.stderr
+    assert "got DDPStrategy" in result.stderr

@@ -167,18 +167,23 @@ class AdversarialWeightPerturbation(Callback):
             engine.backward_batch(batch, pl_module.example_losses, chunk)
             return dict(zip(engine.optimizer.params, engine.release_gradient()))
         # raw (or any mode without DP): the plain gradient of the batch, without per-example hooks.
-        if batch["labels"].shape[0] == 0:
-            return None
-        hooks = engine.hooks if engine is not None else None
-        if hooks is not None:
-            hooks.disable_hooks()
-        try:
-            loss = pl_module.example_losses(batch).mean()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
+        grads = [None] * len(params)
+        if batch["labels"].shape[0] > 0:
+            hooks = engine.hooks if engine is not None else None
             if hooks is not None:
-                hooks.enable_hooks()
-        return {p: g for p, g in zip(params, grads) if g is not None}
+                hooks.disable_hooks()
+            try:
+                loss = pl_module.example_losses(batch).sum()
+                grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+            finally:
+                if hooks is not None:
+                    hooks.enable_hooks()
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        trainer = pl_module.trainer
+        if trainer.world_size > 1:  # the gradient of the global batch, the same direction on every rank
+            flat = trainer.strategy.reduce(torch.cat([g.reshape(-1) for g in grads]), reduce_op="sum")
+            grads = [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
+        return {p: g for p, g in zip(params, grads) if bool(g.any())} or None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

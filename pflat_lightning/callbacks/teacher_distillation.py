@@ -126,7 +126,8 @@ class TeacherDistillation(Callback):
             self.teacher_state = {k[len("model."):]: v for k, v in state.items()
                                   if k.startswith(("model.prefix.", "model.classifier."))}
         else:
-            self.teacher_state, history = self._train_teacher(trainer, pl_module)
+            # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
+            self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
             if history:
                 privacy_engine(pl_module).prior_history = history
 

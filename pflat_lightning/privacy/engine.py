@@ -3,7 +3,9 @@
 The engine owns what makes one training step private: per-example gradients (Opacus hooks attached to
 the module without wrapping it, so checkpoints keep their plain parameter names), clipping and noise
 (an Opacus ``DPOptimizer``), virtual steps that split a logical Poisson batch into physical chunks, the
-noise calibration for the planned steps, and the accountant's history.
+noise calibration for the planned steps, and the accountant's history. Under data parallelism each rank
+clips its own examples, the clipped sums are all-reduced once per release and the noise is drawn once,
+so every rank applies the same update and the accountant is the single-process one.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
@@ -31,6 +34,46 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
+
+
+class _AcrossRanks:
+    """Data parallelism for an Opacus DP optimizer (mixed in before it).
+
+    Each rank clips its own examples; in one all-reduce of a flat buffer the ranks sum their clipped
+    gradients, and rank 0 alone adds the Gaussian noise before it (so the sum carries exactly one draw of
+    ``noise_multiplier * max_grad_norm``); the result is then scaled by the *global* expected batch size.
+    Every rank ends with the same noised gradient, so the step hook sees the released gradient on all
+    ranks. One extra element of the buffer carries "this rank's batch had a non-finite loss": then every
+    rank raises instead of updating, and none is left waiting in a collective.
+    """
+
+    #: Set by the engine when this rank's batch had a non-finite loss (the message to raise).
+    poisoned: Optional[str] = None
+
+    def add_noise(self) -> None:
+        if dist.get_rank() == 0:
+            super().add_noise()
+        else:
+            for p in self.params:
+                p.grad = p.summed_grad.view_as(p).clone()
+        grads = [p.grad for p in self.params]
+        flag = grads[0].new_tensor([0.0 if self.poisoned is None else 1.0])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
+        dist.all_reduce(flat)
+        if flat[-1] > 0:
+            message, self.poisoned = self.poisoned, None
+            raise FloatingPointError(
+                message or "Non-finite training loss on another data-parallel rank; the poisoned update was not "
+                "applied on any rank. Resume from the last checkpoint with a lower learning rate."
+            )
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _across_ranks(optimizer_class: type) -> type:
+    return type(f"AcrossRanks{optimizer_class.__name__}", (_AcrossRanks, optimizer_class), {})
 
 
 class DPSGDEngine:
@@ -83,7 +126,9 @@ class DPSGDEngine:
 
         After :meth:`load_state_dict` (resuming an interrupted run) the restored noise, history and noise
         generator are kept instead of calibrating anew, so a resumed run spends exactly as if it had never
-        stopped.
+        stopped. With ``distributed=True`` (an initialised process group), ``dataset_size`` and
+        ``expected_batch_size`` are the global ones and every rank calls the optimizer's ``step()`` (and
+        :meth:`release_gradient`) once per logical batch, whatever its share of the batch.
         """
         cfg = self.config
         if expected_batch_size > dataset_size:
@@ -109,7 +154,9 @@ class DPSGDEngine:
         self.hooks = prepare_module(
             module, cfg.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=cfg.grad_sample_mode)
+        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=cfg.grad_sample_mode)
+        if distributed:
+            optimizer_class = _across_ranks(optimizer_class)
         if self._generator is None and not cfg.secure_mode:
             self._generator = torch.Generator().manual_seed(cfg.seed)
         extra = {"max_grad_norm": cfg.max_grad_norm}
@@ -200,7 +247,15 @@ class DPSGDEngine:
         starts = range(0, size, chunk_size)
         for start in starts:
             chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
-            losses = example_losses(chunk)
+            try:
+                losses = example_losses(chunk)
+            except FloatingPointError as error:
+                if not isinstance(self.optimizer, _AcrossRanks):
+                    raise
+                # The other ranks are heading into the all-reduce: join it, and make every rank raise there.
+                self.optimizer.poisoned = str(error)
+                self.prepare_empty_step()
+                return total
             total += float(losses.detach().sum())
             self.backward(losses)
             if start != starts[-1]:

@@ -1,0 +1,91 @@
+"""DP-SGD on two processes (Gloo): noise added once, identical replicas, the single-process accountant.
+
+Each multi-process run is its own subprocess with a timeout, in its own session so nothing outlives it.
+"""
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+SCRIPT = Path(__file__).parent / "distributed_dp_script.py"
+NOISE, CLIP = 1.3, 0.7  # as in the script
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                            timeout=300, start_new_session=True)
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """A 2-process dp_ddp_spawn run and the same run on one process."""
+    model = tiny_model_dir("gpt2")
+    out = {}
+    for name, devices, strategy in (("two", 2, "dp_ddp_spawn"), ("one", 1, "auto")):
+        folder = tmp_path_factory.mktemp(name)
+        result = run("train", model, folder, devices, strategy, "awp")
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = [torch.load(folder / f"rank{r}.pt") for r in range(devices)]
+    return out
+
+
+def test_replicas_are_identical_after_every_step(runs):
+    rank0, rank1 = runs["two"]
+    assert len(rank0["steps"]) == len(rank1["steps"]) == rank0["updates"] == 8
+    for step, (a, b) in enumerate(zip(rank0["steps"], rank1["steps"])):
+        assert torch.equal(a, b), f"ranks differ after step {step}"
+    assert not torch.equal(rank0["steps"][0], rank0["steps"][-1]), "training moved the prefix"
+
+
+def test_two_processes_equal_one_process_on_the_union_of_their_batches(runs):
+    """Rank 0 draws the noise with the seeded generator and the ranks' Poisson shares partition the
+    global draw, so the 2-process run is the single-process run up to floating-point summation order
+    (with AWP's previous_private direction, which must therefore also agree)."""
+    two, one = runs["two"][0], runs["one"][0]
+    assert len(two["steps"]) == len(one["steps"])
+    for step, (a, b) in enumerate(zip(two["steps"], one["steps"])):
+        assert torch.allclose(a, b, atol=1e-5), f"step {step}: max diff {(a - b).abs().max()}"
+
+
+def test_epsilon_equals_the_single_process_accountant(runs):
+    two, one = runs["two"][0], runs["one"][0]
+    assert two["sample_rate"] == one["sample_rate"] == 12 / 48
+    assert two["history"] == one["history"] == [(NOISE, 12 / 48, 8)]
+    accountant = RDPAccountant()
+    accountant.history = [(NOISE, 12 / 48, 8)]
+    # The runs use the PRV accountant: compare it with Opacus' PRV and sanity-check against RDP's bound.
+    from opacus.accountants import PRVAccountant
+
+    prv = PRVAccountant()
+    prv.history = [(NOISE, 12 / 48, 8)]
+    assert math.isclose(two["epsilon"], prv.get_epsilon(delta=1e-3), rel_tol=1e-6)
+    assert two["epsilon"] <= accountant.get_epsilon(delta=1e-3)
+
+
+def test_aggregated_noise_is_one_draw_not_one_per_rank(tmp_path):
+    result = run("noise", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"noise{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["released"], ranks[1]["released"]), "every rank applies the same noised gradient"
+    noise = ranks[0]["released"].flatten() * ranks[0]["expected_batch_size"]  # undo the division by the batch
+    n = noise.numel()
+    expected = NOISE * CLIP
+    # The sample standard deviation of n Gaussian draws has a standard error of sigma / sqrt(2n).
+    tolerance = 5 * expected / math.sqrt(2 * n)
+    assert abs(float(noise.std()) - expected) < tolerance
+    assert abs(float(noise.std()) - math.sqrt(2) * expected) > 20 * tolerance  # the one-draw-per-rank alternative is far outside
+    assert abs(float(noise.mean())) < 5 * expected / math.sqrt(n)
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
+    result = run("nan", tiny_model_dir("gpt2"), tmp_path)
+    assert result.returncode != 0
+    # Whichever rank fails first is reported: rank 1 names the step, rank 0 says another rank was poisoned.
+    assert "Non-finite training loss at step 2" in result.stderr or \
+        "Non-finite training loss on another data-parallel rank" in result.stderr
+    assert "poisoned update was not applied" in result.stderr
