@@ -1,6 +1,8 @@
 """Combinations that would silently break DP are refused before training, with a clear message."""
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 
@@ -86,8 +88,6 @@ def test_unsupported_head_and_bad_sizes():
 
 @pytest.mark.parametrize("private", [True, False])
 def test_non_finite_loss_stops_before_the_update(private, tiny_model_dir, tmp_path):
-    from lightning.pytorch.callbacks import Callback
-
     privacy = PrivacyConfig() if private else PrivacyConfig(enabled=False)
     module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=privacy)
     snapshot = {}
@@ -103,3 +103,48 @@ def test_non_finite_loss_stops_before_the_update(private, tiny_model_dir, tmp_pa
             module, datamodule=TokenDataModule(poisson=private))
     for before, after in zip(snapshot["weights"], module.model.prefix.parameters()):
         assert torch.equal(before, after)
+
+
+class PoisonAtStep2(Callback):
+    """Makes the loss non-finite at step 2: a run that fails in the middle of training."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            pl_module.model.classifier.bias.data[0] = float("nan")
+
+
+BAD_RUNS = {
+    # name: (privacy, trainer kwargs, datamodule kwargs, expected error, message)
+    "delta >= 1/N": (dict(target_delta=0.05), {}, {}, ValueError, r"target_delta=0.05 must be < 1/N"),
+    "noise contradicts epsilon": (dict(noise_multiplier=0.3, target_epsilon=1.0), {}, {}, ValueError, "contradict"),
+    "batch > dataset": ({}, {}, dict(batch_size=100), ValueError, r"larger than|dataset size 64"),
+    "bf16 with DP": ({}, dict(precision="bf16-mixed"), {}, ValueError, "cannot be used with DP"),
+    "accumulation with DP": ({}, dict(accumulate_grad_batches=2), {}, Exception, "accumulate_grad_batches"),
+    "shuffled loader": ({}, {}, dict(poisson=False), ValueError, "needs a Poisson training loader"),
+    "non-finite loss": ({}, dict(callbacks=[PoisonAtStep2()]), {}, FloatingPointError, "Non-finite training loss at step 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_a_refused_or_failed_run_writes_nothing_over_an_earlier_run(case, tiny_model_dir, tmp_path):
+    """The earlier run's checkpoints, report and logs in the same folder stay byte-identical."""
+
+    def trainer(**kwargs):
+        return pl.Trainer(default_root_dir=tmp_path, max_epochs=2, enable_progress_bar=False,
+                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+    earlier = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    trainer().fit(earlier, datamodule=TokenDataModule())
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(p.name == "privacy_report.json" for p in files) and any(p.suffix == ".ckpt" for p in files)
+
+    privacy, trainer_kwargs, data_kwargs, error, message = BAD_RUNS[case]
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(**privacy))
+    with pytest.raises(error, match=message):
+        trainer(**trainer_kwargs).fit(module, datamodule=TokenDataModule(**data_kwargs))
+    for path, content in files.items():
+        assert path.read_bytes() == content, f"{path} was overwritten"
+    reports = [p for p in tmp_path.rglob("privacy_report.json")]
+    checkpoints = [p for p in tmp_path.rglob("*.ckpt")]
+    assert reports == [p for p in files if p.name == "privacy_report.json"]
+    assert checkpoints == [p for p in files if p.suffix == ".ckpt"]
