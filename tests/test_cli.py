@@ -58,3 +58,11 @@ def test_privacy_flat_configs_run_and_report_their_guarantee(config, guarantee, 
     components = {e["component"] for e in report["ledger"]}
     assert components == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"}
     assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers
+
+
+def test_dp_ddp_config_composes_with_a_run_config(tmp_path):
+    result = pflat("fit", "--config", str(ROOT / "examples/configs/movie_reviews_dp.yaml"),
+                   "--config", str(ROOT / "examples/configs/movie_reviews_dp_ddp.yaml"), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "strategy: dp_ddp" in result.stdout and "devices: 2" in result.stdout
+    assert "target_epsilon: 8.0" in result.stdout
