@@ -1,6 +1,10 @@
 """Small synthetic data for unit tests of the training mechanics."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -77,3 +81,22 @@ class StopAfter(Callback):
         if trainer.global_step == self.step:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+def run_isolated(command, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group; on timeout kill the whole group (the spawned ranks too),
+    so a hung multi-process run leaves nothing behind."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    finally:
+        try:  # ranks that outlived a finished launcher
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

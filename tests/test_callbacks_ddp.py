@@ -1,16 +1,16 @@
 """Callbacks under a 2-process run (own subprocess, with a timeout, leaving no process behind)."""
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from helpers import run_isolated
 
 
 SCRIPT = Path(__file__).parent / "ddp_selection_script.py"
 
 
 def run(tmp_path, *args):
-    return subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True, text=True,
-                          timeout=300, start_new_session=True)
+    return run_isolated([sys.executable, str(SCRIPT), str(tmp_path), *args], timeout=300)
 
 
 def test_layer_selection_is_identical_on_both_ranks(tmp_path):
