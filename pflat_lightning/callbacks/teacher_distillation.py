@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import tempfile
 from functools import partial
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -151,20 +152,25 @@ class TeacherDistillation(Callback):
         hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
         hparams["privacy"] = self._teacher_privacy(pl_module)
         teacher = type(pl_module)(**hparams, optimizer=partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0))
-        folder = os.path.join(trainer.log_dir or trainer.default_root_dir, "teacher")  # its own privacy report
-        nested = pl.Trainer(default_root_dir=folder, max_epochs=self.teacher_epochs, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, accelerator=trainer.accelerator, devices=1)
-        rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {self.teacher_epochs} epochs")
-        if self.source == "public":
-            nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
-        else:
-            saved = (datamodule.batch_size, datamodule.trainer)
-            datamodule.batch_size = self.teacher_batch_size
-            try:
-                nested.fit(teacher, datamodule=datamodule)
-            finally:
-                datamodule.batch_size, datamodule.trainer = saved
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
+        device = trainer.strategy.root_device
+        with tempfile.TemporaryDirectory() as scratch:
+            # The teacher's own privacy report goes next to the student's; other ranks' copies are discarded.
+            folder = os.path.join(log_dir, "teacher") if trainer.is_global_zero else scratch
+            nested = pl.Trainer(default_root_dir=folder, max_epochs=self.teacher_epochs, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=0, limit_val_batches=0, accelerator=trainer.accelerator,
+                                devices=[device.index] if device.type == "cuda" else 1)
+            rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {self.teacher_epochs} epochs")
+            if self.source == "public":
+                nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
+            else:
+                saved = (datamodule.batch_size, datamodule.trainer)
+                datamodule.batch_size = self.teacher_batch_size
+                try:
+                    nested.fit(teacher, datamodule=datamodule)
+                finally:
+                    datamodule.batch_size, datamodule.trainer = saved
         state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
                  if k.startswith(("prefix.", "classifier."))}
         history = list(teacher.engine.history) if teacher.engine is not None else []
