@@ -28,7 +28,7 @@ from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 #: Precisions under which per-example clipping sees true fp32/fp64 gradients. 16-bit mixed precision
 #: clips loss-scaled gradients, which breaks the sensitivity bound; bf16 gives Opacus bf16 gradients of
 #: fp32 parameters, which it cannot accumulate.
-DP_PRECISIONS = ("32-true", "64-true")
+DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 CHECKPOINT_KEY = "pflat_privacy"
 
 
@@ -171,7 +171,9 @@ class PrefixTunedClassifier(pl.LightningModule):
         if trainer.precision not in DP_PRECISIONS:
             raise ValueError(
                 f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
-                f"full-precision gradients (16-bit mixed precision clips loss-scaled ones). Allowed with DP: {DP_PRECISIONS}."
+                "full-precision gradients (fp16 mixed precision clips loss-scaled ones, 16-bit true precision "
+                f"trains the prefix in 16 bits). Allowed with DP: {DP_PRECISIONS}; under bf16-mixed the prefix and "
+                "head stay fp32."
             )
         if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
             raise ValueError(

@@ -96,8 +96,14 @@ class PrefixModel(nn.Module):
     ) -> torch.Tensor:
         batch = input_ids.shape[0]
         cache = DynamicCache()
-        past = self.prefix(batch) if past is None else past
+        if past is None:
+            with full_precision(input_ids.device):
+                past = self.prefix(batch)
+        device = input_ids.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         for layer, (key, value) in enumerate(past):
+            if compute is not None:  # the backbone computes in 16 bits; the prefix and its gradients stay fp32
+                key, value = key.to(compute), value.to(compute)
             cache.update(key, value, layer)
         prefix_length = self.prefix.num_virtual_tokens
         prefix_mask = attention_mask.new_ones(batch, prefix_length)
@@ -120,9 +126,11 @@ class PrefixModel(nn.Module):
     ):
         """Class logits; with ``return_prefix`` also the per-example prefix this forward used (for
         per-example regularisers of the prefix, whose gradients then reach each example separately)."""
-        past = self.prefix(input_ids.shape[0])
+        with full_precision(input_ids.device):
+            past = self.prefix(input_ids.shape[0])
         hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, past)
-        logits = self._classify(hidden, input_ids, attention_mask)
+        with full_precision(input_ids.device):
+            logits = self._classify(hidden.float(), input_ids, attention_mask)
         return (logits, past) if return_prefix else logits
 
     def _classify(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -143,6 +151,12 @@ class PrefixModel(nn.Module):
         if self.head_kind == "linear":
             return self.classifier(features)
         return self.lm_head(features)[:, self.label_word_ids]
+
+
+def full_precision(device: torch.device):
+    """Trainable modules run outside autocast: under ``bf16-mixed`` only the frozen backbone computes in
+    16 bits, so the per-example gradients that DP clips (and the noise added to them) are fp32."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def load_backbone(name_or_path: str, head: str, **kwargs) -> PreTrainedModel:

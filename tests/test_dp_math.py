@@ -95,6 +95,31 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     torch.testing.assert_close(before - after, clipped_mean(grads, clip, 8), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_bf16_mixed_clips_fp32_per_example_gradients(family, tiny_model_dir, tmp_path):
+    """Under bf16-mixed the backbone computes in bf16, but the per-example gradients, their clipping and
+    the update are fp32: the update equals the hand-clipped mean of per-example autograd gradients taken
+    under the same bf16 autocast (tolerance: bf16 batched vs. single-example arithmetic)."""
+    clip = 0.05
+    module = PrefixTunedClassifier(
+        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False),
+    )
+    data = TokenDataModule(size=64, batch_size=8, poisson=False)
+    first = collate([data.dataset[i] for i in range(8)])
+    reference = copy.deepcopy(module.model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, grads = per_example_gradients(reference, first)
+    assert all(g.dtype == torch.float32 for gs in grads for g in gs)
+    before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters() if p.requires_grad])
+    quiet_trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(module, datamodule=data)
+    assert all(p.dtype == torch.float32 for p in module.model.prefix.parameters())
+    after = torch.cat([p.detach().flatten() for p in module.model.parameters() if p.requires_grad])
+    expected = clipped_mean(grads, clip, 8)
+    torch.testing.assert_close(before - after, expected, atol=2e-3 * float(expected.abs().max()), rtol=2e-2)
+
+
 def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
     """With clipping to zero signal, an update is pure noise: std = sigma * C / expected batch."""
     model, tokenizer = tiny_prefix_model(tiny_model_dir("bert"), "linear")

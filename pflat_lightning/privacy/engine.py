@@ -72,8 +72,20 @@ class _AcrossRanks:
             offset += g.numel()
 
 
-def _across_ranks(optimizer_class: type) -> type:
-    return type(f"AcrossRanks{optimizer_class.__name__}", (_AcrossRanks, optimizer_class), {})
+class _FullPrecision:
+    """Clipping, noise and the update run outside autocast: under ``bf16-mixed`` the optimizer is
+    stepped inside the training step's autocast context, where Opacus' clipping contractions would
+    otherwise run in 16 bits."""
+
+    def pre_step(self, closure=None):
+        device = self.params[0].device.type if self.params else "cpu"
+        with torch.autocast(device, enabled=False):
+            return super().pre_step(closure)
+
+
+def _optimizer_class(base: type, distributed: bool) -> type:
+    mixins = (_FullPrecision, _AcrossRanks) if distributed else (_FullPrecision,)
+    return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
 class DPSGDEngine:
@@ -154,9 +166,9 @@ class DPSGDEngine:
         self.hooks = prepare_module(
             module, cfg.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
-        optimizer_class = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=cfg.grad_sample_mode)
-        if distributed:
-            optimizer_class = _across_ranks(optimizer_class)
+        optimizer_class = _optimizer_class(
+            get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=cfg.grad_sample_mode), distributed
+        )
         if self._generator is None and not cfg.secure_mode:
             self._generator = torch.Generator().manual_seed(cfg.seed)
         extra = {"max_grad_norm": cfg.max_grad_norm}
@@ -220,11 +232,15 @@ class DPSGDEngine:
 
     # ------------------------------------------------------------------ per step
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """Back-propagate a chunk's per-example losses so that each example's gradient can be clipped."""
-        if self.config.grad_sample_mode == "ghost":
-            DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
-        else:
-            loss_per_example.sum().backward()
+        """Back-propagate a chunk's per-example losses so that each example's gradient can be clipped.
+
+        Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
+        surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
+        with torch.autocast(loss_per_example.device.type, enabled=False):
+            if self.config.grad_sample_mode == "ghost":
+                DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
+            else:
+                loss_per_example.sum().backward()
 
     def backward_batch(
         self,
