@@ -29,6 +29,8 @@ from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 #: clips loss-scaled gradients, which breaks the sensitivity bound; bf16 gives Opacus bf16 gradients of
 #: fp32 parameters, which it cannot accumulate.
 DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
+#: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
+AUTO_GHOST_MIN_BYTES = 256 * 2**20
 CHECKPOINT_KEY = "pflat_privacy"
 
 
@@ -245,6 +247,7 @@ class PrefixTunedClassifier(pl.LightningModule):
             expected_batch_size=expected_batch,
             planned_steps=int(planned),
             distributed=trainer.world_size > 1,
+            grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
         )
         if self.log_train_loss:
             self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
@@ -253,6 +256,23 @@ class PrefixTunedClassifier(pl.LightningModule):
             f"{self.engine.planned_steps} steps, target epsilon={self.privacy.target_epsilon}, delta={self.engine.delta:.3g}"
         )
         return dp_optimizer
+
+    def _auto_clipping(self, physical_batch: int) -> Optional[str]:
+        """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example
+        gradients of hooks would take more than ``AUTO_GHOST_MIN_BYTES`` and at least 4x ghost's memory
+        (a reparametrised prefix); hooks otherwise, where that memory is small next to the backbone's
+        activations and hooks need one backward pass instead of two."""
+        if self.privacy.grad_sample_mode != "auto":
+            return None
+        estimate = self.model.per_example_gradient_bytes(physical_batch)
+        ghost_pays = estimate["hooks"] > AUTO_GHOST_MIN_BYTES and 4 * estimate["ghost"] <= estimate["hooks"]
+        mode = "ghost" if ghost_pays else "hooks"
+        mib = {k: round(v / 2**20, 2) for k, v in estimate.items()}
+        rank_zero_info(f"grad_sample_mode='auto' chose {mode!r}: per-example gradient memory per physical batch of "
+                       f"{physical_batch}, estimated hooks {mib['hooks']} MiB, ghost {mib['ghost']} MiB")
+        self.report_sections["clipping"] = {"requested": "auto", "chosen": mode, "physical_batch": physical_batch,
+                                            "estimated_mib": mib}
+        return mode
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:

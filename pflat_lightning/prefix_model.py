@@ -1,7 +1,7 @@
 """A frozen transformer with a trainable prefix and a classifier read from its output."""
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -86,6 +86,22 @@ class PrefixModel(nn.Module):
             self.lm_head = lm_head(backbone, self.family)
             self.register_buffer("label_word_ids", torch.as_tensor(list(label_word_ids), dtype=torch.long))
         self.mask_token_id = mask_token_id
+
+    def per_example_gradient_bytes(self, batch_size: int) -> Dict[str, int]:
+        """Estimated memory that clipping ``batch_size`` examples needs for their trainable gradients:
+        ``hooks`` materialises one gradient per example and parameter; ``ghost`` only the (virtual-token x
+        virtual-token) products from which Opacus gets each example's norm per layer (2 per linear map)."""
+        prefix_tokens = self.prefix.num_virtual_tokens
+        hooks = ghost = 0
+        for module in self.modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            hooks += batch_size * sum(p.numel() * p.element_size() for p in params)
+            tokens = 1 if module is self.classifier else prefix_tokens
+            copies = 1 if isinstance(module, nn.Embedding) else 2
+            ghost += copies * batch_size * tokens * tokens * params[0].element_size()
+        return {"hooks": hooks, "ghost": ghost}
 
     def hidden_states(
         self,

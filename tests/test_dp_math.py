@@ -177,3 +177,20 @@ def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_pa
     assert torch.equal(module.model.prefix.layers[0].weight, pruned)
     assert module.model.prefix.layers[0].weight.grad is None
     assert not torch.equal(module.model.prefix.layers[1].weight, kept)
+
+
+@pytest.mark.parametrize("prefix_hidden", [None, 2048])
+def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,
+                                   max_physical_batch_size=16,
+                                   privacy=PrivacyConfig(grad_sample_mode="auto", noise_multiplier=1.0, target_epsilon=None))
+    # Independently: hooks hold one fp32 gradient per example and trainable parameter.
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    hooks_bytes = 16 * trainable * 4
+    expected = "ghost" if hooks_bytes > 256 * 2**20 else "hooks"
+    assert expected == ("hooks" if prefix_hidden is None else "ghost"), "the test covers both choices"
+    quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule(batch_size=16))
+    assert module.engine.grad_sample_mode == expected
+    report = module.privacy_report()
+    assert report["grad_sample_mode"] == expected
+    assert report["callbacks"]["clipping"]["estimated_mib"]["hooks"] == round(hooks_bytes / 2**20, 2)

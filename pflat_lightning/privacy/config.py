@@ -7,7 +7,7 @@ from typing import Literal, Optional
 import torch
 
 ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "auto")
 
 
 @dataclass
@@ -31,7 +31,10 @@ class PrivacyConfig:
             reported epsilon is not a formal bound (recorded in the ledger).
         grad_sample_mode: how per-example gradients are clipped: ``"hooks"`` (Opacus hooks),
             ``"functorch"`` or ``"ghost"`` (ghost clipping: per-example norms without
-            materialising per-example gradients, at the price of a second backward pass).
+            materialising per-example gradients, at the price of a second backward pass) or ``"auto"``
+            (ghost when hooks would hold more than 256 MiB of per-example gradients per physical batch and
+            at least 4x ghost's estimate, e.g. a large reparametrised prefix; hooks otherwise; the choice
+            is logged and in the report).
         secure_mode: draw noise from a cryptographically secure generator (slower).
         seed: seed of the Poisson sampler and of the noise generator (when not in secure mode).
     """
@@ -43,7 +46,7 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = None
     accountant: Literal["prv", "rdp"] = "prv"
     poisson_sampling: bool = True
-    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch", "ghost", "auto"] = "hooks"
     secure_mode: bool = False
     seed: int = 0
 

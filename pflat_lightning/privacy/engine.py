@@ -122,6 +122,8 @@ class DPSGDEngine:
         self._releasing = False
         self._generator: Optional[torch.Generator] = None
         self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
+        #: The grad-sample mode in use (``config.grad_sample_mode``, or what ``"auto"`` resolved to).
+        self.grad_sample_mode: Optional[str] = None
 
     # ------------------------------------------------------------------ setup
     def attach(
@@ -133,6 +135,7 @@ class DPSGDEngine:
         expected_batch_size: int,
         planned_steps: int,
         distributed: bool = False,
+        grad_sample_mode: Optional[str] = None,
     ) -> DPOptimizer:
         """Hook ``module`` for per-example gradients and wrap ``optimizer`` into a DP optimizer.
 
@@ -141,6 +144,7 @@ class DPSGDEngine:
         stopped. With ``distributed=True`` (an initialised process group), ``dataset_size`` and
         ``expected_batch_size`` are the global ones and every rank calls the optimizer's ``step()`` (and
         :meth:`release_gradient`) once per logical batch, whatever its share of the batch.
+        ``grad_sample_mode`` is the mode to use when the config says ``"auto"`` (the module decides).
         """
         cfg = self.config
         if expected_batch_size > dataset_size:
@@ -162,17 +166,20 @@ class DPSGDEngine:
             self.history = list(self.prior_history)
             self.noise_multiplier = self._calibrate(planned_steps)
         self.expected_batch_size = expected_batch_size
+        self.grad_sample_mode = cfg.grad_sample_mode if cfg.grad_sample_mode != "auto" else grad_sample_mode
+        if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
+            raise ValueError(f"grad_sample_mode='auto' needs the mode chosen by the module, got {grad_sample_mode!r}.")
 
         self.hooks = prepare_module(
-            module, cfg.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
+            module, self.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
         optimizer_class = _optimizer_class(
-            get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=cfg.grad_sample_mode), distributed
+            get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.grad_sample_mode), distributed
         )
         if self._generator is None and not cfg.secure_mode:
             self._generator = torch.Generator().manual_seed(cfg.seed)
         extra = {"max_grad_norm": cfg.max_grad_norm}
-        if cfg.grad_sample_mode == "ghost":
+        if self.grad_sample_mode == "ghost":
             self.hooks.max_grad_norm = cfg.max_grad_norm
         self.optimizer = optimizer_class(
             optimizer,
@@ -237,7 +244,7 @@ class DPSGDEngine:
         Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
         with torch.autocast(loss_per_example.device.type, enabled=False):
-            if self.config.grad_sample_mode == "ghost":
+            if self.grad_sample_mode == "ghost":
                 DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
             else:
                 loss_per_example.sum().backward()
@@ -286,7 +293,7 @@ class DPSGDEngine:
 
     def prepare_empty_step(self) -> None:
         """Give an empty Poisson batch zero clipped gradients, so the step still adds noise and is counted."""
-        ghost = self.config.grad_sample_mode == "ghost"
+        ghost = self.grad_sample_mode == "ghost"
         for p in self.optimizer.params:
             if ghost:
                 p.grad = torch.zeros_like(p)

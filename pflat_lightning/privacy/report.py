@@ -52,7 +52,7 @@ def build_report(
         "max_grad_norm": config.max_grad_norm if config.enabled else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
-        "grad_sample_mode": config.grad_sample_mode if config.enabled else None,
+        "grad_sample_mode": (getattr(engine, "grad_sample_mode", None) or config.grad_sample_mode) if config.enabled else None,
         "dataset_size": dataset_size,
         "accountant_history": history,
         "ledger": [e.__dict__ for e in ledger.entries],
