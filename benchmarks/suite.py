@@ -1,0 +1,309 @@
+"""Step time and memory of DP prefix tuning against the non-private limit and the PEFT + Opacus peer.
+
+    python benchmarks/suite.py --suites main growth virtual reparam --out benchmarks/results.json
+    python benchmarks/suite.py --render benchmarks/results.json     # the tables of BENCHMARKS.md
+
+Every configuration runs in a fresh subprocess (so peak memory is its own) for ``warmup + steps``
+training steps on synthetic token batches of fixed size, and reports the median step time and the
+memory of the training steps: ``peak_mib`` (largest resident set size sampled every 2 ms during the
+measured steps) and ``step_mib`` (that peak minus the resident size before them: what a step adds on
+top of the loaded model). Configurations:
+
+- ``nonprivate``: the same prefix model trained without DP (the limit);
+- ``peer``: Hugging Face PEFT prefix tuning + Opacus ``make_private`` in a plain PyTorch loop (the
+  wiring of dp-transformers), same backbone, batch, length and prefix length, dropout off as ours;
+- ``dp``: ours (``PrefixTunedClassifier`` + Lightning), with a grad-sample mode, optional callbacks
+  (``awp_previous``, ``awp_fresh``, ``distill``) and an optional reparametrised prefix.
+
+Suites: ``main`` (each configuration on tiny GPT-2 and the bundled MiniLM), ``growth`` (batch, length,
+prefix length on MiniLM), ``virtual`` (logical batch 1024 in physical chunks of 32 vs. 32),
+``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+
+
+class MemorySampler:
+    """Largest resident set size between start() and stop(), sampled every 2 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.peak, self._running, self._thread = 0.0, False, None
+
+    def start(self) -> None:
+        self.baseline = self.peak = rss_mib()
+        self._running = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while self._running:
+            self.peak = max(self.peak, rss_mib())
+            time.sleep(0.002)
+
+    def stop(self) -> None:
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
+class Tokens(Dataset):
+    def __init__(self, size: int, length: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2000, 5000, (size, length), generator=g)
+        self.labels = torch.randint(0, 2, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run_ours(spec: dict) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+    from pflat_lightning.callbacks import AdversarialWeightPerturbation, TeacherDistillation
+
+    private = spec["kind"] == "dp"
+    privacy = (PrivacyConfig(noise_multiplier=1.0, target_epsilon=None, poisson_sampling=False,
+                             grad_sample_mode=spec["mode"]) if private else PrivacyConfig(enabled=False))
+    physical = spec["physical"] or spec["batch"]
+    model = PrefixTunedClassifier(spec["backbone"], 2, num_virtual_tokens=spec["prefix"], prefix_hidden=spec["reparam"],
+                                  privacy=privacy, max_physical_batch_size=physical,
+                                  optimizer=partial(torch.optim.AdamW, lr=1e-3))
+    callbacks = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in spec["callbacks"]:
+            if name == "awp_previous":
+                callbacks.append(AdversarialWeightPerturbation(gamma=0.01, until_fraction=1.0))
+            elif name == "awp_fresh":
+                callbacks.append(AdversarialWeightPerturbation(gamma=0.01, direction="fresh_private", until_fraction=1.0))
+            elif name == "distill":
+                ckpt = Path(folder, "teacher.ckpt")
+                torch.save({"state_dict": {f"model.{k}": v for k, v in model.model.state_dict().items()}}, ckpt)
+                callbacks.append(TeacherDistillation("checkpoint", checkpoint_path=str(ckpt)))
+        sampler, times = MemorySampler(), []
+
+        class Measure(Callback):
+            def on_train_batch_start(self, trainer, *args):
+                if trainer.global_step == spec["warmup"]:
+                    sampler.start()
+                self.start = time.perf_counter()
+
+            def on_train_batch_end(self, *args):
+                times.append(time.perf_counter() - self.start)
+
+        total = spec["warmup"] + spec["steps"]
+        loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"])
+        trainer = pl.Trainer(max_steps=total, default_root_dir=folder, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
+        trainer.fit(model, train_dataloaders=loader)
+        sampler.stop()
+    result = {"median_step_s": statistics.median(times[spec["warmup"]:])}
+    if private:
+        result["grad_sample_mode_used"] = model.engine.grad_sample_mode
+    return {**result, **memory(sampler)}
+
+
+def run_peer(spec: dict) -> dict:
+    from opacus import PrivacyEngine
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from pflat_lightning.bundled import resolve_model
+
+    path = resolve_model(spec["backbone"])
+    config = AutoConfig.from_pretrained(path, num_labels=2)
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "attention_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    if config.pad_token_id is None:
+        config.pad_token_id = 0
+    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    peft_config = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec["prefix"],
+                                     prefix_projection=spec["reparam"] is not None,
+                                     encoder_hidden_size=spec["reparam"] or config.hidden_size)
+    model = get_peft_model(model, peft_config)
+    model.train()
+    total = spec["warmup"] + spec["steps"]
+    loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model, optimizer, loader = PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
+                                                            noise_multiplier=1.0, max_grad_norm=1.0,
+                                                            poisson_sampling=False)
+    sampler, times = MemorySampler(), []
+    for step, batch in enumerate(loader):
+        if step == spec["warmup"]:
+            sampler.start()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    sampler.stop()
+    return {"median_step_s": statistics.median(times[spec["warmup"]:]), **memory(sampler)}
+
+
+def memory(sampler: MemorySampler) -> dict:
+    return {"peak_mib": round(sampler.peak, 1), "step_mib": round(sampler.peak - sampler.baseline, 1)}
+
+
+# ---------------------------------------------------------------------------------------------- suites
+DEFAULTS = dict(kind="dp", mode="hooks", callbacks=[], reparam=None, batch=32, physical=None, length=64, prefix=10,
+                steps=10, warmup=2)
+
+
+def spec(name: str, **kwargs) -> dict:
+    return {"name": name, **DEFAULTS, **kwargs}
+
+
+def main_suite(backbone: str) -> list:
+    b = dict(backbone=backbone)
+    return [
+        spec("non-private (limit)", kind="nonprivate", **b),
+        spec("PEFT + Opacus (peer)", kind="peer", **b),
+        spec("DP hooks", **b),
+        spec("DP ghost", mode="ghost", **b),
+        spec("DP + AWP previous_private", callbacks=["awp_previous"], **b),
+        spec("DP + AWP fresh_private", callbacks=["awp_fresh"], **b),
+        spec("DP + distillation", callbacks=["distill"], **b),
+        spec("non-private, reparam. prefix", kind="nonprivate", reparam=512, **b),
+        spec("PEFT + Opacus, reparam. prefix", kind="peer", reparam=512, **b),
+        spec("DP reparam. prefix, hooks", reparam=512, **b),
+        spec("DP reparam. prefix, ghost", reparam=512, mode="ghost", **b),
+    ]
+
+
+def suites(args, tiny: str) -> dict:
+    minilm = dict(backbone="bundled-minilm")
+    return {
+        "main": main_suite(tiny) + main_suite("bundled-minilm"),
+        "growth": [spec(f"{kind} batch {n}", kind=kind, batch=n, **minilm) for n in (8, 64) for kind in ("nonprivate", "dp")]
+        + [spec(f"{kind} length {n}", kind=kind, length=n, **minilm) for n in (32, 128) for kind in ("nonprivate", "dp")]
+        + [spec(f"{kind} prefix {n}", kind=kind, prefix=n, **minilm) for n in (5, 20) for kind in ("nonprivate", "dp")],
+        "virtual": [spec("DP logical 32", steps=8, **minilm),
+                    spec("DP logical 1024 = 32 x 32 virtual", batch=1024, physical=32, steps=2, warmup=1, **minilm)],
+        "reparam": [spec(f"reparam. prefix, logical 256, {kind}" + (f" {mode}" if kind == "dp" else ""), kind=kind,
+                         mode=mode, reparam=512, batch=256,
+                         physical=256, steps=3, warmup=1, **minilm)
+                    for kind, mode in (("nonprivate", "hooks"), ("dp", "hooks"), ("dp", "ghost"), ("dp", "auto"))],
+    }
+
+
+def tiny_gpt2(folder: Path) -> str:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from pflat_lightning.bundled import resolve_model
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=30522, n_embd=64, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("bundled-minilm")).save_pretrained(folder)
+    return str(folder)
+
+
+def measure(one: dict, suite: str) -> dict:
+    process = subprocess.run([sys.executable, __file__, "--one", json.dumps(one)], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 or not lines:
+        return {**one, "suite": suite, "error": process.stderr.strip().splitlines()[-1:]}
+    return {**one, "suite": suite, **json.loads(lines[-1][len("RESULT "):])}
+
+
+def render(results: list) -> str:
+    """Markdown tables of a results list (what BENCHMARKS.md shows)."""
+    out = []
+    ok = [r for r in results if "error" not in r]
+    for backbone in dict.fromkeys(r["backbone"] for r in ok if r["suite"] == "main"):
+        rows = {r["name"]: r for r in ok if r["suite"] == "main" and r["backbone"] == backbone}
+        out += [f"### {backbone}: batch 32, length 64, 10 virtual tokens", "",
+                "| configuration | step (s) | / limit | / peer | peak MiB | step MiB | step MiB / limit's |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            reparam = "reparam" in name
+            limit = rows["non-private, reparam. prefix" if reparam else "non-private (limit)"]
+            peer = rows.get("PEFT + Opacus, reparam. prefix" if reparam else "PEFT + Opacus (peer)")
+            time_peer = f"{r['median_step_s'] / peer['median_step_s']:.2f}" if peer else "n/a"
+            out.append(f"| {name} | {r['median_step_s']:.3f} | {r['median_step_s'] / limit['median_step_s']:.2f} | "
+                       f"{time_peer} | {r['peak_mib']:.0f} | {r['step_mib']:.0f} | "
+                       f"{r['step_mib'] / max(limit['step_mib'], 1.0):.2f} |")
+        out.append("")
+    for suite, title in (("growth", "Growth (bundled MiniLM; one parameter changed from batch 32, length 64, prefix 10)"),
+                         ("virtual", "Virtual steps (bundled MiniLM, DP hooks)"),
+                         ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)")):
+        rows = [r for r in ok if r["suite"] == suite]
+        if not rows:
+            continue
+        out += [f"### {title}", "", "| configuration | step (s) | per example | peak MiB | step MiB | mode used |",
+                "| --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            out.append(f"| {r['name']} | {r['median_step_s']:.3f} | {r['median_step_s'] / r['batch'] * 1000:.2f} ms | "
+                       f"{r['peak_mib']:.0f} | {r['step_mib']:.0f} | {r.get('grad_sample_mode_used', '-')} |")
+        out.append("")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        out += ["Failed: " + "; ".join(f"{r['backbone']} {r['name']}: {r['error']}" for r in failed), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suites", nargs="+", default=["main", "growth", "virtual", "reparam"])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--render", type=Path, help="print the markdown tables of a results file and exit")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())["results"]))
+        return
+    if args.one:
+        one = json.loads(args.one)
+        print("RESULT " + json.dumps(run_peer(one) if one["kind"] == "peer" else run_ours(one)), flush=True)
+        return
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        tiny = tiny_gpt2(Path(folder, "tiny-gpt2"))
+        every = suites(args, tiny)
+        for suite in args.suites:
+            for one in every[suite]:
+                result = measure(one, suite)
+                if result["backbone"] == tiny:
+                    result["backbone"] = "tiny-gpt2"
+                results.append(result)
+                print(json.dumps({k: result.get(k) for k in ("suite", "backbone", "name", "median_step_s", "peak_mib",
+                                                             "step_mib", "error")}), flush=True)
+                args.out.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                                "torch": torch.__version__, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
