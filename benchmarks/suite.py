@@ -1,6 +1,6 @@
 """Step time and memory of DP prefix tuning against the non-private limit and the PEFT + Opacus peer.
 
-    python benchmarks/suite.py --suites main growth virtual reparam --out benchmarks/results.json
+    python benchmarks/suite.py --suites main smollm2 growth virtual reparam --out benchmarks/results.json
     python benchmarks/suite.py --render benchmarks/results.json     # the tables of BENCHMARKS.md
 
 Every configuration runs in a fresh subprocess (so peak memory is its own) for ``warmup + steps``
@@ -15,9 +15,11 @@ top of the loaded model). Configurations:
 - ``dp``: ours (``PrefixTunedClassifier`` + Lightning), with a grad-sample mode, optional callbacks
   (``awp_previous``, ``awp_fresh``, ``distill``) and an optional reparametrised prefix.
 
-Suites: ``main`` (each configuration on tiny GPT-2 and the bundled MiniLM), ``growth`` (batch, length,
+Suites: ``main`` (each configuration on tiny GPT-2 and the bundled MiniLM), ``smollm2`` (limit, peer
+and DP hooks on the bundled SmolLM2-135M, 3 steps: about 10 s each here), ``growth`` (batch, length,
 prefix length on MiniLM), ``virtual`` (logical batch 1024 in physical chunks of 32 vs. 32),
-``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto).
+``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto), ``repeat`` (limit,
+peer and ours interleaved three times on MiniLM, to separate a small gap from run-to-run noise).
 """
 from __future__ import annotations
 
@@ -210,6 +212,11 @@ def suites(args, tiny: str) -> dict:
         + [spec(f"{kind} prefix {n}", kind=kind, prefix=n, **minilm) for n in (5, 20) for kind in ("nonprivate", "dp")],
         "virtual": [spec("DP logical 32", steps=8, **minilm),
                     spec("DP logical 1024 = 32 x 32 virtual", batch=1024, physical=32, steps=2, warmup=1, **minilm)],
+        "repeat": [spec(f"round {k}: {name}", kind=kind, **minilm) for k in (1, 2, 3)
+                   for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
+        "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=3, warmup=1)
+                    for name, kind in (("non-private (limit)", "nonprivate"), ("PEFT + Opacus (peer)", "peer"),
+                                       ("DP hooks", "dp"))],
         "reparam": [spec(f"reparam. prefix, logical 256, {kind}" + (f" {mode}" if kind == "dp" else ""), kind=kind,
                          mode=mode, reparam=512, batch=256,
                          physical=256, steps=3, warmup=1, **minilm)
@@ -243,8 +250,8 @@ def render(results: list) -> str:
     """Markdown tables of a results list (what BENCHMARKS.md shows)."""
     out = []
     ok = [r for r in results if "error" not in r]
-    for backbone in dict.fromkeys(r["backbone"] for r in ok if r["suite"] == "main"):
-        rows = {r["name"]: r for r in ok if r["suite"] == "main" and r["backbone"] == backbone}
+    for suite, backbone in dict.fromkeys((r["suite"], r["backbone"]) for r in ok if r["suite"] in ("main", "smollm2")):
+        rows = {r["name"]: r for r in ok if r["suite"] == suite and r["backbone"] == backbone}
         out += [f"### {backbone}: batch 32, length 64, 10 virtual tokens", "",
                 "| configuration | step (s) | / limit | / peer | peak MiB | step MiB | step MiB / limit's |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -259,6 +266,7 @@ def render(results: list) -> str:
         out.append("")
     for suite, title in (("growth", "Growth (bundled MiniLM; one parameter changed from batch 32, length 64, prefix 10)"),
                          ("virtual", "Virtual steps (bundled MiniLM, DP hooks)"),
+                         ("repeat", "Limit, peer and ours interleaved, three rounds (bundled MiniLM, batch 32, length 64)"),
                          ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)")):
         rows = [r for r in ok if r["suite"] == suite]
         if not rows:
@@ -277,7 +285,7 @@ def render(results: list) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suites", nargs="+", default=["main", "growth", "virtual", "reparam"])
+    parser.add_argument("--suites", nargs="+", default=["main", "smollm2", "growth", "virtual", "reparam"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
     parser.add_argument("--render", type=Path, help="print the markdown tables of a results file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -289,7 +297,9 @@ def main() -> None:
         one = json.loads(args.one)
         print("RESULT " + json.dumps(run_peer(one) if one["kind"] == "peer" else run_ours(one)), flush=True)
         return
-    results = []
+    # Results of suites not run now are kept, so suites can be measured separately.
+    previous = json.loads(args.out.read_text())["results"] if args.out.exists() else []
+    results = [r for r in previous if r["suite"] not in args.suites]
     with tempfile.TemporaryDirectory() as folder:
         tiny = tiny_gpt2(Path(folder, "tiny-gpt2"))
         every = suites(args, tiny)
