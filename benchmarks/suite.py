@@ -16,7 +16,7 @@ top of the loaded model). Configurations:
   (``awp_previous``, ``awp_fresh``, ``distill``) and an optional reparametrised prefix.
 
 Suites: ``main`` (each configuration on tiny GPT-2 and the bundled MiniLM), ``smollm2`` (limit, peer
-and DP hooks on the bundled SmolLM2-135M, 3 steps: about 10 s each here), ``growth`` (batch, length,
+and DP hooks on the bundled SmolLM2-135M, 6 steps: about 5 s each here), ``growth`` (batch, length,
 prefix length on MiniLM), ``virtual`` (logical batch 1024 in physical chunks of 32 vs. 32),
 ``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto), ``repeat`` (limit,
 peer and ours interleaved three times on MiniLM, to separate a small gap from run-to-run noise).
@@ -221,7 +221,7 @@ def suites(args, tiny: str) -> dict:
                     spec("DP logical 1024 = 32 x 32 virtual", batch=1024, physical=32, steps=2, warmup=1, **minilm)],
         "repeat": [spec(f"round {k}: {name}", kind=kind, **minilm) for k in (1, 2, 3)
                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
-        "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=3, warmup=1)
+        "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=6, warmup=1)
                     for name, kind in (("non-private (limit)", "nonprivate"), ("PEFT + Opacus (peer)", "peer"),
                                        ("DP hooks", "dp"))],
         "reparam": [spec(f"reparam. prefix, logical 256, {kind}" + (f" {mode}" if kind == "dp" else ""), kind=kind,
