@@ -69,10 +69,8 @@ def dequantised(name: str) -> Path:
 
     package, requirement, file = BUNDLED_GGUF_MODELS[name]
     folder = package_folder(package, requirement)
-    try:
-        import gguf  # noqa: F401
-    except ImportError as error:
-        raise ImportError(f"Loading {name!r} needs the gguf package: pip install 'pflat-lightning[gguf]'.") from error
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Loading {name!r} needs the gguf package: pip install 'pflat-lightning[gguf]'.")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     config = loaded.config
