@@ -21,34 +21,12 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import Dataset
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.privacy import PoissonDataLoader
+from suite import Tokens, collate  # the same synthetic batches as the step-time suite
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor")
-
-
-class Tokens(Dataset):
-    def __init__(self, size: int, length: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2000, 5000, (size, length), generator=g)
-        self.labels = torch.randint(0, 2, (size,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.ids[i], self.labels[i]
-
-
-def collate(items):
-    if not items:
-        return {"input_ids": torch.zeros(0, 1, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long),
-                "labels": torch.zeros(0, dtype=torch.long)}
-    ids, labels = zip(*items)
-    ids = torch.stack(ids)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.stack(labels)}
 
 
 class Measure(Callback):

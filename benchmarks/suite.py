@@ -80,7 +80,17 @@ class Tokens(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+        return self.ids[i], self.labels[i]
+
+
+def collate(items):
+    """Token batches with full attention; an empty (Poisson) batch keeps the keys."""
+    if not items:
+        return {"input_ids": torch.zeros(0, 1, dtype=torch.long), "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+                "labels": torch.zeros(0, dtype=torch.long)}
+    ids, labels = zip(*items)
+    ids = torch.stack(ids)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.stack(labels)}
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -127,7 +137,7 @@ def run_ours(spec: dict) -> dict:
                 grad_samples.append(held / 2**20)
 
         total = spec["warmup"] + spec["steps"]
-        loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"])
+        loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"], collate_fn=collate)
         trainer = pl.Trainer(max_steps=total, default_root_dir=folder, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                              callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
@@ -162,7 +172,7 @@ def run_peer(spec: dict) -> dict:
     model = get_peft_model(model, peft_config)
     model.train()
     total = spec["warmup"] + spec["steps"]
-    loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"])
+    loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"], collate_fn=collate)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model, optimizer, loader = PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                             noise_multiplier=1.0, max_grad_norm=1.0,

@@ -25,9 +25,9 @@ from pflat_lightning.privacy.report import build_report, write_report
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 
-#: Precisions under which per-example clipping sees true fp32/fp64 gradients. 16-bit mixed precision
-#: clips loss-scaled gradients, which breaks the sensitivity bound; bf16 gives Opacus bf16 gradients of
-#: fp32 parameters, which it cannot accumulate.
+#: Precisions under which per-example clipping sees true fp32/fp64 gradients. fp16 mixed precision
+#: clips loss-scaled gradients, which breaks the sensitivity bound; 16-bit true precision trains the
+#: prefix in 16 bits. Under bf16-mixed only the frozen backbone computes in bf16 (see PrefixModel).
 DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 #: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
 AUTO_GHOST_MIN_BYTES = 256 * 2**20

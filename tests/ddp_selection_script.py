@@ -62,7 +62,7 @@ def main(out: str, mode: str) -> None:
         strategy = "dp_ddp_spawn"
     else:
         strategy = "ddp_spawn_find_unused_parameters_true"  # pruned layers stop getting gradients
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, logger=False,
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, default_root_dir=out, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, datamodule=TokenDataModule(poisson=private))
