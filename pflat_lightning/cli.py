@@ -1,6 +1,16 @@
-"""``pflat``: the LightningCLI of pflat-lightning (``pflat fit|validate|test --config FILE``)."""
+"""``pflat``: the command line of pflat-lightning.
+
+``pflat fit|validate|test --config FILE`` is a LightningCLI; the commands in :data:`COMMANDS` work on a
+trained run (``--config`` + ``--ckpt_path``) or serve a model, each implemented next to what it runs.
+"""
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from pflat_lightning.classifier import PrefixTunedClassifier
@@ -31,13 +41,54 @@ class PflatCLI(LightningCLI):
         )
 
 
-def main(args=None) -> None:
-    PflatCLI(
+#: ``pflat NAME ...`` besides LightningCLI's subcommands: NAME -> "module:function(argv)".
+COMMANDS = {
+    "audit": "pflat_lightning.attacks.cli:main",
+    "landscape": "pflat_lightning.landscape.cli:main",
+    "reproduce": "pflat_lightning.reproduce:main",
+    "serve-scorer": "pflat_lightning.black_box.server:main",
+}
+
+
+def _cli(args: Optional[Sequence[str]], run: bool = True) -> PflatCLI:
+    return PflatCLI(
         PrefixTunedClassifier,
         TextClassificationDataModule,
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=None if args is None else list(args),
+        run=run,
     )
+
+
+def load_run(
+    config: Sequence[str], ckpt_path: Optional[str] = None, overrides: Sequence[str] = ()
+) -> Tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
+    """The model, datamodule and trainer that ``pflat fit --config ...`` built, with the weights and the
+    privacy state (accountant history, ledger) of ``ckpt_path`` when given.
+
+    Args:
+        config: the run's YAML config files, in order.
+        ckpt_path: a checkpoint written by that run.
+        overrides: further ``--key value`` arguments, as on the ``pflat fit`` command line.
+    """
+    args: List[str] = []
+    for path in config:
+        args += ["--config", str(path)]
+    cli = _cli([*args, *overrides], run=False)
+    model, datamodule = cli.model, cli.datamodule
+    if ckpt_path is not None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.on_load_checkpoint(checkpoint)
+        model.load_state_dict(checkpoint["state_dict"])
+    return model, datamodule, cli.trainer
+
+
+def main(args: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:
+        module, _, function = COMMANDS[argv[0]].partition(":")
+        raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
+    _cli(args)
 
 
 if __name__ == "__main__":
