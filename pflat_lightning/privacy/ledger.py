@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Literal
 
-Status = Literal["accounted", "public", "unaccounted"]
-STATUSES = ("accounted", "public", "unaccounted")
+Status = Literal["accounted", "public", "unaccounted", "evaluation"]
+STATUSES = ("accounted", "public", "unaccounted", "evaluation")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,9 @@ class LedgerEntry:
     Args:
         component: who touched the data (``"dp_sgd"``, ``"AdversarialWeightPerturbation"``, ...).
         status: ``"accounted"`` (in the accountant's epsilon), ``"public"`` (no private data),
-            ``"unaccounted"`` (private data outside the accountant: no formal guarantee).
+            ``"unaccounted"`` (private data outside the accountant: no formal guarantee),
+            ``"evaluation"`` (private data read only to measure the trained model, e.g. a membership
+            audit: the model's guarantee is unaffected, but the measured numbers are not private).
         detail: what was done and, for ``unaccounted``, why it breaks the guarantee.
     """
 
