@@ -131,6 +131,20 @@ def test_public_split_is_disjoint_from_training_and_served_by_its_loader(tmp_pat
     assert next(iter(data.public_dataloader()))["input_ids"].shape[0] == 16
 
 
+def test_subsets_are_seeded_and_taken_after_the_held_out_splits(tmp_path):
+    full = from_csv(tmp_path, numbered(300), batch_size=2)
+    full.setup()
+    small = from_csv(tmp_path, numbered(300), batch_size=2, max_train_examples=50, max_eval_examples=10)
+    small.setup()
+    again = from_csv(tmp_path, numbered(300), batch_size=2, max_train_examples=50, max_eval_examples=10)
+    again.setup()
+    for name, size in (("train_dataset", 50), ("val_dataset", 10), ("test_dataset", 10)):
+        part = rows_of(getattr(small, name))
+        assert len(part) == size and part == rows_of(getattr(again, name))
+        assert set(part) <= set(rows_of(getattr(full, name))), "a subset of the same split, never a re-split"
+    assert small.num_train_examples == 50
+
+
 def test_no_public_split_by_default(tmp_path):
     data = from_csv(tmp_path, numbered(20))
     data.setup()
@@ -418,6 +432,7 @@ def test_unreadable_files_are_refused(tmp_path):
         (dict(max_length=1), r"max_length must be an integer >= 2, got 1"),
         (dict(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
         (dict(num_workers=-1), r"num_workers must be an integer >= 0, got -1"),
+        (dict(max_train_examples=0), r"max_train_examples must be None \(all\) or an integer >= 1, got 0"),
         (dict(num_labels=1), r"num_labels must be None \(inferred\) or an integer >= 2, got 1"),
         (dict(label_column="text"), r"must be different columns"),
         (dict(template="no slots"), r"template must contain '\{text\}' and '\{mask\}' exactly once"),

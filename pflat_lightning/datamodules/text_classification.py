@@ -196,8 +196,11 @@ class TextClassificationDataModule(LightningDataModule):
         test_fraction: fraction of the training split held out for test when the source has none.
         public_fraction: fraction of the training split set aside (removed from training) as public
             data, served by ``public_dataloader()``; ``0`` for none.
+        max_train_examples: keep a seeded random subset of this many (private) training examples, after
+            the held-out splits are carved (``None``: all); for runs sized to a small machine.
+        max_eval_examples: likewise for each of the validation and test splits.
         poisson_sampling: draw Poisson training batches (set by the DP training module).
-        seed: seed of the splits and of the Poisson draws.
+        seed: seed of the splits, the subsets and the Poisson draws.
         num_workers: dataloader worker processes.
         cache_dir: ``datasets`` cache folder (``None``: its default).
 
@@ -232,6 +235,8 @@ class TextClassificationDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         public_fraction: float = 0.0,
+        max_train_examples: Optional[int] = None,
+        max_eval_examples: Optional[int] = None,
         poisson_sampling: bool = False,
         seed: int = 42,
         num_workers: int = 0,
@@ -254,6 +259,9 @@ class TextClassificationDataModule(LightningDataModule):
         ):
             if value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
+        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be None (all) or an integer >= 1, got {value}.")
         if num_labels is not None and num_labels < 2:
             raise ValueError(f"num_labels must be None (inferred) or an integer >= 2, got {num_labels}.")
         fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
@@ -275,6 +283,7 @@ class TextClassificationDataModule(LightningDataModule):
         self.tokenizer_name, self.max_length, self.template = tokenizer, max_length, template
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
+        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.poisson_sampling = poisson_sampling
         self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
 
@@ -505,6 +514,12 @@ class TextClassificationDataModule(LightningDataModule):
             parts = train.train_test_split(test_size=count, seed=self.seed + offset)
             train, splits[role] = parts["train"], parts["test"]
         splits["train"] = train
+        for offset, (roles, limit) in enumerate(((("train",), self.max_train_examples),
+                                                 (("validation", "test"), self.max_eval_examples)), start=len(plan)):
+            for role in roles:
+                if limit is not None and role in splits and len(splits[role]) > limit:
+                    splits[role] = splits[role].shuffle(seed=self.seed + offset).select(range(limit))
+        train = splits["train"]
         if self.batch_size > len(train):
             raise ValueError(
                 f"batch_size={self.batch_size} is larger than the training split ({len(train)} examples after "
