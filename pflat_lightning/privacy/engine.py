@@ -2,8 +2,9 @@
 
 The engine owns what makes one training step private: per-example gradients (Opacus hooks attached to
 the module without wrapping it, so checkpoints keep their plain parameter names), clipping and noise
-(an Opacus ``DPOptimizer``), virtual steps that split a logical Poisson batch into physical chunks, the
-noise calibration for the planned steps, and the accountant's history. Under data parallelism each rank
+(an Opacus ``DPOptimizer``), virtual steps that split a logical Poisson batch into physical chunks, and,
+through :class:`PrivacyAccounting` (which the black-box mechanism shares), the noise calibration for the
+planned steps and the accountant's history. Under data parallelism each rank
 clips its own examples, the clipped sums are all-reduced once per release and the noise is drawn once,
 so every rank applies the same update and the accountant is the single-process one.
 """
@@ -34,6 +35,163 @@ def epsilon_of(history: History, delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
+
+
+class PrivacyAccounting:
+    """The privacy spend of a run of Poisson-subsampled Gaussian releases: the one place for it.
+
+    Calibrates the noise multiplier so that the planned releases end at ``target_epsilon``, keeps the
+    accountant's history (``(noise, sample_rate, releases)`` runs) and the epsilon spent, the seeded noise
+    generator, and the checkpoint state that lets a resumed run spend exactly as if it had never stopped.
+    Every private mechanism of the library builds on it: :class:`DPSGDEngine` (per-example gradients
+    through Opacus) and the black-box zeroth-order mechanism
+    (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`).
+
+    Args:
+        config: the privacy parameters.
+    """
+
+    def __init__(self, config: PrivacyConfig) -> None:
+        self.config = config
+        self.noise_multiplier: Optional[float] = None
+        self.sample_rate: Optional[float] = None
+        self.expected_batch_size: Optional[int] = None
+        self.dataset_size: Optional[int] = None
+        self.delta: Optional[float] = None
+        self.planned_steps: Optional[int] = None
+        self.updates = 0
+        self.history: History = []
+        #: Releases composed before this run (a DP teacher on the same data), counted in every epsilon.
+        self.prior_history: History = []
+        #: ``planned_updates -> extra releases`` that callbacks add (e.g. a private ascent gradient).
+        self.extra_releases: List[Callable[[int], int]] = []
+        self._generator: Optional[torch.Generator] = None
+        self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
+
+    def plan(self, *, dataset_size: int, expected_batch_size: int, planned_steps: int) -> None:
+        """Fix the sampling rate, delta and noise for ``planned_steps`` updates on ``dataset_size`` examples.
+
+        After :meth:`load_state_dict` (resuming) the restored noise, history and generator are kept, and a
+        changed dataset size or sampling rate is refused.
+        """
+        cfg = self.config
+        if expected_batch_size > dataset_size:
+            raise ValueError(
+                f"The logical batch size {expected_batch_size} is larger than the training set ({dataset_size} examples)."
+            )
+        setting = {"dataset_size": dataset_size, "sample_rate": expected_batch_size / dataset_size}
+        if self.noise_multiplier is not None:  # restored by load_state_dict: continue the same spend
+            for key, now in setting.items():
+                if not math.isclose(getattr(self, key), now):
+                    raise ValueError(
+                        f"Cannot resume: the checkpoint was trained with {key}={getattr(self, key)!r}, this run has "
+                        f"{now!r}. Changing it mid-run would make the privacy accounting wrong."
+                    )
+        else:
+            self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
+            self.delta = cfg.delta_for(dataset_size)
+            self.planned_steps = planned_steps
+            self.history = list(self.prior_history)
+            self.noise_multiplier = self._calibrate(planned_steps)
+        self.expected_batch_size = expected_batch_size
+        if self._generator is None and not cfg.secure_mode:
+            self._generator = torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def planned_compositions(self) -> int:
+        """Gaussian releases this run plans: one per update plus those the callbacks add."""
+        return self.planned_steps + sum(extra(self.planned_steps) for extra in self.extra_releases)
+
+    def _spend(self, noise: float) -> float:
+        history = list(self.prior_history) + [(noise, self.sample_rate, self.planned_compositions)]
+        return epsilon_of(history, self.delta, self.config.accountant)
+
+    def _calibrate(self, steps: int) -> float:
+        """The smallest noise (to 1e-3 relative) whose planned releases, after any prior ones, stay within target."""
+        cfg = self.config
+        if cfg.noise_multiplier is not None:
+            if cfg.target_epsilon is not None and self._spend(cfg.noise_multiplier) > cfg.target_epsilon:
+                raise ValueError(
+                    f"noise_multiplier={cfg.noise_multiplier} and target_epsilon={cfg.target_epsilon} contradict: "
+                    f"{self.planned_compositions} releases at sample rate {self.sample_rate:.4g} spend "
+                    f"epsilon={self._spend(cfg.noise_multiplier):.3f}. Raise the noise, train fewer steps, or drop one of the two."
+                )
+            return cfg.noise_multiplier
+        if self.prior_history and epsilon_of(self.prior_history, self.delta, cfg.accountant) >= cfg.target_epsilon:
+            raise ValueError(
+                f"Earlier releases (a DP teacher) already spend epsilon >= target_epsilon={cfg.target_epsilon}: "
+                "no budget is left for this run."
+            )
+        low, high = 0.0, 1.0
+        while self._spend(high) > cfg.target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e4:
+                raise ValueError(f"target_epsilon={cfg.target_epsilon} is unreachable: the budget is too small.")
+        while high - low > 1e-3 * high:
+            mid = (low + high) / 2
+            if self._spend(mid) > cfg.target_epsilon:
+                low = mid
+            else:
+                high = mid
+        return high
+
+    def _count_release(self) -> None:
+        entry = (self.noise_multiplier, self.sample_rate)
+        if self.history and tuple(self.history[-1][:2]) == entry:
+            noise, rate, steps = self.history[-1]
+            self.history[-1] = (noise, rate, steps + 1)
+        else:
+            self.history.append((*entry, 1))
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def compositions(self) -> int:
+        """Gaussian releases of this run (updates and extra releases), excluding prior ones."""
+        return sum(h[2] for h in self.history) - sum(h[2] for h in self.prior_history)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.planned_steps is not None and self.updates >= self.planned_steps
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the run's delta (cached per history)."""
+        key = tuple(tuple(h) for h in self.history)
+        if self._epsilon_cache[0] != key:
+            self._epsilon_cache = (key, epsilon_of(self.history, self.delta, self.config.accountant))
+        return self._epsilon_cache[1]
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "history": [list(h) for h in self.history],
+            "prior_history": [list(h) for h in self.prior_history],
+            "updates": self.updates,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "planned_steps": self.planned_steps,
+            "delta": self.delta,
+            "dataset_size": self.dataset_size,
+            "accountant": self.config.accountant,
+            "generator": None if self._generator is None else self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["accountant"] != self.config.accountant:
+            raise ValueError(
+                f"Cannot resume: the checkpoint was accounted with accountant={state['accountant']!r}, this run uses "
+                f"{self.config.accountant!r}."
+            )
+        self.history = [tuple(h) for h in state["history"]]
+        self.prior_history = [tuple(h) for h in state["prior_history"]]
+        self.updates = state["updates"]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.sample_rate = state["sample_rate"]
+        self.planned_steps = state["planned_steps"]
+        self.delta = state["delta"]
+        self.dataset_size = state["dataset_size"]
+        if state["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
 
 
 class _AcrossRanks:
@@ -88,7 +246,7 @@ def _optimizer_class(base: type, distributed: bool) -> type:
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
-class DPSGDEngine:
+class DPSGDEngine(PrivacyAccounting):
     """Makes a module's training private and keeps the privacy spend.
 
     Use :meth:`attach` once the dataset size and the planned number of steps are known, then per
@@ -101,27 +259,13 @@ class DPSGDEngine:
     """
 
     def __init__(self, config: PrivacyConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.hooks: Any = None
         self.optimizer: Optional[DPOptimizer] = None
-        self.noise_multiplier: Optional[float] = None
-        self.sample_rate: Optional[float] = None
-        self.expected_batch_size: Optional[int] = None
-        self.dataset_size: Optional[int] = None
-        self.delta: Optional[float] = None
-        self.planned_steps: Optional[int] = None
-        self.updates = 0
-        self.history: History = []
-        #: Releases composed before this run (a DP teacher on the same data), counted in every epsilon.
-        self.prior_history: History = []
-        #: ``planned_updates -> extra releases`` that callbacks add (e.g. a private ascent gradient).
-        self.extra_releases: List[Callable[[int], int]] = []
         #: When true, the noised gradient of each update is kept in ``released_gradient`` (post-processing).
         self.keep_released_gradient = False
         self.released_gradient: Optional[List[torch.Tensor]] = None
         self._releasing = False
-        self._generator: Optional[torch.Generator] = None
-        self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
         #: The grad-sample mode in use (``config.grad_sample_mode``, or what ``"auto"`` resolved to).
         self.grad_sample_mode: Optional[str] = None
 
@@ -147,25 +291,7 @@ class DPSGDEngine:
         ``grad_sample_mode`` is the mode to use when the config says ``"auto"`` (the module decides).
         """
         cfg = self.config
-        if expected_batch_size > dataset_size:
-            raise ValueError(
-                f"The logical batch size {expected_batch_size} is larger than the training set ({dataset_size} examples)."
-            )
-        setting = {"dataset_size": dataset_size, "sample_rate": expected_batch_size / dataset_size}
-        if self.noise_multiplier is not None:  # restored by load_state_dict: continue the same spend
-            for key, now in setting.items():
-                if not math.isclose(getattr(self, key), now):
-                    raise ValueError(
-                        f"Cannot resume: the checkpoint was trained with {key}={getattr(self, key)!r}, this run has "
-                        f"{now!r}. Changing it mid-run would make the privacy accounting wrong."
-                    )
-        else:
-            self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
-            self.delta = cfg.delta_for(dataset_size)
-            self.planned_steps = planned_steps
-            self.history = list(self.prior_history)
-            self.noise_multiplier = self._calibrate(planned_steps)
-        self.expected_batch_size = expected_batch_size
+        self.plan(dataset_size=dataset_size, expected_batch_size=expected_batch_size, planned_steps=planned_steps)
         self.grad_sample_mode = cfg.grad_sample_mode if cfg.grad_sample_mode != "auto" else grad_sample_mode
         if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
             raise ValueError(f"grad_sample_mode='auto' needs the mode chosen by the module, got {grad_sample_mode!r}.")
@@ -176,8 +302,6 @@ class DPSGDEngine:
         optimizer_class = _optimizer_class(
             get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.grad_sample_mode), distributed
         )
-        if self._generator is None and not cfg.secure_mode:
-            self._generator = torch.Generator().manual_seed(cfg.seed)
         extra = {"max_grad_norm": cfg.max_grad_norm}
         if self.grad_sample_mode == "ghost":
             self.hooks.max_grad_norm = cfg.max_grad_norm
@@ -192,44 +316,6 @@ class DPSGDEngine:
         )
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
-
-    @property
-    def planned_compositions(self) -> int:
-        """Gaussian releases this run plans: one per update plus those the callbacks add."""
-        return self.planned_steps + sum(extra(self.planned_steps) for extra in self.extra_releases)
-
-    def _spend(self, noise: float) -> float:
-        history = list(self.prior_history) + [(noise, self.sample_rate, self.planned_compositions)]
-        return epsilon_of(history, self.delta, self.config.accountant)
-
-    def _calibrate(self, steps: int) -> float:
-        """The smallest noise (to 1e-3 relative) whose planned releases, after any prior ones, stay within target."""
-        cfg = self.config
-        if cfg.noise_multiplier is not None:
-            if cfg.target_epsilon is not None and self._spend(cfg.noise_multiplier) > cfg.target_epsilon:
-                raise ValueError(
-                    f"noise_multiplier={cfg.noise_multiplier} and target_epsilon={cfg.target_epsilon} contradict: "
-                    f"{self.planned_compositions} releases at sample rate {self.sample_rate:.4g} spend "
-                    f"epsilon={self._spend(cfg.noise_multiplier):.3f}. Raise the noise, train fewer steps, or drop one of the two."
-                )
-            return cfg.noise_multiplier
-        if self.prior_history and epsilon_of(self.prior_history, self.delta, cfg.accountant) >= cfg.target_epsilon:
-            raise ValueError(
-                f"Earlier releases (a DP teacher) already spend epsilon >= target_epsilon={cfg.target_epsilon}: "
-                "no budget is left for this run."
-            )
-        low, high = 0.0, 1.0
-        while self._spend(high) > cfg.target_epsilon:
-            low, high = high, 2 * high
-            if high > 1e4:
-                raise ValueError(f"target_epsilon={cfg.target_epsilon} is unreachable: the budget is too small.")
-        while high - low > 1e-3 * high:
-            mid = (low + high) / 2
-            if self._spend(mid) > cfg.target_epsilon:
-                low = mid
-            else:
-                high = mid
-        return high
 
     def detach(self) -> None:
         """Remove the per-example gradient hooks."""
@@ -322,61 +408,3 @@ class DPSGDEngine:
         self.updates += 1
         if self.keep_released_gradient:
             self.released_gradient = [p.grad.detach().clone() for p in optimizer.params]
-
-    def _count_release(self) -> None:
-        entry = (self.noise_multiplier, self.sample_rate)
-        if self.history and tuple(self.history[-1][:2]) == entry:
-            noise, rate, steps = self.history[-1]
-            self.history[-1] = (noise, rate, steps + 1)
-        else:
-            self.history.append((*entry, 1))
-
-    # ------------------------------------------------------------------ accounting
-    @property
-    def compositions(self) -> int:
-        """Gaussian releases of this run (updates and extra releases), excluding prior ones."""
-        return sum(h[2] for h in self.history) - sum(h[2] for h in self.prior_history)
-
-    @property
-    def budget_exhausted(self) -> bool:
-        return self.planned_steps is not None and self.updates >= self.planned_steps
-
-    def epsilon(self) -> float:
-        """Epsilon spent so far at the run's delta (cached per history)."""
-        key = tuple(tuple(h) for h in self.history)
-        if self._epsilon_cache[0] != key:
-            self._epsilon_cache = (key, epsilon_of(self.history, self.delta, self.config.accountant))
-        return self._epsilon_cache[1]
-
-    # ------------------------------------------------------------------ checkpoint
-    def state_dict(self) -> Dict[str, Any]:
-        return {
-            "history": [list(h) for h in self.history],
-            "prior_history": [list(h) for h in self.prior_history],
-            "updates": self.updates,
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "planned_steps": self.planned_steps,
-            "delta": self.delta,
-            "dataset_size": self.dataset_size,
-            "accountant": self.config.accountant,
-            "generator": None if self._generator is None else self._generator.get_state(),
-        }
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["accountant"] != self.config.accountant:
-            raise ValueError(
-                f"Cannot resume: the checkpoint was accounted with accountant={state['accountant']!r}, this run uses "
-                f"{self.config.accountant!r}."
-            )
-        self.history = [tuple(h) for h in state["history"]]
-        self.prior_history = [tuple(h) for h in state["prior_history"]]
-        self.updates = state["updates"]
-        self.noise_multiplier = state["noise_multiplier"]
-        self.sample_rate = state["sample_rate"]
-        self.planned_steps = state["planned_steps"]
-        self.delta = state["delta"]
-        self.dataset_size = state["dataset_size"]
-        if state["generator"] is not None:
-            self._generator = torch.Generator()
-            self._generator.set_state(state["generator"])

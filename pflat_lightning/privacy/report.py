@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from pflat_lightning.privacy.config import PrivacyConfig
-from pflat_lightning.privacy.engine import DPSGDEngine
+from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
 
 REPORT_JSON = "privacy_report.json"
@@ -17,7 +17,7 @@ REPORT_MD = "privacy_report.md"
 def build_report(
     *,
     config: PrivacyConfig,
-    engine: Optional[DPSGDEngine],
+    engine: Optional[PrivacyAccounting],
     ledger: PrivacyLedger,
     dataset_size: Optional[int],
     epochs: int,
