@@ -69,21 +69,24 @@ class PaddingCollator:
     Args:
         tokenizer: the tokenizer that produced the examples.
         keys: the model inputs to pad, e.g. ``["input_ids", "attention_mask"]``.
+        text_keys: raw text columns passed through as lists of strings (e.g. ``["text"]``).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, keys: Sequence[str]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, keys: Sequence[str], text_keys: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.keys = list(keys)
+        self.text_keys = list(text_keys)
 
-    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    def __call__(self, examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        texts = {key: [example[key] for example in examples] for key in self.text_keys}
         if not examples:
             batch = {key: torch.zeros(0, 1, dtype=torch.long) for key in self.keys}
             batch["labels"] = torch.zeros(0, dtype=torch.long)
-            return batch
+            return {**batch, **texts}
         features = [{key: _as_list(example[key]) for key in self.keys} for example in examples]
         batch = {key: value.long() for key, value in self.tokenizer.pad(features, return_tensors="pt").items()}
         batch["labels"] = torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long)
-        return batch
+        return {**batch, **texts}
 
 
 def _as_list(value: Any) -> List[int]:
@@ -199,6 +202,8 @@ class TextClassificationDataModule(LightningDataModule):
         max_train_examples: keep a seeded random subset of this many (private) training examples, after
             the held-out splits are carved (``None``: all); for runs sized to a small machine.
         max_eval_examples: likewise for each of the validation and test splits.
+        keep_text: also carry the raw texts in every batch (``text``, and ``text_pair`` for pairs, as lists
+            of strings), for models that receive text rather than token ids (a black-box scoring API).
         poisson_sampling: draw Poisson training batches (set by the DP training module).
         seed: seed of the splits, the subsets and the Poisson draws.
         num_workers: dataloader worker processes.
@@ -237,6 +242,7 @@ class TextClassificationDataModule(LightningDataModule):
         public_fraction: float = 0.0,
         max_train_examples: Optional[int] = None,
         max_eval_examples: Optional[int] = None,
+        keep_text: bool = False,
         poisson_sampling: bool = False,
         seed: int = 42,
         num_workers: int = 0,
@@ -284,6 +290,7 @@ class TextClassificationDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.keep_text = keep_text
         self.poisson_sampling = poisson_sampling
         self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
 
@@ -316,7 +323,14 @@ class TextClassificationDataModule(LightningDataModule):
         self.test_dataset = splits.get("test")
         self.public_dataset = splits.get("public")
         keys = [key for key in MODEL_INPUTS if key in self.train_dataset.column_names]
-        self.collate_fn = PaddingCollator(self.tokenizer, keys)
+        self.collate_fn = PaddingCollator(self.tokenizer, keys, self._text_columns)
+
+    @property
+    def _text_columns(self) -> Tuple[str, ...]:
+        """The raw text columns that batches carry (``keep_text``)."""
+        if not self.keep_text:
+            return ()
+        return ("text",) if self.text_pair_column is None else ("text", "text_pair")
 
     @property
     def num_train_examples(self) -> int:
@@ -373,7 +387,8 @@ class TextClassificationDataModule(LightningDataModule):
         )
         # Tokenising before carving maps each source split once (datasets hashes the tokenizer per map).
         splits = {
-            role: data.map(encoder, batched=True, remove_columns=[c for c in data.column_names if c != "labels"],
+            role: data.map(encoder, batched=True,
+                           remove_columns=[c for c in data.column_names if c not in ("labels", *self._text_columns)],
                            desc=f"Tokenising the {role} split")
             for role, data in splits.items()
         }
@@ -533,12 +548,7 @@ class TextClassificationDataModule(LightningDataModule):
 
         A causal prompt must end where the label word goes, so tokens appended at the end are dropped there.
         """
-        word = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a")["input_ids"]
-        start = next((i for i in range(len(full) - len(word) + 1) if full[i : i + len(word)] == word), None)
-        if start is None:
-            raise ValueError(f"Cannot locate the special tokens that tokenizer={self.tokenizer_name!r} adds.")
-        prefix, suffix = full[:start], full[start + len(word) :]
+        prefix, suffix = special_tokens(self.tokenizer, self.tokenizer_name)
         causal_prompt = self.template is not None and self.tokenizer.mask_token is None
         return prefix, [] if causal_prompt else suffix
 
@@ -629,6 +639,16 @@ def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tupl
             "{text_pair} exactly when there is a text_pair_column."
         )
     return pieces
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase, name: str) -> Tuple[List[int], List[int]]:
+    """The special tokens ``tokenizer`` (called ``name`` in errors) puts before and after one sequence."""
+    word = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next((i for i in range(len(full) - len(word) + 1) if full[i : i + len(word)] == word), None)
+    if start is None:
+        raise ValueError(f"Cannot locate the special tokens that tokenizer={name!r} adds.")
+    return full[:start], full[start + len(word) :]
 
 
 def _load_tokenizer(name: str, max_length: int) -> PreTrainedTokenizerBase:
