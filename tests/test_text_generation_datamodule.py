@@ -187,7 +187,8 @@ def test_eval_batches_carry_the_left_padded_prompt_and_grouped_references(tmp_pa
     train = [(f"source {i}", f"target {i}") for i in range(10)]
     validation = [("a short one", "ref A"), ("a much longer source text here", "ref B"), ("a short one", "ref C"),
                   ("a short one", "ref A"), ("  a short one ", "ref D  ")]
-    files = {"train": write_csv(tmp_path / "train.csv", train), "validation": write_csv(tmp_path / "dev.csv", validation)}
+    files = {"train": write_csv(tmp_path / "train.csv", train),
+             "validation": write_csv(tmp_path / "dev.csv", validation)}
     data = TextGenerationDataModule("csv", data_files=files, tokenizer=smollm2_dir, batch_size=2, eval_batch_size=8,
                                     test_fraction=0.2, cache_dir=str(tmp_path / "cache"))
     data.setup()
@@ -202,7 +203,7 @@ def test_eval_batches_carry_the_left_padded_prompt_and_grouped_references(tmp_pa
         assert batch["source_input_ids"][row].tolist() == [2] * (width - len(prompt)) + prompt
         assert batch["source_attention_mask"][row].tolist() == [0] * (width - len(prompt)) + [1] * len(prompt)
         labels = batch["labels"][row].tolist()
-        assert batch["input_ids"][row, : prompt_length(labels)].tolist() == prompt, "the prompt the loss was computed on"
+        assert batch["input_ids"][row, : prompt_length(labels)].tolist() == prompt, "the prompt of the loss"
         scored = [label for label in labels if label != -100]
         assert text(smollm2, scored[:-1]) == " " + batch["references"][row][0], "the loss scores the first reference"
     assert batch["source_attention_mask"][0, 0] == 0, "the shorter prompt is padded on the left"
@@ -327,7 +328,8 @@ def test_linearisation_by_hand():
     assert linearise_meaning_representation(mr) == \
         "name : The Eagle | eatType : coffee shop | customer rating : 5 out of 5 | near : Burger King"
     triples = [["Mars Hill College", "JOINED", "1973"], ["Mars Hill College", "LOCATION", "Mars Hill, NC"]]
-    assert linearise_triples(triples) == "Mars Hill College : JOINED : 1973 | Mars Hill College : LOCATION : Mars Hill, NC"
+    assert linearise_triples(triples) == \
+        "Mars Hill College : JOINED : 1973 | Mars Hill College : LOCATION : Mars Hill, NC"
     with pytest.raises(ValueError, match=r"not a comma-separated list of attribute\[value\] slots"):
         linearise_meaning_representation("name: The Eagle")
     with pytest.raises(ValueError, match=r"non-empty list of \(subject, predicate, object\)"):
@@ -367,8 +369,9 @@ def hub(monkeypatch):
                                         test=datasets.Dataset.from_dict(E2E_VALIDATION))
         if path == "GEM/e2e_nlg":
             return datasets.DatasetDict(
-                train=datasets.Dataset.from_dict({"gem_id": ["t0", "t1"], "meaning_representation": ["name[A]", "name[B]"],
-                                                  "target": ["A.", "B."], "references": [[], []]}),
+                train=datasets.Dataset.from_dict({"gem_id": ["t0", "t1"], "target": ["A.", "B."],
+                                                  "meaning_representation": ["name[A]", "name[B]"],
+                                                  "references": [[], []]}),
                 validation=datasets.Dataset.from_dict({"gem_id": ["v0"], "meaning_representation": ["name[C]"],
                                                        "target": ["C one."], "references": [["C one.", "C two."]]}))
         if path == "dart":
@@ -384,7 +387,8 @@ def test_e2e_meaning_representations_are_linearised_and_references_grouped(hub, 
     data.setup()
     assert hub[-1] == ("e2e_nlg", None)
     assert len(data.train_dataset) == 2, "repeated (MR, reference) rows are one training pair each"
-    assert text(smollm2, data.train_dataset[0]["input_ids"]) == "name : The Eagle | eatType : pub => The Eagle is a pub.<|im_end|>"
+    assert text(smollm2, data.train_dataset[0]["input_ids"]) == \
+        "name : The Eagle | eatType : pub => The Eagle is a pub.<|im_end|>"
     assert len(data.val_dataset) == 2, "the hub's validation split, one row per MR"
     assert text(smollm2, data.val_dataset[0]["source_input_ids"]) == "name : Alimentum | area : riverside =>"
     assert data.val_dataset["references"] == [["Alimentum is by the river.", "Alimentum is riverside."],
@@ -408,6 +412,13 @@ def test_dart_triples_are_linearised_and_every_annotation_is_a_pair(hub, smollm2
     assert len(data.val_dataset) == 2
 
 
+def test_a_hub_dataset_without_its_layout_columns_is_refused(monkeypatch, smollm2_dir):
+    train = datasets.Dataset.from_dict({"tripleset": [[["a", "b", "c"]]], "text": ["abc"]})
+    monkeypatch.setattr(module.datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(train=train))
+    with pytest.raises(ValueError, match=r"source='dart' needs the column 'annotations', which the train split lacks"):
+        TextGenerationDataModule("dart", tokenizer=smollm2_dir, batch_size=1).setup()
+
+
 def test_a_bad_meaning_representation_names_its_row(monkeypatch, smollm2_dir):
     train = datasets.Dataset.from_dict({"meaning_representation": ["name[A]", "broken"], "human_reference": ["a", "b"]})
     monkeypatch.setattr(module.datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(train=train))
@@ -420,20 +431,21 @@ def test_a_bad_meaning_representation_names_its_row(monkeypatch, smollm2_dir):
 
 
 @pytest.mark.parametrize(
-    "rows, header, kwargs, message",
+    "rows, kwargs, message",
     [
-        (numbered(5), ("source", "target"), dict(target_column="reply"),
-         r"target_column='reply' is not a column in the train split; its columns are \['source', 'target'\]"),
-        ([("a", "1"), ("b", "2")] * 3, ("source", "target"), {},
-         r"target_column='target' must hold strings, but row 0 of the train split holds 1 \(int\)"),
-        (numbered(5), ("source", "target"), dict(batch_size=9),
+        (numbered(5), dict(target_column="reply"),
+         r"source_column='source', target_column='reply' needs the column 'reply', which the train split lacks; its "
+         r"columns are \['source', 'target'\]"),
+        ([("a", "1"), ("b", "2")] * 3, {},
+         r"target_column='target' needs texts, but row 0 of the train split holds 1 \(int\) where a string belongs"),
+        (numbered(5), dict(batch_size=9),
          r"batch_size=9 is larger than the training split \(6 \(source, target\) pairs"),
-        (numbered(2), ("source", "target"), {}, r"too small to hold out the validation split \(val_fraction=0.1\)"),
-        ([("  ", "x"), ("y", " ")], ("source", "target"), {}, r"training split of source='csv' has no \(source, target\)"),
+        (numbered(2), {}, r"too small to hold out the validation split \(val_fraction=0.1\)"),
+        ([("  ", "x"), ("y", " ")], {}, r"training split of source='csv' has no \(source, target\) pair"),
     ],
 )
-def test_bad_data_is_refused(rows, header, kwargs, message, tmp_path, smollm2_dir):
-    data = from_csv(tmp_path, rows, smollm2_dir, header=header, **{"batch_size": 1, **kwargs})
+def test_bad_data_is_refused(rows, kwargs, message, tmp_path, smollm2_dir):
+    data = from_csv(tmp_path, rows, smollm2_dir, **{"batch_size": 1, **kwargs})
     with pytest.raises(ValueError, match=message):
         data.setup()
 

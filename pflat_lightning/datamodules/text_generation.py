@@ -1,4 +1,4 @@
-"""``TextGenerationDataModule``: (source, target) text pairs for conditional generation, Poisson-sampled for DP training."""
+"""``TextGenerationDataModule``: (source, target) text pairs for conditional generation, Poisson-sampled for DP."""
 import random
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -65,7 +65,9 @@ def linearise_triples(triples: Sequence[Sequence[str]]) -> str:
         ValueError: if there is no triple or a triple does not hold three strings.
     """
     if not triples or any(len(triple) != 3 or not all(isinstance(part, str) for part in triple) for triple in triples):
-        raise ValueError(f"a tripleset must be a non-empty list of (subject, predicate, object) strings, got {triples!r}.")
+        raise ValueError(
+            f"a tripleset must be a non-empty list of (subject, predicate, object) strings, got {triples!r}."
+        )
     return " | ".join(" : ".join(part.strip() for part in triple) for triple in triples)
 
 
@@ -166,7 +168,8 @@ class TextGenerationDataModule(LightningDataModule):
     text: training keeps one row per distinct (source, target) pair, while the validation and test splits hold
     each distinct source once with ALL its references (what multi-reference BLEU needs). Sources without splits
     are carved, with seeds, into train/validation/test (and optionally public) splits by source, so no source is
-    shared by two splits; a source's own splits are used as given.
+    shared by two splits; a source's own splits are used as given. A training record, the unit that DP protects,
+    is one (source, target) pair: a source with several targets forms several records.
 
     Training batches are dicts with ``input_ids``, ``attention_mask`` (right-padded) and ``labels`` (same shape,
     ``-100`` on the prompt and padding). Validation and test batches add ``source_input_ids`` and
@@ -345,11 +348,11 @@ class TextGenerationDataModule(LightningDataModule):
                 f"batch_size={self.batch_size} is larger than the training split ({len(pairs)} (source, target) pairs "
                 f"after holding out validation, test and public sources); use batch_size <= {len(pairs)}."
             )
-        held_out = {
-            role: self._encode_groups({source: groups[role][source]
-                                       for source in self._sample(list(groups[role]), self.max_eval_examples, offset=4)})
-            for role in ("validation", "test") if role in groups
-        }
+        held_out = {}
+        for role in ("validation", "test"):
+            if role in groups:
+                sources = self._sample(list(groups[role]), self.max_eval_examples, offset=4)
+                held_out[role] = self._encode_groups({source: groups[role][source] for source in sources})
         self.train_dataset = self._encode_pairs(pairs)
         self.val_dataset, self.test_dataset = held_out.get("validation"), held_out.get("test")
         self.public_dataset = self._encode_pairs(_pairs(groups["public"])) if "public" in groups else None
@@ -423,26 +426,24 @@ class TextGenerationDataModule(LightningDataModule):
             raise ValueError(f"The training split of source={self.source!r} has no (source, target) pair.")
         return grouped
 
-    def _layout(self) -> Tuple[Dict[str, str], Callable[..., Tuple[Any, List[Any]]], Tuple[str, str]]:
-        """The columns a row needs ({column: how errors name a missing one}), the row function, and how errors
-        name where the source and target texts come from."""
-        if self.source in BUILTIN_CORPORA or self.source in HUB_LAYOUTS:
-            if self.source in BUILTIN_CORPORA:
-                columns, function = BUILTIN_CORPORA[self.source], _column_pair
-                origins = tuple(f"column {column!r} of source={self.source!r}" for column in columns)
-            else:
-                columns, function = HUB_LAYOUTS[self.source]
-                origins = (f"the {list(columns)} of source={self.source!r}",) * 2
-            return {column: f"source={self.source!r} needs the column {column!r}" for column in columns}, function, origins
-        origins = (f"source_column={self.source_column!r}", f"target_column={self.target_column!r}")
-        columns = {self.source_column: f"{origins[0]} is not a column", self.target_column: f"{origins[1]} is not a column"}
-        return columns, _column_pair, origins
+    def _layout(self) -> Tuple[Tuple[str, ...], Callable[..., Tuple[Any, List[Any]]], str]:
+        """The columns a row needs, the function making a row's (source, targets), and who asks for those columns
+        (for error messages)."""
+        if self.source in BUILTIN_CORPORA:
+            return BUILTIN_CORPORA[self.source], _column_pair, f"source={self.source!r}"
+        if self.source in HUB_LAYOUTS:
+            return (*HUB_LAYOUTS[self.source], f"source={self.source!r}")
+        return (self.source_column, self.target_column), _column_pair, \
+            f"source_column={self.source_column!r}, target_column={self.target_column!r}"
 
     def _group_split(self, role: str, data: datasets.Dataset) -> Groups:
-        columns, row_function, origins = self._layout()
-        for column, missing in columns.items():
+        columns, row_function, asker = self._layout()
+        for column in columns:
             if column not in data.column_names:
-                raise ValueError(f"{missing} in the {role} split; its columns are {data.column_names}.")
+                raise ValueError(
+                    f"{asker} needs the column {column!r}, which the {role} split lacks; its columns are "
+                    f"{data.column_names}."
+                )
         groups: Groups = {}
         dropped = 0
         for row, values in enumerate(zip(*(_values(data, column) for column in columns))):
@@ -450,11 +451,11 @@ class TextGenerationDataModule(LightningDataModule):
                 source, targets = row_function(*values)
             except ValueError as error:
                 raise ValueError(f"Row {row} of the {role} split of source={self.source!r}: {error}") from error
-            for origin, value in [(origins[0], source)] + [(origins[1], target) for target in targets]:
+            for value in (source, *targets):
                 if not isinstance(value, str):
                     raise ValueError(
-                        f"{origin} must hold strings, but row {row} of the {role} split holds {value!r} "
-                        f"({type(value).__name__})."
+                        f"{asker} needs texts, but row {row} of the {role} split holds {value!r} "
+                        f"({type(value).__name__}) where a string belongs."
                     )
             source, targets = source.strip(), [target.strip() for target in targets]
             targets = [target for target in targets if target]
@@ -466,7 +467,9 @@ class TextGenerationDataModule(LightningDataModule):
                 if target not in known:
                     known.append(target)
         if dropped:
-            rank_zero_info(f"Dropped {dropped} rows of the {role} split of {self.source!r} with an empty source or target.")
+            rank_zero_info(
+                f"Dropped {dropped} rows of the {role} split of {self.source!r} with an empty source or target."
+            )
         return groups
 
     def _sample(self, items: List[Any], limit: Optional[int], offset: int) -> List[Any]:
@@ -569,10 +572,11 @@ def _check_source(
     source_column: Optional[str],
     target_column: Optional[str],
 ) -> None:
-    known = f"the built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)}, a hub dataset with a " \
-            f"known layout {sorted(HUB_LAYOUTS)} or another hub dataset"
     if not source:
-        raise ValueError(f"source must name {known}, got {source!r}.")
+        raise ValueError(
+            f"source must name the built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)}, a "
+            f"hub dataset with a known layout {sorted(HUB_LAYOUTS)} or another hub dataset, got {source!r}."
+        )
     if source in BUILTIN_CORPORA and (subset is not None or data_files is not None):
         raise ValueError(
             f"source={source!r} is a built-in corpus: it takes no subset or data_files, got subset={subset!r}, "
