@@ -1,47 +1,33 @@
 """``PrefixTunedClassifier``: DP prefix tuning of a frozen transformer for text classification."""
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
-from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.families import family_for
-from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.module import CHECKPOINT_KEY, DPPrefixModule
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
 from pflat_lightning.privacy.config import PrivacyConfig
-from pflat_lightning.privacy.engine import DPSGDEngine
-from pflat_lightning.privacy.ledger import PrivacyLedger
-from pflat_lightning.privacy.report import build_report, write_report
-from pflat_lightning.privacy.sampling import PoissonDataLoader
-from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 
-#: Precisions under which per-example clipping sees true fp32/fp64 gradients. fp16 mixed precision
-#: clips loss-scaled gradients, which breaks the sensitivity bound; 16-bit true precision trains the
-#: prefix in 16 bits. Under bf16-mixed only the frozen backbone computes in bf16 (see PrefixModel).
-DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
-#: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
-AUTO_GHOST_MIN_BYTES = 256 * 2**20
-CHECKPOINT_KEY = "pflat_privacy"
+#: ``CHECKPOINT_KEY`` is re-exported for the modules that import it from here.
+__all__ = ["CHECKPOINT_KEY", "PrefixTunedClassifier"]
 
 
-class PrefixTunedClassifier(pl.LightningModule):
+class PrefixTunedClassifier(DPPrefixModule):
     """A frozen transformer classifier whose only trainable parts are a prefix and a small head.
 
     With the default :class:`PrivacyConfig` every fit is DP-SGD through Opacus: Poisson-sampled
     logical batches (split into physical chunks of ``max_physical_batch_size``), per-example clipping,
     Gaussian noise calibrated so that the planned steps end at ``target_epsilon``, epsilon in the
-    progress bar, and a privacy report (``privacy_report.json``/``.md`` in ``trainer.log_dir``).
-    ``PrivacyConfig(enabled=False)`` trains the identical model without privacy.
+    progress bar, and a privacy report (``privacy_report.json``/``.md`` in ``trainer.log_dir``); all of it
+    comes from :class:`~pflat_lightning.module.DPPrefixModule`. ``PrivacyConfig(enabled=False)`` trains
+    the identical model without privacy. Validation and test log the loss and the accuracy.
 
     Args:
         backbone: a Hugging Face model id or folder, or a bundled name (``"bundled-minilm"``).
@@ -88,14 +74,15 @@ class PrefixTunedClassifier(pl.LightningModule):
         log_train_loss: bool = False,
         epsilon_every_n_steps: int = 10,
     ) -> None:
-        super().__init__()
-        if max_physical_batch_size < 1:
-            raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}.")
-        if epsilon_every_n_steps < 1:
-            raise ValueError(f"epsilon_every_n_steps must be >= 1, got {epsilon_every_n_steps}.")
+        super().__init__(
+            privacy=privacy,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            max_physical_batch_size=max_physical_batch_size,
+            log_train_loss=log_train_loss,
+            epsilon_every_n_steps=epsilon_every_n_steps,
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.automatic_optimization = False
-        self.privacy = privacy if privacy is not None else PrivacyConfig()
         path = resolve_model(backbone)
         try:
             model = load_backbone(path, head)
@@ -117,19 +104,6 @@ class PrefixTunedClassifier(pl.LightningModule):
             reparam_hidden=prefix_hidden,
             prefix_init_std=prefix_init_std,
         )
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.max_physical_batch_size = max_physical_batch_size
-        self.log_train_loss = log_train_loss
-        self.epsilon_every_n_steps = epsilon_every_n_steps
-        self._shown_epsilon: Optional[tuple] = None
-        self.ledger = PrivacyLedger()
-        self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
-        self._resumed = False
-        self._final_metrics: Dict[str, float] = {}
-        #: What the callbacks want in the privacy report (their settings and measurements).
-        self.report_sections: Dict[str, Any] = {}
-        self.loss_terms: List[Callable[..., torch.Tensor]] = []
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
 
@@ -149,191 +123,6 @@ class PrefixTunedClassifier(pl.LightningModule):
             losses = losses + term(batch, logits, prefix)
         return losses
 
-    @property
-    def prefix(self) -> PrefixEncoder:
-        return self.model.prefix
-
-    def layer_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
-        """Each active prefix layer's parameters (the "layers" that AWP perturbs)."""
-        return {f"prefix.layers.{i}": list(self.prefix.layers[i].parameters()) for i in self.prefix.active_layers}
-
-    @property
-    def is_private(self) -> bool:
-        return self.engine is not None
-
-    # ------------------------------------------------------------------ setup
-    def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        trainer = self.trainer
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not self.is_private:
-            return
-        if trainer.precision not in DP_PRECISIONS:
-            raise ValueError(
-                f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
-                "full-precision gradients (fp16 mixed precision clips loss-scaled ones, 16-bit true precision "
-                f"trains the prefix in 16 bits). Allowed with DP: {DP_PRECISIONS}; under bf16-mixed the prefix and "
-                "head stay fp32."
-            )
-        if trainer.world_size > 1 and not isinstance(trainer.strategy, DPDDPStrategy):
-            raise ValueError(
-                f"DP training on {trainer.world_size} processes needs Trainer(strategy='dp_ddp') (or "
-                f"{', '.join(repr(n) for n in START_METHODS if n != 'dp_ddp')}), got {type(trainer.strategy).__name__}: "
-                "it would average raw gradients before clipping and every rank would add its own noise."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) cannot be used with DP: it "
-                "scales per-example gradients before clipping and breaks Poisson sampling. Set the datamodule's "
-                "batch_size to the logical batch; max_physical_batch_size bounds the memory."
-            )
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "poisson_sampling"):
-            datamodule.poisson_sampling = self.privacy.poisson_sampling
-
-    def configure_optimizers(self) -> Any:
-        self._check_trainable()
-        # Pruned prefix layers stay in the optimizer (frozen, so never updated): the parameter groups
-        # then match across a pruning and a resume.
-        params = [p for m in (self.model.prefix, self.model.classifier) if m is not None for p in m.parameters()]
-        optimizer = self.optimizer_factory(params)
-        if self.is_private:
-            optimizer = self._make_private(optimizer)
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
-
-    def _check_trainable(self) -> None:
-        own = {id(p) for m in (self.model.prefix, self.model.classifier) if m is not None for p in m.parameters()}
-        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in own]
-        if stray and self.is_private:
-            raise ValueError(
-                f"Trainable backbone parameters {stray[:5]}{'...' if len(stray) > 5 else ''} are not part of the DP "
-                "prefix: the backbone must stay frozen so the accountant covers every trained parameter."
-            )
-
-    def _make_private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        trainer = self.trainer
-        trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
-        planned = trainer.estimated_stepping_batches
-        if not math.isfinite(planned):
-            raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
-        loader = trainer.train_dataloader
-        if isinstance(loader, PoissonDataLoader):
-            expected_batch = loader.expected_batch_size
-        elif self.privacy.poisson_sampling:
-            raise ValueError(
-                "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
-                "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
-            )
-        else:
-            expected_batch = loader.batch_size
-            self.ledger.record(
-                "sampling", "unaccounted",
-                "fixed-size shuffled batches (poisson_sampling=False): the accountant's epsilon assumes Poisson "
-                "sampling and is not a formal bound for shuffling",
-            )
-        if trainer.ckpt_path is not None and not self._resumed:
-            raise ValueError(
-                f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
-                "history, noise, sampler), so the privacy already spent would be forgotten."
-            )
-        dp_optimizer = self.engine.attach(
-            self.model,
-            optimizer,
-            dataset_size=len(loader.dataset),
-            expected_batch_size=expected_batch,
-            planned_steps=int(planned),
-            distributed=trainer.world_size > 1,
-            grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
-        )
-        if self.log_train_loss:
-            self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
-        rank_zero_info(
-            f"DP-SGD: noise_multiplier={self.engine.noise_multiplier:.4f}, sample_rate={self.engine.sample_rate:.5f}, "
-            f"{self.engine.planned_steps} steps, target epsilon={self.privacy.target_epsilon}, delta={self.engine.delta:.3g}"
-        )
-        return dp_optimizer
-
-    def _auto_clipping(self, physical_batch: int) -> Optional[str]:
-        """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example
-        gradients of hooks would take more than ``AUTO_GHOST_MIN_BYTES`` and at least 4x ghost's memory
-        (a reparametrised prefix); hooks otherwise, where that memory is small next to the backbone's
-        activations and hooks need one backward pass instead of two."""
-        if self.privacy.grad_sample_mode != "auto":
-            return None
-        estimate = self.model.per_example_gradient_bytes(physical_batch)
-        ghost_pays = estimate["hooks"] > AUTO_GHOST_MIN_BYTES and 4 * estimate["ghost"] <= estimate["hooks"]
-        mode = "ghost" if ghost_pays else "hooks"
-        mib = {k: round(v / 2**20, 2) for k, v in estimate.items()}
-        rank_zero_info(f"grad_sample_mode='auto' chose {mode!r}: per-example gradient memory per physical batch of "
-                       f"{physical_batch}, estimated hooks {mib['hooks']} MiB, ghost {mib['ghost']} MiB")
-        self.report_sections["clipping"] = {"requested": "auto", "chosen": mode, "physical_batch": physical_batch,
-                                            "estimated_mib": mib}
-        return mode
-
-    # ------------------------------------------------------------------ training
-    def on_train_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        if self.is_private and isinstance(loader, PoissonDataLoader):
-            # Resuming inside an epoch (Lightning calls no on_train_epoch_start then): replay the epoch's
-            # draws and skip the batches already trained on, before the first batch is drawn.
-            done = self.engine.updates - self.current_epoch * loader.batch_sampler.num_batches
-            if 0 < done < loader.batch_sampler.num_batches:
-                loader.batch_sampler.fast_forward(done)
-                if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
-                    iter(self.trainer.fit_loop._data_fetcher)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
-        if self.is_private and self.engine.budget_exhausted:
-            self.trainer.should_stop = True
-            return -1
-        return None
-
-    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        optimizer = self.optimizers()
-        size = batch["labels"].shape[0]
-        if self.is_private:
-            total = self.engine.backward_batch(batch, self._finite_losses, self.max_physical_batch_size)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self._log_epsilon()
-        else:
-            total = 0.0
-            for start in range(0, size, self.max_physical_batch_size):
-                losses = self._finite_losses({k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()})
-                total += float(losses.detach().sum())
-                self.manual_backward(losses.sum() / size)
-            if size > 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        if self.log_train_loss and size > 0:
-            self.log("train_loss", total / size, prog_bar=True, batch_size=size)
-
-    def _finite_losses(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = self.example_losses(batch)
-        if not bool(torch.isfinite(losses.detach()).all()):
-            raise FloatingPointError(
-                f"Non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); the poisoned "
-                "update was not applied. Resume from the last checkpoint with a lower learning rate."
-            )
-        return losses
-
-    def _log_epsilon(self) -> None:
-        # The PRV accountant costs ~0.1 s a call, a large share of a small step: recompute every
-        # `epsilon_every_n_steps` updates and at the last one; the value is exact for `epsilon_at_step`.
-        engine = self.engine
-        if engine.updates % self.epsilon_every_n_steps == 0 or engine.budget_exhausted or self._shown_epsilon is None:
-            self._shown_epsilon = (engine.updates, engine.epsilon())
-        updates, epsilon = self._shown_epsilon
-        self.log("epsilon", epsilon, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        self.log("epsilon_at_step", float(updates), on_step=True, on_epoch=False, batch_size=1)
-
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: Dict[str, torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
         logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
@@ -348,51 +137,3 @@ class PrefixTunedClassifier(pl.LightningModule):
 
     def test_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_accuracy)
-
-    # ------------------------------------------------------------------ report and checkpoints
-    def privacy_report(self) -> Dict[str, Any]:
-        """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
-        trainer = self.trainer
-        # Validation metrics of the fit and test metrics of a later test run both belong in the report.
-        self._final_metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
-        )
-        size = self.engine.dataset_size if self.is_private else None
-        return build_report(
-            config=self.privacy,
-            engine=self.engine,
-            ledger=self.ledger,
-            dataset_size=size,
-            epochs=trainer.current_epoch,
-            steps=trainer.global_step,
-            metrics=self._final_metrics,
-            sections=self.report_sections,
-        )
-
-    def _write_report(self) -> None:
-        folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
-        report = self.privacy_report()
-        if self.trainer.is_global_zero:
-            path = write_report(report, folder)
-            rank_zero_info(f"Privacy report written to {path}")
-
-    def on_fit_end(self) -> None:
-        self._write_report()
-
-    def on_test_end(self) -> None:
-        self._write_report()
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        if self.is_private and self.engine.optimizer is not None:
-            checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
-
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is not None and self.is_private:
-            self.engine.load_state_dict(state["engine"])
-            self.ledger.load_state_dict(state["ledger"])
-            self._resumed = True
-
-    def teardown(self, stage: str) -> None:
-        if self.is_private:
-            self.engine.detach()

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from pflat_lightning.families import cache_keyword, family_for, kv_geometry, lm_head
+from pflat_lightning.families import FAMILIES, cache_keyword, family_for, kv_geometry, lm_head
 from pflat_lightning.prefix import PrefixEncoder
 
 HEADS = ("linear", "label_words")
+#: Label of the positions a causal LM does not score (the prompt, padding), as Hugging Face losses expect.
+IGNORE_INDEX = -100
 #: The tokenizer outputs a tokenised batch carries into the model.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -29,7 +31,98 @@ def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], pre
     return ids
 
 
-class PrefixModel(nn.Module):
+class PrefixedBackbone(nn.Module):
+    """A frozen Hugging Face backbone whose attention layers all read a trainable :class:`PrefixEncoder`.
+
+    The base of :class:`PrefixModel` (classification) and :class:`PrefixCausalLM` (generation): it holds
+    the prefix, feeds it to the backbone as a key/value cache (under the cache keyword of the installed
+    transformers) with the positions its family gives the real tokens, and returns the last hidden states.
+
+    Args:
+        backbone: a Hugging Face model; its parameters are frozen here.
+        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        *,
+        num_virtual_tokens: int = 10,
+        reparam_hidden: Optional[int] = None,
+        prefix_init_std: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.family = family_for(backbone.config)
+        self.backbone = backbone.requires_grad_(False)
+        self.transformer = backbone.base_model
+        self.cache_keyword = cache_keyword(self.transformer.forward)
+        self.prefix = PrefixEncoder(
+            kv_geometry(backbone.config),
+            num_virtual_tokens=num_virtual_tokens,
+            reparam_hidden=reparam_hidden,
+            init_std=prefix_init_std,
+        )
+        #: A trainable head on the hidden states, or ``None`` (subclasses set it).
+        self.classifier: Optional[nn.Module] = None
+
+    def trainable_modules(self) -> List[nn.Module]:
+        """What training updates: the prefix and the head, if any (everything else is frozen)."""
+        return [m for m in (self.prefix, self.classifier) if m is not None]
+
+    def per_example_gradient_bytes(self, batch_size: int) -> Dict[str, int]:
+        """Estimated memory that clipping ``batch_size`` examples needs for their trainable gradients:
+        ``hooks`` materialises one gradient per example and parameter; ``ghost`` only the (virtual-token x
+        virtual-token) products from which Opacus gets each example's norm per layer (2 per linear map)."""
+        prefix_tokens = self.prefix.num_virtual_tokens
+        hooks = ghost = 0
+        for module in self.modules():
+            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not params:
+                continue
+            hooks += batch_size * sum(p.numel() * p.element_size() for p in params)
+            tokens = 1 if module is self.classifier else prefix_tokens
+            copies = 1 if isinstance(module, nn.Embedding) else 2
+            ghost += copies * batch_size * tokens * tokens * params[0].element_size()
+        return {"hooks": hooks, "ghost": ghost}
+
+    def prefix_cache(self, batch_size: int, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> DynamicCache:
+        """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples); under
+        autocast its keys and values take the backbone's 16-bit compute dtype."""
+        cache = DynamicCache()
+        device = self.prefix.layer_mask.device
+        if past is None:
+            with full_precision(device):
+                past = self.prefix(batch_size)
+        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        for layer, (key, value) in enumerate(past):
+            if compute is not None:  # the backbone computes in 16 bits; the prefix and its gradients stay fp32
+                key, value = key.to(compute), value.to(compute)
+            cache.update(key, value, layer)
+        return cache
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+    ) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        cache = self.prefix_cache(batch, past)
+        prefix_length = self.prefix.num_virtual_tokens
+        prefix_mask = attention_mask.new_ones(batch, prefix_length)
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([prefix_mask, attention_mask], dim=1),
+            "position_ids": self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
+            self.cache_keyword: cache,
+        }
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        return self.transformer(**kwargs).last_hidden_state
+
+
+class PrefixModel(PrefixedBackbone):
     """Frozen backbone + :class:`PrefixEncoder` + classifier, mapping a tokenised batch to class logits.
 
     ``head="linear"`` pools the last hidden states (mean over real tokens for encoders, the last real
@@ -59,21 +152,12 @@ class PrefixModel(nn.Module):
         reparam_hidden: Optional[int] = None,
         prefix_init_std: float = 0.5,
     ) -> None:
-        super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}.")
-        self.family = family_for(backbone.config)
-        self.backbone = backbone.requires_grad_(False)
-        self.transformer = backbone.base_model
-        self.cache_keyword = cache_keyword(self.transformer.forward)
-        self.prefix = PrefixEncoder(
-            kv_geometry(backbone.config),
-            num_virtual_tokens=num_virtual_tokens,
-            reparam_hidden=reparam_hidden,
-            init_std=prefix_init_std,
-        )
+        super().__init__(backbone, num_virtual_tokens=num_virtual_tokens, reparam_hidden=reparam_hidden,
+                         prefix_init_std=prefix_init_std)
         self.head_kind = head
         if head == "linear":
             self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
@@ -82,56 +166,9 @@ class PrefixModel(nn.Module):
                 raise ValueError(f"head='label_words' needs one label word per class ({num_labels}), got {label_word_ids}.")
             if self.family.bidirectional and mask_token_id is None:
                 raise ValueError("head='label_words' on a masked LM needs the tokenizer's mask_token_id.")
-            self.classifier = None
             self.lm_head = lm_head(backbone, self.family)
             self.register_buffer("label_word_ids", torch.as_tensor(list(label_word_ids), dtype=torch.long))
         self.mask_token_id = mask_token_id
-
-    def per_example_gradient_bytes(self, batch_size: int) -> Dict[str, int]:
-        """Estimated memory that clipping ``batch_size`` examples needs for their trainable gradients:
-        ``hooks`` materialises one gradient per example and parameter; ``ghost`` only the (virtual-token x
-        virtual-token) products from which Opacus gets each example's norm per layer (2 per linear map)."""
-        prefix_tokens = self.prefix.num_virtual_tokens
-        hooks = ghost = 0
-        for module in self.modules():
-            params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            if not params:
-                continue
-            hooks += batch_size * sum(p.numel() * p.element_size() for p in params)
-            tokens = 1 if module is self.classifier else prefix_tokens
-            copies = 1 if isinstance(module, nn.Embedding) else 2
-            ghost += copies * batch_size * tokens * tokens * params[0].element_size()
-        return {"hooks": hooks, "ghost": ghost}
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: Optional[torch.Tensor] = None,
-        past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
-    ) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        cache = DynamicCache()
-        if past is None:
-            with full_precision(input_ids.device):
-                past = self.prefix(batch)
-        device = input_ids.device.type
-        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        for layer, (key, value) in enumerate(past):
-            if compute is not None:  # the backbone computes in 16 bits; the prefix and its gradients stay fp32
-                key, value = key.to(compute), value.to(compute)
-            cache.update(key, value, layer)
-        prefix_length = self.prefix.num_virtual_tokens
-        prefix_mask = attention_mask.new_ones(batch, prefix_length)
-        kwargs = {
-            "input_ids": input_ids,
-            "attention_mask": torch.cat([prefix_mask, attention_mask], dim=1),
-            "position_ids": self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
-            self.cache_keyword: cache,
-        }
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        return self.transformer(**kwargs).last_hidden_state
 
     def forward(
         self,
@@ -167,6 +204,99 @@ class PrefixModel(nn.Module):
         if self.head_kind == "linear":
             return self.classifier(features)
         return self.lm_head(features)[:, self.label_word_ids]
+
+
+class PrefixCausalLM(PrefixedBackbone):
+    """Frozen causal LM + :class:`PrefixEncoder`: next-token log-probabilities with the prefix in the cache,
+    and generation that continues a prompt after the same prefix.
+
+    The prefix is the first ``num_virtual_tokens`` positions of every sequence; the real tokens follow it
+    (whichever side pads), so a left-padded prompt in :meth:`generate` sees exactly what the same
+    right-padded training row saw. Only positions whose ``labels`` differ from ``-100`` are scored, and the
+    language-model head runs only on them.
+
+    Args:
+        backbone: a Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2); its parameters are frozen here.
+        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+
+    Raises:
+        ValueError: for a bidirectional (masked) LM, which cannot generate.
+
+    Example::
+
+        model = PrefixCausalLM(AutoModelForCausalLM.from_pretrained("gpt2"), num_virtual_tokens=10)
+        log_probs, scored = model.target_log_probs(input_ids, attention_mask, labels)
+        continuation = model.generate(prompt_ids, prompt_mask, max_new_tokens=20, do_sample=False)
+    """
+
+    def __init__(
+        self,
+        backbone: PreTrainedModel,
+        *,
+        num_virtual_tokens: int = 10,
+        reparam_hidden: Optional[int] = None,
+        prefix_init_std: float = 0.5,
+    ) -> None:
+        family = family_for(backbone.config)
+        if family.bidirectional:
+            raise ValueError(
+                f"backbone is a {family.name} masked LM (model_type={backbone.config.model_type!r}); generation needs a "
+                "causal LM: " + ", ".join(f.name for f in FAMILIES.values() if not f.bidirectional) + "."
+            )
+        super().__init__(backbone, num_virtual_tokens=num_virtual_tokens, reparam_hidden=reparam_hidden,
+                         prefix_init_std=prefix_init_std)
+        self.lm_head = lm_head(backbone, self.family)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``(batch, length, vocab)``: position ``t`` scores the token at ``t + 1``."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        with full_precision(input_ids.device):
+            return self.lm_head(hidden.float())
+
+    def target_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        return_logits: bool = False,
+    ):
+        """The log-probability of each scored token given the prefix and the tokens before it.
+
+        Returns ``(log_probs, scored)``, both ``(batch, length)``: ``log_probs[b, t] = log p(labels[b, t] |
+        prefix, input_ids[b, :t])`` where ``scored[b, t]`` (``labels[b, t] != -100``; never ``t = 0``, which
+        nothing before it predicts), and 0 elsewhere. With ``return_logits`` also the vocabulary logits of the
+        scored tokens ``(scored.sum(), vocab)`` (row order: ``scored.nonzero()``) and the per-example prefix
+        this forward used (for per-example regularisers)."""
+        with full_precision(input_ids.device):
+            past = self.prefix(input_ids.shape[0])
+        hidden = self.hidden_states(input_ids, attention_mask, past=past)
+        scored = labels != IGNORE_INDEX
+        scored[:, 0] = False
+        with full_precision(input_ids.device):
+            # The hidden state before each scored token predicts it; the head runs on those rows only.
+            logits = self.lm_head(hidden[:, :-1][scored[:, 1:]].float())
+            token = logits.log_softmax(-1).gather(1, labels[scored].unsqueeze(1)).squeeze(1)
+            log_probs = hidden.new_zeros(scored.shape, dtype=token.dtype).masked_scatter(scored, token)
+        if return_logits:
+            return log_probs, scored, logits, past
+        return log_probs, scored
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.LongTensor:
+        """Continue LEFT-padded prompts through Hugging Face ``generate`` with the prefix in the cache.
+
+        Returns the prompts followed by the new tokens (as ``generate`` does). ``generate_kwargs`` go to
+        ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``...)."""
+        batch, prefix_length = input_ids.shape[0], self.prefix.num_virtual_tokens
+        return self.backbone.generate(
+            input_ids=input_ids,
+            # The full mask (prefix + prompt) with only the prompt as input ids: generate feeds the whole prompt
+            # after the cached prefix, with the positions the forward pass gives the same tokens.
+            attention_mask=torch.cat([attention_mask.new_ones(batch, prefix_length), attention_mask], dim=1),
+            position_ids=self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
+            **{self.cache_keyword: self.prefix_cache(batch)},
+            **generate_kwargs,
+        )
 
 
 def full_precision(device: torch.device):
