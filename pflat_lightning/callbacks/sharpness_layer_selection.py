@@ -8,11 +8,17 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.landscape.measures import (
+    DEFAULT_ALPHAS,
+    check_alphas,
+    gradient_direction,
+    paper_curve,
+    released_direction,
+)
 from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
 
 DATA_SOURCES = ("public", "validation", "private")
 DIRECTIONS = ("released", "data")
-DEFAULT_ALPHAS = [round(0.1 * i, 1) for i in range(11)]
 
 
 class SharpnessLayerSelection(Callback):
@@ -22,9 +28,11 @@ class SharpnessLayerSelection(Callback):
     direction exists) it measures, for every active prefix layer ``l``, the flatness indicator of the
     paper: with layer ``l``'s prefix removed (keys and values zeroed), the loss along the normalised
     direction ``d`` at ``w + alpha * radius * d`` for ``alpha`` in ``alphas``; the layer's score is the
-    largest rise ``max_alpha L(alpha) - L(0)``. Removing a layer with a low score flattens the loss, so
-    the ``keep_layers`` layers with the highest scores keep their prefix and the rest are pruned (no
-    gradient, no noise, no update from then on). Scores go to the logger and the privacy report.
+    largest rise ``max_alpha L(alpha) - L(0)`` (measured by :func:`pflat_lightning.landscape.paper_curve`:
+    the task loss without teacher terms, in eval mode, the weights restored exactly). Removing a layer
+    with a low score flattens the loss, so the ``keep_layers`` layers with the highest scores keep their
+    prefix and the rest are pruned (no gradient, no noise, no update from then on). Scores go to the
+    logger and the privacy report.
 
     Which data it reads is explicit (``data``): the ``public`` split (no privacy cost), the
     ``validation`` split (held out, not training data), or the ``private`` training data (a ledger
@@ -79,9 +87,7 @@ class SharpnessLayerSelection(Callback):
         self.fixed_layers = layers
         self.data = data
         self.direction = direction
-        self.alphas = list(alphas) if alphas is not None else DEFAULT_ALPHAS
-        if not self.alphas or self.alphas[0] != 0:
-            raise ValueError(f"alphas must start at 0 (the unperturbed loss), got {alphas}.")
+        self.alphas = check_alphas(DEFAULT_ALPHAS if alphas is None else alphas)
         self.radius = radius
         self.num_batches = num_batches
         self.selected: Optional[List[int]] = None
@@ -178,53 +184,29 @@ class SharpnessLayerSelection(Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[int, float]:
         batches = self._batches(trainer)
-        params = [p for ps in layer_groups(pl_module).values() for p in ps]
-        direction = self._unit_direction(pl_module, params, batches)
+        groups = layer_groups(pl_module)
+        direction = self._unit_direction(pl_module, groups, batches)
         prefix = pl_module.prefix
         original_mask = prefix.layer_mask.clone()
-        backup = [p.detach().clone() for p in params]
-        was_training = pl_module.training
-        pl_module.eval()
         scores: Dict[int, float] = {}
         try:
-            with torch.no_grad():
-                for layer in prefix.active_layers:
-                    prefix.layer_mask.copy_(original_mask)
-                    prefix.layer_mask[layer] = False
-                    curve = []
-                    for alpha in self.alphas:
-                        for p, w, d in zip(params, backup, direction):
-                            p.copy_(w + alpha * self.radius * d)
-                        curve.append(sum(float(pl_module.example_losses(b).mean()) for b in batches) / len(batches))
-                    scores[layer] = max(curve) - curve[0]
+            for layer in prefix.active_layers:
+                prefix.layer_mask.copy_(original_mask)
+                prefix.layer_mask[layer] = False
+                scores[layer] = paper_curve(pl_module, batches, alphas=self.alphas, radius=self.radius,
+                                            direction=direction, groups=groups)["sharpness"]
         finally:
-            with torch.no_grad():
-                for p, w in zip(params, backup):
-                    p.copy_(w)
             prefix.layer_mask.copy_(original_mask)
-            pl_module.train(was_training)
         return scores
 
-    def _unit_direction(self, pl_module, params, batches) -> List[torch.Tensor]:
-        engine = privacy_engine(pl_module)
+    def _unit_direction(self, pl_module: pl.LightningModule, groups: Dict[str, List[torch.nn.Parameter]],
+                        batches: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
         if self._direction_kind(pl_module) == "released":
-            if engine is None or engine.released_gradient is None:
+            direction = released_direction(pl_module, groups=groups)
+            if direction is None:
                 raise RuntimeError("No released gradient yet: SharpnessLayerSelection needs at_epoch >= 1.")
-            released = dict(zip(engine.optimizer.params, engine.released_gradient))
-            direction = [released.get(p, torch.zeros_like(p)) for p in params]
-        else:
-            hooks = engine.hooks if engine is not None else None
-            if hooks is not None:
-                hooks.disable_hooks()
-            try:
-                loss = sum(pl_module.example_losses(b).mean() for b in batches) / len(batches)
-                direction = list(torch.autograd.grad(loss, params, allow_unused=True))
-            finally:
-                if hooks is not None:
-                    hooks.enable_hooks()
-            direction = [torch.zeros_like(p) if g is None else g for p, g in zip(params, direction)]
-        norm = torch.sqrt(sum((d.float() ** 2).sum() for d in direction)).clamp(min=1e-12)
-        return [d / norm for d in direction]
+            return direction
+        return gradient_direction(pl_module, batches, groups=groups)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:

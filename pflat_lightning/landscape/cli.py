@@ -1,0 +1,117 @@
+"""``pflat landscape``: the loss landscape and sharpness of a saved run's checkpoint.
+
+    pflat landscape --config RUN.yaml --ckpt_path CKPT [--data validation] [--out DIR] [options]
+                    [-- extra pflat fit overrides]
+
+Rebuilds the run with :func:`pflat_lightning.cli.load_run`, measures as the
+:class:`~pflat_lightning.callbacks.LossLandscape` callback does, writes ``landscape.json`` and the PNGs
+into ``--out`` (default: ``landscape/`` of the run folder, the folder holding ``checkpoints/``), adds
+the ``LossLandscape`` section (and, for ``--data private``, an ``evaluation`` ledger entry) to the run
+folder's ``privacy_report.json``/``.md`` when there is one, and prints the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from pflat_lightning.cli import load_run
+from pflat_lightning.landscape.measures import (
+    DATA_SPLITS,
+    DEFAULT_ALPHAS,
+    PRIVATE_EVALUATION,
+    SECTION,
+    LandscapeSettings,
+    collect_batches,
+    landscape_section,
+    measure_landscape,
+    split_loader,
+)
+from pflat_lightning.landscape.plots import write_landscape
+from pflat_lightning.privacy.ledger import LedgerEntry
+from pflat_lightning.privacy.report import REPORT_JSON, write_report
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = LandscapeSettings()
+    parser = argparse.ArgumentParser(
+        prog="pflat landscape",
+        description="Loss landscape and sharpness of a trained pflat run (arguments after `--` are passed on as "
+                    "`pflat fit` overrides, e.g. `-- --data.eval_batch_size 32`).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable)")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    parser.add_argument("--data", default="validation", choices=DATA_SPLITS, help="evaluation split")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN/landscape)")
+    parser.add_argument("--num_batches", type=int, default=4, help="evaluation batches averaged over")
+    parser.add_argument("--alphas", type=float, nargs="+", default=DEFAULT_ALPHAS, help="grid of the curve")
+    parser.add_argument("--radius", type=float, default=defaults.radius, help="curve step length at alpha = 1")
+    parser.add_argument("--sam_rho", type=float, default=defaults.sam_rho, help="relative radius of SAM sharpness")
+    parser.add_argument("--sam_steps", type=int, default=defaults.sam_steps, help="SAM projected ascent steps")
+    parser.add_argument("--slice_1d_points", type=int, default=defaults.slice_1d_points, help="0: no 1-D slice")
+    parser.add_argument("--slice_2d_points", type=int, default=defaults.slice_2d_points, help="0: no 2-D slice")
+    parser.add_argument("--span", type=float, default=defaults.span, help="extent of the random slices")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random slices")
+    return parser
+
+
+def run_folder(ckpt_path: str | Path) -> Path:
+    """The run folder of a checkpoint: the folder holding ``checkpoints/`` (else the checkpoint's folder)."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def _add_to_report(folder: Path, section: Dict[str, Any], data: str) -> Optional[Path]:
+    path = folder / REPORT_JSON
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    report.setdefault("callbacks", {})[SECTION] = section
+    if data == "private":
+        entry = asdict(LedgerEntry(SECTION, "evaluation", PRIVATE_EVALUATION))
+        if entry not in report["ledger"]:
+            report["ledger"].append(entry)
+    return write_report(report, folder)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run ``pflat landscape`` with the arguments ``argv`` (without the command name); returns the exit code."""
+    argv = list(argv)
+    overrides: List[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, overrides = argv[:split], argv[split + 1:]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = LandscapeSettings(alphas=args.alphas, radius=args.radius, sam_rho=args.sam_rho,
+                                     sam_steps=args.sam_steps, slice_1d_points=args.slice_1d_points,
+                                     slice_2d_points=args.slice_2d_points, span=args.span, seed=args.seed)
+        if args.num_batches < 1:
+            raise ValueError(f"num_batches must be an integer >= 1, got {args.num_batches}.")
+    except ValueError as error:
+        parser.error(str(error))
+    if not Path(args.ckpt_path).is_file():
+        parser.error(f"ckpt_path={args.ckpt_path!r} is not a file.")
+
+    model, datamodule, trainer = load_run(args.config, args.ckpt_path, overrides)
+    datamodule.setup("fit")
+    model.to(trainer.strategy.root_device)
+    batches = collect_batches(split_loader(datamodule, args.data), args.num_batches, trainer.strategy.root_device)
+    result = measure_landscape(model, batches, settings, data=args.data)
+    folder = run_folder(args.ckpt_path)
+    out = Path(args.out) if args.out is not None else folder / "landscape"
+    files = write_landscape(result, out)
+    section = {**landscape_section(result), "folder": str(out), "checkpoint": str(Path(args.ckpt_path).resolve())}
+    report = _add_to_report(folder, section, args.data)
+
+    print(f"Loss landscape of {args.ckpt_path} on {result['examples']} {args.data} examples:")
+    print(f"  loss at w                    {result['loss']:.6g}")
+    print(f"  sharpness (curve, radius {settings.radius:g})  {result['sharpness']:.6g}")
+    print(f"  SAM sharpness (rho {settings.sam_rho:g})      {result['sam_sharpness']:.6g}")
+    for name, path in sorted(files.items()):
+        print(f"  {name:<10} {path}")
+    print(f"  privacy report {'updated: ' + str(report) if report is not None else 'not found in ' + str(folder)}")
+    return 0
