@@ -1,0 +1,120 @@
+"""``pflat audit``: a membership-inference audit of a finished ``pflat fit`` run.
+
+    pflat audit --config RUN.yaml --ckpt_path CKPT [--attacks loss reference ...] [--num_examples N]
+                [--shadow_models K] [--out DIR] [-- extra pflat fit overrides]
+
+The run is rebuilt from its config with the checkpoint's weights and privacy state; members are the
+datamodule's training split, non-members its test split. ``roc.png`` and ``membership_inference.json``
+go to ``--out`` (default: the run folder holding ``checkpoints/``); a ``privacy_report.json`` there gets
+the audit's section and ledger entry (json and md re-written).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from pflat_lightning.attacks.audit import (
+    ATTACKS,
+    SECTION,
+    datamodule_splits,
+    format_table,
+    record_evaluation,
+    report_section,
+    run_audit,
+    trainable_state,
+    write_audit,
+)
+from pflat_lightning.cli import load_run
+from pflat_lightning.privacy.ledger import LedgerEntry
+from pflat_lightning.privacy.report import REPORT_JSON, write_report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pflat audit",
+        description="Membership-inference audit of a trained run (members: training split, non-members: test split).",
+        epilog="Arguments after `--` are passed to the run's config like `pflat fit` overrides.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable, in order)")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    parser.add_argument("--attacks", nargs="+", default=["loss", "reference"], choices=ATTACKS, help="attacks to run")
+    parser.add_argument("--reference", default="initial",
+                        help="reference of the 'reference' attack: 'initial' (the model freshly built from the config) "
+                             "or a checkpoint of the same architecture (e.g. trained on public data)")
+    parser.add_argument("--num_examples", type=int, default=500, help="members (and as many non-members) at most")
+    parser.add_argument("--shadow_models", type=int, default=0, help="LiRA shadow models (>= 2 with --attacks lira)")
+    parser.add_argument("--shadow_epochs", type=int, default=None, help="epochs per shadow (default: the run's max_epochs)")
+    parser.add_argument("--shadow_batch_size", type=int, default=None,
+                        help="shadow training batch size (default: the datamodule's batch_size)")
+    parser.add_argument("--min_k", type=float, default=0.2, help="Min-K%% fraction")
+    parser.add_argument("--batch_size", type=int, default=None, help="scoring batch size (default: eval_batch_size)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the example selection and of the shadows")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    parser.add_argument("--out", default=None, help="output folder (default: the checkpoint's run folder)")
+    return parser
+
+
+def run_folder(ckpt_path: str | Path) -> Path:
+    """The run folder of a checkpoint: the folder holding ``checkpoints/``, else the checkpoint's folder."""
+    parent = Path(ckpt_path).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``pflat audit`` with ``argv`` (without the command name); return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: List[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, overrides = argv[:at], argv[at + 1 :]
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not Path(args.ckpt_path).is_file():
+        parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+
+    model, datamodule, trainer = load_run(args.config, args.ckpt_path, overrides)
+    reference, reference_name = args.reference, f"checkpoint {args.reference}"
+    if "reference" in args.attacks and args.reference == "initial":
+        fresh, _, _ = load_run(args.config, None, overrides)
+        reference, reference_name = trainable_state(fresh), "initial (the model freshly built from the config)"
+        del fresh
+    shadow_epochs = args.shadow_epochs or (trainer.max_epochs if (trainer.max_epochs or 0) > 0 else None)
+    if "lira" in args.attacks and shadow_epochs is None:
+        parser.error("the run's config has no max_epochs for the LiRA shadows: pass --shadow_epochs.")
+    datamodule.setup("fit")
+    members, non_members, collate_fn, batch_size = datamodule_splits(datamodule)
+    try:
+        result = run_audit(
+            model.to(device), members, non_members, attacks=args.attacks, reference=reference,
+            reference_name=reference_name, num_examples=args.num_examples, collate_fn=collate_fn,
+            batch_size=args.batch_size or batch_size, seed=args.seed, min_k=args.min_k,
+            shadow_models=args.shadow_models, shadow_epochs=shadow_epochs or 1,
+            shadow_batch_size=args.shadow_batch_size or getattr(datamodule, "batch_size", batch_size),
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+        )
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    out = Path(args.out) if args.out is not None else run_folder(args.ckpt_path)
+    files = write_audit(result, out)
+    detail = record_evaluation(model, result.summary["attacks"])
+    report_path = out / REPORT_JSON
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        report.setdefault("callbacks", {})[SECTION] = report_section(result, files)
+        entry = dataclasses.asdict(LedgerEntry(SECTION, "evaluation", detail))
+        if entry not in report["ledger"]:
+            report["ledger"].append(entry)
+        write_report(report, out)
+    print(f"Membership-inference audit of {args.ckpt_path} ({result.summary['num_members']} members / non-members)\n")
+    print(format_table(result.summary))
+    print(f"\n{result.summary['threshold_note']}.\nResults: {files['json']}\nROC plot: {files['roc']}"
+          + (f"\nPrivacy report updated: {report_path}" if report_path.is_file() else ""))
+    return 0

@@ -1,0 +1,97 @@
+"""How well a membership score separates members from non-members, through torchmetrics' binary ROC.
+
+All metrics are computed on the audit examples themselves: the threshold behind the balanced attack
+accuracy is the best one for these very examples (an optimistic attacker who knows the answer; the
+paper's "MIA accuracy"), not one chosen on separate data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
+
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+#: False-positive rates at which the true-positive rate is reported (1 % and 0.1 %).
+FPR_TARGETS = (0.01, 0.001)
+THRESHOLD_NOTE = (
+    "mia_accuracy is the best balanced accuracy (TPR + TNR) / 2 over all thresholds, the threshold chosen on "
+    "these same audit examples (an optimistic attacker), as in the paper's MIA accuracy"
+)
+
+
+@dataclass
+class RocCurve:
+    """The ROC of one attack: ``fpr[j]``, ``tpr[j]`` when examples with ``score >= thresholds[j]`` are
+    called members (``thresholds[0] = inf``: nobody is)."""
+
+    fpr: torch.Tensor
+    tpr: torch.Tensor
+    thresholds: torch.Tensor
+
+
+def _as_ranks(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores mapped onto [0, 1] by their rank among the distinct values (order and ties kept), and the
+    distinct values. torchmetrics applies a sigmoid to scores outside [0, 1], which would merge large
+    scores into ties in floating point."""
+    distinct, inverse = torch.unique(scores, return_inverse=True)
+    return inverse.double() / max(len(distinct) - 1, 1), distinct
+
+
+def _check(scores: torch.Tensor, is_member: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    scores, is_member = torch.as_tensor(scores).double().flatten(), torch.as_tensor(is_member).long().flatten()
+    if scores.shape != is_member.shape:
+        raise ValueError(f"scores and is_member must have the same length, got {len(scores)} and {len(is_member)}.")
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN: the module's loss is NaN for some examples.")
+    members = int(is_member.sum())
+    if members == 0 or members == len(is_member):
+        raise ValueError(f"is_member must contain both members and non-members, got {members} of {len(is_member)}.")
+    return scores, is_member
+
+
+def roc_curve(scores: torch.Tensor, is_member: torch.Tensor) -> RocCurve:
+    """The ROC curve of ``scores`` (higher = member) against ``is_member`` (1 = member)."""
+    scores, is_member = _check(scores, is_member)
+    ranks, distinct = _as_ranks(scores)
+    fpr, tpr, rank_thresholds = binary_roc(ranks, is_member)
+    index = torch.round(rank_thresholds.double() * max(len(distinct) - 1, 1)).long()
+    thresholds = distinct[index.clamp(0, len(distinct) - 1)]
+    thresholds[0] = float("inf")  # torchmetrics' first point is "nobody is a member"
+    return RocCurve(fpr.double(), tpr.double(), thresholds)
+
+
+def tpr_at_fpr(curve: RocCurve, target: float) -> float:
+    """The largest TPR among the ROC points with ``FPR <= target``."""
+    return float(curve.tpr[curve.fpr <= target + 1e-12].max())
+
+
+def attack_metrics(scores: torch.Tensor, is_member: torch.Tensor) -> Dict[str, Any]:
+    """ROC AUC, balanced attack accuracy with its threshold, and TPR at 1 % and 0.1 % FPR.
+
+    ``fpr_resolution`` is ``1 / num_non_members``, the smallest non-zero FPR the data can show: with fewer
+    than 1000 non-members the 0.1 % point is the TPR at FPR 0 (``tpr_at_0.1pct_fpr_resolvable`` false).
+
+    Example::
+
+        metrics = attack_metrics(torch.tensor([0.9, 0.2, 0.7, 0.1]), torch.tensor([1, 0, 1, 0]))
+        metrics["auc"]  # 1.0
+    """
+    scores, is_member = _check(scores, is_member)
+    curve = roc_curve(scores, is_member)
+    balanced = (curve.tpr + 1 - curve.fpr) / 2
+    best = int(torch.argmax(balanced))
+    non_members = int((is_member == 0).sum())
+    metrics: Dict[str, Any] = {
+        "auc": float(binary_auroc(_as_ranks(scores)[0], is_member)),
+        "mia_accuracy": float(balanced[best]),
+        "threshold": float(curve.thresholds[best]),
+        "num_members": int(is_member.sum()),
+        "num_non_members": non_members,
+        "fpr_resolution": 1.0 / non_members,
+    }
+    for target in FPR_TARGETS:
+        key = f"tpr_at_{target * 100:g}pct_fpr"
+        metrics[key] = tpr_at_fpr(curve, target)
+        metrics[f"{key}_resolvable"] = non_members * target >= 1
+    return metrics
