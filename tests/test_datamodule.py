@@ -457,3 +457,9 @@ def test_public_api_is_typed_for_lightning_cli():
                           "val_fraction", "test_fraction", "public_fraction", "poisson_sampling", "seed",
                           "num_workers", "cache_dir"}
     assert resolve_model("bundled-minilm")  # the default tokenizer is local
+
+
+def test_an_inferred_num_labels_is_not_logged_against_the_models(tmp_path):
+    # Lightning refuses to log hparams that the module and the datamodule both have with different values.
+    assert "num_labels" not in from_csv(tmp_path, numbered(20)).hparams
+    assert from_csv(tmp_path, numbered(20), num_labels=3).hparams["num_labels"] == 3

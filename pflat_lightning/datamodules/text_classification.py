@@ -281,7 +281,8 @@ class TextClassificationDataModule(LightningDataModule):
             )
         if template is not None:
             _parse_template(template, text_pair_column)
-        self.save_hyperparameters()
+        # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
+        self.save_hyperparameters(ignore=["num_labels"] if num_labels is None else None)
 
         self.source, self.subset, self.data_files = source, subset, data_files
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
