@@ -109,6 +109,10 @@ def test_metrics_keep_large_scores_apart_and_flag_unresolvable_fprs():
     metrics = attack_metrics(torch.tensor([50.0, 60.0, 70.0, 20.0, 30.0, 40.0]), torch.tensor([1, 1, 1, 0, 0, 0]))
     assert metrics["auc"] == 1.0 and metrics["mia_accuracy"] == 1.0 and metrics["threshold"] == 50.0
     assert metrics["tpr_at_1pct_fpr"] == 1.0 and metrics["tpr_at_1pct_fpr_resolvable"] is False
+    # 1 false positive in 1000 is FPR 0.1 % exactly (float32 would make it 0.00100000005, above the target)
+    scores = torch.cat([torch.tensor([3.0]), torch.zeros(999), torch.full((10,), 2.0)])
+    exact = attack_metrics(scores, torch.cat([torch.zeros(1000), torch.ones(10)]))
+    assert exact["tpr_at_0.1pct_fpr"] == 1.0 and exact["tpr_at_0.1pct_fpr_resolvable"] is True
     chance = attack_metrics(torch.zeros(10), torch.tensor([1, 0] * 5))
     assert chance["auc"] == 0.5 and chance["mia_accuracy"] == 0.5
     with pytest.raises(ValueError, match="both members and non-members"):

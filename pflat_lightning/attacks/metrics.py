@@ -58,12 +58,16 @@ def roc_curve(scores: torch.Tensor, is_member: torch.Tensor) -> RocCurve:
     index = torch.round(rank_thresholds.double() * max(len(distinct) - 1, 1)).long()
     thresholds = distinct[index.clamp(0, len(distinct) - 1)]
     thresholds[0] = float("inf")  # torchmetrics' first point is "nobody is a member"
-    return RocCurve(fpr.double(), tpr.double(), thresholds)
+    # torchmetrics returns float32 rates; back to exact counts, so that e.g. 11 / 1100 is not above 1 %
+    positives, negatives = int(is_member.sum()), int((is_member == 0).sum())
+    fpr = torch.round(fpr.double() * negatives) / negatives
+    tpr = torch.round(tpr.double() * positives) / positives
+    return RocCurve(fpr, tpr, thresholds)
 
 
 def tpr_at_fpr(curve: RocCurve, target: float) -> float:
     """The largest TPR among the ROC points with ``FPR <= target``."""
-    return float(curve.tpr[curve.fpr <= target + 1e-12].max())
+    return float(curve.tpr[curve.fpr <= target].max())
 
 
 def attack_metrics(scores: torch.Tensor, is_member: torch.Tensor) -> Dict[str, Any]:
