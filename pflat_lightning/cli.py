@@ -13,17 +13,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from pflat_lightning.classifier import PrefixTunedClassifier
-from pflat_lightning.datamodules import TextClassificationDataModule
 
 
 class PflatCLI(LightningCLI):
-    """LightningCLI whose datamodule tokenises with the model's own tokenizer."""
+    """LightningCLI over every pflat task: the YAML (or ``--model``/``--data``) picks the module and the
+    datamodule by ``class_path`` (``PrefixTunedClassifier`` + ``TextClassificationDataModule``,
+    ``PrefixTunedCausalLM`` + ``TextGenerationDataModule``), and the datamodule tokenises with the model's
+    own tokenizer (``model.init_args.backbone`` -> ``data.init_args.tokenizer``; the classifier's
+    ``num_labels`` likewise). A link whose argument a chosen class lacks is skipped."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.backbone", "data.tokenizer")
-        parser.link_arguments("model.num_labels", "data.num_labels")
-
+        parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
+        parser.link_arguments("model.init_args.num_labels", "data.init_args.num_labels")
 
     def after_fit(self) -> None:
         """Evaluate on the test split and say where the privacy report is."""
@@ -33,12 +34,23 @@ class PflatCLI(LightningCLI):
         report = self.model.privacy_report()
         epsilon = "none (non-private)" if report["epsilon"] is None else f"{report['epsilon']:.3f}"
         folder = self.trainer.log_dir or self.trainer.default_root_dir
+        metrics = report["metrics"]
+        shown = ", ".join(f"{label} {metrics[key]:.4f}" for key, label in RESULT_METRICS.items() if key in metrics)
         print(
-            f"\nResult: test accuracy {report['metrics'].get('test_acc', float('nan')):.4f}, "
-            f"validation accuracy {report['metrics'].get('val_acc', float('nan')):.4f}, epsilon {epsilon}, "
-            f"formal guarantee {'yes' if report['formal_guarantee'] else 'no'}.\n"
+            f"\nResult: {shown}, epsilon {epsilon}, formal guarantee {'yes' if report['formal_guarantee'] else 'no'}.\n"
             f"Privacy report: {folder}/privacy_report.md (and .json)"
         )
+
+
+#: What ``pflat fit`` prints after the test, when the task logs it: metric -> label.
+RESULT_METRICS = {
+    "test_acc": "test accuracy",
+    "val_acc": "validation accuracy",
+    "test_ppl": "test perplexity",
+    "val_ppl": "validation perplexity",
+    "test_bleu": "test BLEU",
+    "test_rougeL": "test ROUGE-L",
+}
 
 
 #: ``pflat NAME ...`` besides LightningCLI's subcommands: NAME -> "module:function(argv)".
@@ -52,8 +64,10 @@ COMMANDS = {
 
 def _cli(args: Optional[Sequence[str]], run: bool = True) -> PflatCLI:
     return PflatCLI(
-        PrefixTunedClassifier,
-        TextClassificationDataModule,
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         args=None if args is None else list(args),
         run=run,

@@ -60,9 +60,10 @@ def _roberta_positions(attention_mask: torch.Tensor, prefix_length: int, config:
 
 
 def _after_prefix_positions(attention_mask: torch.Tensor, prefix_length: int, config: PretrainedConfig) -> torch.Tensor:
-    # Decoders read the prefix as the first `prefix_length` positions of the sequence (Li & Liang).
-    length = attention_mask.shape[1]
-    return prefix_length + torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
+    # Decoders read the prefix as the first `prefix_length` positions of the sequence (Li & Liang). The real
+    # tokens follow it in order whichever side pads, so a left-padded generation prompt sits where the same
+    # right-padded training row did; padding (masked out) gets the nearest real position.
+    return prefix_length + (torch.cumsum(attention_mask.long(), dim=1) - 1).clamp(min=0)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,30 @@ class PrefixCausalLM(PrefixedBackbone):
                          prefix_init_std=prefix_init_std)
         self.lm_head = lm_head(backbone, self.family)
 
+    @torch.no_grad()
+    def init_prefix_from_tokens(self, token_ids: Sequence[int]) -> None:
+        """Set the prefix to the backbone's own keys and values of real tokens (Li & Liang's initialisation
+        for generation): the prefixed model then reads like the plain one continuing these tokens, instead
+        of starting from random keys and values that disturb every layer's attention.
+
+        Raises:
+            ValueError: for a reparametrised prefix, or fewer tokens than ``num_virtual_tokens``.
+        """
+        length = self.prefix.num_virtual_tokens
+        if self.prefix.mlp is not None:
+            raise ValueError("A reparametrised prefix (reparam_hidden) cannot be initialised from tokens: its keys and "
+                             "values are the output of an MLP.")
+        if len(token_ids) < length:
+            raise ValueError(f"The prefix has {length} virtual tokens but only {len(token_ids)} token ids were given; "
+                             f"give at least {length}.")
+        ids = torch.as_tensor(list(token_ids[:length]), device=self.prefix.layer_mask.device).unsqueeze(0)
+        cache = DynamicCache()
+        self.transformer(input_ids=ids, use_cache=True, **{self.cache_keyword: cache})
+        for cached, layer in zip(cache.layers, self.prefix.layers):
+            # (kv_heads, tokens, head_dim) keys and values -> one row per token, as PrefixEncoder reads it.
+            kv = torch.stack([cached.keys[0], cached.values[0]]).permute(2, 0, 1, 3).reshape(length, -1)
+            layer.weight.copy_(kv)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``(batch, length, vocab)``: position ``t`` scores the token at ``t + 1``."""
         hidden = self.hidden_states(input_ids, attention_mask)

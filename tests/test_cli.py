@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier
+from pflat_lightning.cli import load_run
+from pflat_lightning.datamodules import TextClassificationDataModule, TextGenerationDataModule
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,12 +18,27 @@ def pflat(*args, cwd):
                           timeout=600)
 
 
-@pytest.mark.parametrize("config", ["movie_reviews_dp.yaml", "movie_reviews_nonprivate.yaml",
-                                    "privacy_flat_strict.yaml", "privacy_flat_paper.yaml"])
-def test_shipped_configs_parse(config, tmp_path):
+@pytest.mark.parametrize("config, backbone", [
+    ("movie_reviews_dp.yaml", "bundled-minilm"), ("movie_reviews_nonprivate.yaml", "bundled-minilm"),
+    ("privacy_flat_strict.yaml", "bundled-minilm"), ("privacy_flat_paper.yaml", "bundled-minilm"),
+    ("movie_dialog_dp.yaml", "bundled-smollm2"), ("movie_dialog_nonprivate.yaml", "bundled-smollm2"),
+])
+def test_shipped_configs_parse(config, backbone, tmp_path):
     result = pflat("fit", "--config", str(ROOT / "examples/configs" / config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "backbone: bundled-minilm" in result.stdout
+    assert f"backbone: {backbone}" in result.stdout
+
+
+def test_load_run_rebuilds_either_task_with_the_tokenizer_linked(tiny_model_dir):
+    dialog, dialog_data, _ = load_run([ROOT / "examples/configs/movie_dialog_dp.yaml"], None,
+                                      ["--model.backbone", tiny_model_dir("gpt2")])
+    assert isinstance(dialog, PrefixTunedCausalLM) and isinstance(dialog_data, TextGenerationDataModule)
+    assert dialog_data.tokenizer_name == tiny_model_dir("gpt2")
+    reviews, reviews_data, _ = load_run([ROOT / "examples/configs/movie_reviews_dp.yaml"], None,
+                                        ["--model.backbone", tiny_model_dir("bert"), "--model.num_labels", "3",
+                                         "--model.privacy.enabled", "false"])
+    assert isinstance(reviews, PrefixTunedClassifier) and isinstance(reviews_data, TextClassificationDataModule)
+    assert reviews_data.num_labels == 3 and not reviews.is_private
 
 
 def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
@@ -66,3 +85,20 @@ def test_dp_ddp_config_composes_with_a_run_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "strategy: dp_ddp" in result.stdout and "devices: 2" in result.stdout
     assert "target_epsilon: 8.0" in result.stdout
+
+
+def test_cli_fits_the_causal_lm_on_movie_dialog(tiny_model_dir, tmp_path):
+    result = pflat(
+        "fit", "--config", str(ROOT / "examples/configs/movie_dialog_dp.yaml"),
+        "--model.backbone", tiny_model_dir("gpt2"), "--model.generate_max_new_tokens", "4",
+        "--data.max_train_examples", "64", "--data.max_eval_examples", "8", "--data.batch_size", "16",
+        "--data.max_source_length", "16", "--data.max_target_length", "8",
+        "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Result: test perplexity" in result.stdout and "test BLEU" in result.stdout
+    report = json.loads(next(tmp_path.rglob("privacy_report.json")).read_text())
+    assert report["steps"] == 2 and report["formal_guarantee"] is True and report["epsilon"] <= 8.0
+    assert {"test_ppl", "test_bleu", "test_rougeL"} <= set(report["metrics"])
+    assert report["callbacks"]["samples"]["test"]

@@ -1,0 +1,257 @@
+"""``PrefixTunedCausalLM``: DP prefix tuning of a frozen causal LM for conditional generation."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pflat_lightning.bundled import resolve_model
+from pflat_lightning.callbacks.teacher_distillation import TeacherDistillation
+from pflat_lightning.module import DPPrefixModule
+from pflat_lightning.prefix_model import PrefixCausalLM
+from pflat_lightning.privacy.config import PrivacyConfig
+
+STAGES = ("val", "test")
+
+
+class PrefixTunedCausalLM(DPPrefixModule):
+    """A frozen causal LM (GPT-2, Llama incl. grouped-query attention, Mistral, Qwen2) whose only trainable
+    part is a prefix, trained to continue a source text with its target (data-to-text, dialogue).
+
+    Training scores only the target tokens (``labels != -100``) and gives DP one loss per example: the mean
+    negative log-likelihood of that example's target tokens. Everything private (Poisson sampling,
+    per-example clipping, calibrated noise, epsilon in the progress bar, checkpoints, the privacy report)
+    comes from :class:`~pflat_lightning.module.DPPrefixModule`, as for the classifier, and so do the
+    flattening callbacks (``TeacherDistillation`` with its prefix distance; its logit term is refused, see
+    below).
+
+    Validation and test log ``{stage}_loss`` (the mean per-example loss), ``{stage}_ppl`` (perplexity: the
+    exponential of the mean target-token NLL, weighted by tokens across the whole split) and, on greedy
+    generations of ``generate_max_new_tokens`` tokens for the first ``num_generation_batches`` batches,
+    ``{stage}_bleu`` (corpus BLEU-4 against every reference) and ``{stage}_rougeL`` (ROUGE-L F-measure
+    against the best reference). The first ``num_samples`` generations of each evaluation go to the log
+    and to the ``samples`` section of the privacy report.
+
+    Batches are dicts with ``input_ids``, ``attention_mask`` (right-padded source + separator + target) and
+    ``labels`` (``-100`` where not scored); evaluation batches add the LEFT-padded prompt
+    ``source_input_ids``/``source_attention_mask`` and ``references`` (a list of reference strings per
+    example), as :class:`~pflat_lightning.datamodules.TextGenerationDataModule` gives them.
+
+    Args:
+        backbone: a Hugging Face causal LM id or folder, or a bundled name (``"bundled-smollm2"``).
+        num_virtual_tokens: prefix length.
+        prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
+        prefix_init_std: standard deviation of the random prefix initialisation.
+        prefix_init_text: a public text whose first ``num_virtual_tokens`` tokens initialise the prefix with
+            the backbone's own keys and values (Li & Liang); the un-tuned model then reads like the plain
+            LM continuing this text, where a random prefix disturbs every layer. Recorded in the ledger as
+            public data.
+        generate_max_new_tokens: tokens generated per example for BLEU and ROUGE-L.
+        num_generation_batches: evaluation batches (from the first) whose prompts are generated from; 0
+            turns BLEU, ROUGE-L and samples off (generation is the slow part of evaluation on a CPU).
+        num_samples: generations shown in the log and the report per evaluation.
+        privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
+        optimizer: optimizer factory over the trainable parameters.
+        lr_scheduler: optional scheduler factory, stepped once per logical batch.
+        max_physical_batch_size: examples per forward/backward; a logical batch is processed in
+            chunks of this size (virtual steps), so its memory never depends on the logical batch.
+        log_train_loss: log the training loss. It is a statistic of private data released outside
+            the accountant, so under DP it is recorded in the ledger and voids the formal guarantee.
+        epsilon_every_n_steps: how often the progress bar's epsilon is recomputed (also at the last
+            step); ``epsilon_at_step`` says which step it is exact for. The report is always exact.
+
+    Raises:
+        ValueError: for a backbone that is not a causal LM, a negative generation setting, or, at fit
+            start, a ``TeacherDistillation`` with ``logit_weight > 0`` (its KL term compares class
+            distributions, one per example; a causal LM has one per token).
+
+    Example::
+
+        model = PrefixTunedCausalLM("bundled-smollm2", privacy=PrivacyConfig(target_epsilon=8.0))
+        data = TextGenerationDataModule("movie_dialog", tokenizer="bundled-smollm2", batch_size=64)
+        trainer = pl.Trainer(max_epochs=3)
+        trainer.fit(model, datamodule=data)
+        out = model.generate(prompt_ids, prompt_mask, max_new_tokens=20)   # prompts + continuations
+    """
+
+    def __init__(
+        self,
+        backbone: str = "bundled-smollm2",
+        *,
+        num_virtual_tokens: int = 10,
+        prefix_hidden: Optional[int] = None,
+        prefix_init_std: float = 0.5,
+        prefix_init_text: Optional[str] = None,
+        generate_max_new_tokens: int = 20,
+        num_generation_batches: int = 1,
+        num_samples: int = 3,
+        privacy: Optional[PrivacyConfig] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        max_physical_batch_size: int = 32,
+        log_train_loss: bool = False,
+        epsilon_every_n_steps: int = 10,
+    ) -> None:
+        super().__init__(
+            privacy=privacy,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            max_physical_batch_size=max_physical_batch_size,
+            log_train_loss=log_train_loss,
+            epsilon_every_n_steps=epsilon_every_n_steps,
+        )
+        for name, value, least in (("generate_max_new_tokens", generate_max_new_tokens, 1),
+                                   ("num_generation_batches", num_generation_batches, 0),
+                                   ("num_samples", num_samples, 0)):
+            if value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        path = resolve_model(backbone)
+        try:
+            backbone_model = AutoModelForCausalLM.from_pretrained(path)
+        except OSError as error:
+            raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = PrefixCausalLM(backbone_model, num_virtual_tokens=num_virtual_tokens, reparam_hidden=prefix_hidden,
+                                    prefix_init_std=prefix_init_std)
+        if prefix_init_text is not None:
+            ids = self.tokenizer(prefix_init_text, add_special_tokens=False)["input_ids"]
+            if len(ids) < num_virtual_tokens:
+                raise ValueError(
+                    f"prefix_init_text={prefix_init_text!r} is {len(ids)} tokens, fewer than num_virtual_tokens="
+                    f"{num_virtual_tokens}; give a longer text."
+                )
+            self.model.init_prefix_from_tokens(ids)
+            self.ledger.record("prefix initialisation", "public",
+                               f"prefix initialised from the backbone's keys and values of the public text {prefix_init_text!r}")
+        self.generate_max_new_tokens = generate_max_new_tokens
+        self.num_generation_batches = num_generation_batches
+        self.num_samples = num_samples
+        for stage in STAGES:
+            setattr(self, f"{stage}_perplexity", Perplexity())
+            setattr(self, f"{stage}_bleu", BLEUScore(n_gram=4))
+            # Without a stemmer ROUGE needs no nltk: lower-cased alphanumeric words split on spaces.
+            setattr(self, f"{stage}_rouge", ROUGEScore(rouge_keys="rougeL", accumulate="best"))
+        self._generated = {stage: 0 for stage in STAGES}
+
+    # ------------------------------------------------------------------ model
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``(batch, length, vocab)`` with the prefix in the cache."""
+        return self.model(input_ids, attention_mask)
+
+    def token_log_probs(self, batch: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(log_probs, mask)``, both ``(batch, length)``: the log-probability of each target token given the
+        prefix and the tokens before it, and which positions are scored target tokens (0 elsewhere)."""
+        return self.model.target_log_probs(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def example_losses(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """One loss per example, as DP needs: the mean NLL of the example's target tokens, plus the
+        per-example terms that callbacks registered in ``loss_terms`` (they receive the vocabulary logits of
+        the scored tokens, one row per token, and the per-example prefix of this forward)."""
+        log_probs, mask, logits, prefix = self.model.target_log_probs(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=True
+        )
+        losses = -log_probs.sum(1) / mask.sum(1).clamp(min=1)
+        for term in self.loss_terms:
+            losses = losses + term(batch, logits, prefix)
+        return losses
+
+    @torch.no_grad()
+    def generate(
+        self, source_input_ids: torch.Tensor, source_attention_mask: torch.Tensor, **generate_kwargs: Any
+    ) -> torch.LongTensor:
+        """Continue LEFT-padded prompts with Hugging Face ``generate`` and the prefix in the cache; returns the
+        prompts followed by the new tokens. The tokenizer's pad and end tokens are the defaults;
+        ``generate_kwargs`` (``max_new_tokens``, ``do_sample``, ...) go to ``generate``."""
+        tokenizer = self.tokenizer
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        defaults = {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+        return self.model.generate(source_input_ids, source_attention_mask, **{**defaults, **generate_kwargs})
+
+    def generate_text(self, batch: Dict[str, Any], **generate_kwargs: Any) -> List[str]:
+        """The greedy continuations (``generate_max_new_tokens`` tokens unless told otherwise) of a batch's
+        prompts, as text."""
+        prompts = batch["source_input_ids"]
+        kwargs = {"max_new_tokens": self.generate_max_new_tokens, "do_sample": False, **generate_kwargs}
+        output = self.generate(prompts, batch["source_attention_mask"], **kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(output[:, prompts.shape[1]:], skip_special_tokens=True)]
+
+    # ------------------------------------------------------------------ setup
+    def configure_callbacks(self) -> List[Callback]:
+        # Checked here, before any callback's setup runs (a teacher would be trained first).
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, TeacherDistillation) and callback.logit_weight > 0:
+                raise ValueError(
+                    f"TeacherDistillation(logit_weight={callback.logit_weight}) cannot be used with "
+                    f"{type(self).__name__}: its KL term compares one class distribution per example, a causal LM "
+                    "predicts one per token. Use logit_weight=0 (the prefix distance term works)."
+                )
+        return []
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, batch: Dict[str, Any], batch_idx: int, stage: str) -> None:
+        size = batch["labels"].shape[0]
+        log_probs, mask, logits, _ = self.model.target_log_probs(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=True
+        )
+        losses = -log_probs.sum(1) / mask.sum(1).clamp(min=1)
+        self.log(f"{stage}_loss", losses.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        if logits.shape[0] > 0:
+            perplexity = getattr(self, f"{stage}_perplexity")
+            perplexity.update(logits.unsqueeze(0), batch["labels"][mask].unsqueeze(0))
+            self.log(f"{stage}_ppl", perplexity, prog_bar=True, batch_size=size)
+        if batch_idx < self.num_generation_batches:
+            generated = self.generate_text(batch)
+            getattr(self, f"{stage}_bleu").update(generated, batch["references"])
+            getattr(self, f"{stage}_rouge").update(generated, batch["references"])
+            if self._generated[stage] < self.num_samples:
+                self._record_samples(batch, generated, stage)
+            self._generated[stage] += len(generated)
+
+    def _record_samples(self, batch: Dict[str, Any], generated: List[str], stage: str) -> None:
+        count = min(self.num_samples - self._generated[stage], len(generated))
+        prompts = self.tokenizer.batch_decode(batch["source_input_ids"][:count], skip_special_tokens=True)
+        samples = [{"source": prompt.strip(), "generated": text, "references": references}
+                   for prompt, text, references in zip(prompts, generated, batch["references"])]
+        self.report_sections.setdefault("samples", {}).setdefault(stage, []).extend(samples)
+        for sample in samples:
+            rank_zero_info(f"[{stage} sample] {sample['source']!r} -> {sample['generated']!r} "
+                           f"(reference: {sample['references'][0]!r})")
+
+    def _log_generation_metrics(self, stage: str) -> None:
+        if self._generated[stage] == 0:
+            return
+        bleu, rouge = getattr(self, f"{stage}_bleu"), getattr(self, f"{stage}_rouge")
+        self.log(f"{stage}_bleu", bleu.compute(), prog_bar=True)
+        self.log(f"{stage}_rougeL", rouge.compute()["rougeL_fmeasure"], prog_bar=True)
+        self._generated[stage] = 0
+
+    def _start_evaluation(self, stage: str) -> None:
+        self._generated[stage] = 0
+        if self.num_samples > 0 and self.num_generation_batches > 0:
+            self.report_sections.setdefault("samples", {})[stage] = []
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._start_evaluation("val")
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._start_evaluation("test")
+
+    def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_generation_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_generation_metrics("test")
