@@ -258,6 +258,7 @@ def test_measure_landscape_restores_everything_and_writes_json_and_pngs(tiny_mod
     from matplotlib.image import imread
 
     module = classifier(tiny_model_dir("bert"))
+    batches = token_batches()  # iterating a DataLoader draws from the global generator: before the snapshot
     huge = lambda batch, logits, prefix: torch.full((len(batch["labels"]),), 1000.0)  # noqa: E731
     terms = [huge]
     module.loss_terms = terms
@@ -266,8 +267,8 @@ def test_measure_landscape_restores_everything_and_writes_json_and_pngs(tiny_mod
     modes = {name: m.training for name, m in module.named_modules()}
     state = {k: v.clone() for k, v in module.state_dict().items()}
     rng = torch.get_rng_state()
-    result = measure_landscape(module, token_batches(), LandscapeSettings(alphas=[0, 0.5, 1], sam_steps=2, radius=5.0,
-                                                                          slice_1d_points=3, slice_2d_points=3))
+    result = measure_landscape(module, batches, LandscapeSettings(alphas=[0, 0.5, 1], sam_steps=2, radius=5.0,
+                                                                  slice_1d_points=3, slice_2d_points=3))
     assert result["loss"] < 100  # the teacher-like term did not count: task loss only
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
     assert {name: m.training for name, m in module.named_modules()} == modes
