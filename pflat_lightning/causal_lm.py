@@ -115,7 +115,9 @@ class PrefixTunedCausalLM(DPPrefixModule):
         try:
             backbone_model = AutoModelForCausalLM.from_pretrained(path)
         except OSError as error:
-            raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
+            raise ValueError(
+                f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}"
+            ) from error
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = PrefixCausalLM(backbone_model, num_virtual_tokens=num_virtual_tokens, reparam_hidden=prefix_hidden,
                                     prefix_init_std=prefix_init_std)
@@ -127,8 +129,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
                     f"{num_virtual_tokens}; give a longer text."
                 )
             self.model.init_prefix_from_tokens(ids)
-            self.ledger.record("prefix initialisation", "public",
-                               f"prefix initialised from the backbone's keys and values of the public text {prefix_init_text!r}")
+            self.ledger.record("prefix initialisation", "public", "prefix initialised from the backbone's keys and "
+                                                                    f"values of the public text {prefix_init_text!r}")
         self.generate_max_new_tokens = generate_max_new_tokens
         self.num_generation_batches = num_generation_batches
         self.num_samples = num_samples
@@ -156,12 +158,11 @@ class PrefixTunedCausalLM(DPPrefixModule):
         log_probs, mask, logits, prefix = self.model.target_log_probs(
             batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=True
         )
-        losses = -log_probs.sum(1) / mask.sum(1).clamp(min=1)
+        losses = _mean_nll(log_probs, mask)
         for term in self.loss_terms:
             losses = losses + term(batch, logits, prefix)
         return losses
 
-    @torch.no_grad()
     def generate(
         self, source_input_ids: torch.Tensor, source_attention_mask: torch.Tensor, **generate_kwargs: Any
     ) -> torch.LongTensor:
@@ -170,7 +171,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
         ``generate_kwargs`` (``max_new_tokens``, ``do_sample``, ...) go to ``generate``."""
         tokenizer = self.tokenizer
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        defaults = {"eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        defaults = {"eos_token_id": eos, "pad_token_id": pad}
         return self.model.generate(source_input_ids, source_attention_mask, **{**defaults, **generate_kwargs})
 
     def generate_text(self, batch: Dict[str, Any], **generate_kwargs: Any) -> List[str]:
@@ -179,7 +181,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
         prompts = batch["source_input_ids"]
         kwargs = {"max_new_tokens": self.generate_max_new_tokens, "do_sample": False, **generate_kwargs}
         output = self.generate(prompts, batch["source_attention_mask"], **kwargs)
-        return [text.strip() for text in self.tokenizer.batch_decode(output[:, prompts.shape[1]:], skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(output[:, prompts.shape[1]:], skip_special_tokens=True)
+        return [text.strip() for text in texts]
 
     # ------------------------------------------------------------------ setup
     def configure_callbacks(self) -> List[Callback]:
@@ -199,8 +202,7 @@ class PrefixTunedCausalLM(DPPrefixModule):
         log_probs, mask, logits, _ = self.model.target_log_probs(
             batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=True
         )
-        losses = -log_probs.sum(1) / mask.sum(1).clamp(min=1)
-        self.log(f"{stage}_loss", losses.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log(f"{stage}_loss", _mean_nll(log_probs, mask).mean(), prog_bar=True, batch_size=size, sync_dist=True)
         if logits.shape[0] > 0:
             perplexity = getattr(self, f"{stage}_perplexity")
             perplexity.update(logits.unsqueeze(0), batch["labels"][mask].unsqueeze(0))
@@ -255,3 +257,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_generation_metrics("test")
+
+
+def _mean_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each example's mean negative log-likelihood over its scored tokens (0 for an example without any)."""
+    return -log_probs.sum(1) / mask.sum(1).clamp(min=1)

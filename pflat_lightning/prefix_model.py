@@ -1,4 +1,4 @@
-"""A frozen transformer with a trainable prefix and a classifier read from its output."""
+"""A frozen transformer with a trainable prefix, read by a classifier or by its causal LM head."""
 from __future__ import annotations
 
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -85,7 +85,9 @@ class PrefixedBackbone(nn.Module):
             ghost += copies * batch_size * tokens * tokens * params[0].element_size()
         return {"hooks": hooks, "ghost": ghost}
 
-    def prefix_cache(self, batch_size: int, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None) -> DynamicCache:
+    def prefix_cache(
+        self, batch_size: int, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    ) -> DynamicCache:
         """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples); under
         autocast its keys and values take the backbone's 16-bit compute dtype."""
         cache = DynamicCache()
@@ -240,8 +242,8 @@ class PrefixCausalLM(PrefixedBackbone):
         family = family_for(backbone.config)
         if family.bidirectional:
             raise ValueError(
-                f"backbone is a {family.name} masked LM (model_type={backbone.config.model_type!r}); generation needs a "
-                "causal LM: " + ", ".join(f.name for f in FAMILIES.values() if not f.bidirectional) + "."
+                f"backbone is a {family.name} masked LM (model_type={backbone.config.model_type!r}); generation "
+                "needs a causal LM: " + ", ".join(f.name for f in FAMILIES.values() if not f.bidirectional) + "."
             )
         super().__init__(backbone, num_virtual_tokens=num_virtual_tokens, reparam_hidden=reparam_hidden,
                          prefix_init_std=prefix_init_std)

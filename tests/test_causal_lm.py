@@ -45,7 +45,7 @@ def examples(token_pairs, references=None):
 class GenerationData(pl.LightningDataModule):
     """Token pairs in the datamodule's batch contract (its own collator); Poisson training batches."""
 
-    def __init__(self, size=48, batch_size=8, val=None, seed=0) -> None:
+    def __init__(self, size=32, batch_size=8, val=None, seed=0) -> None:
         super().__init__()
         self.train = examples(pairs(size, seed))
         self.val = val or examples(pairs(12, seed + 1), [["a reply"]] * 12)
@@ -85,7 +85,8 @@ def hf_example_loss(module, input_ids, attention_mask, labels):
     for layer, (key, value) in enumerate(model.prefix(1)):
         cache.update(key, value, layer)
     p = model.prefix.num_virtual_tokens
-    out = model.backbone(input_ids=input_ids, attention_mask=torch.cat([torch.ones(1, p, dtype=torch.long), attention_mask], 1),
+    full_mask = torch.cat([torch.ones(1, p, dtype=torch.long), attention_mask], 1)
+    out = model.backbone(input_ids=input_ids, attention_mask=full_mask,
                          position_ids=p + torch.arange(input_ids.shape[1]).unsqueeze(0), past_key_values=cache,
                          labels=labels)
     return out.loss
@@ -139,14 +140,14 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     """A logical batch of 8 in physical chunks of 3: the update equals the hand-clipped mean of per-example
     autograd gradients of Hugging Face's own loss."""
     path = tiny_model_dir(family)
-    data = GenerationData(size=48, batch_size=8)
+    data = GenerationData()
     data.poisson_sampling = False
     first = batch_of(data.train[:8])
     reference = make(path)
     params = [p for p in reference.model.parameters() if p.requires_grad]
-    grads = [torch.autograd.grad(hf_example_loss(reference, first["input_ids"][i : i + 1],
-                                                 first["attention_mask"][i : i + 1], first["labels"][i : i + 1]), params)
-             for i in range(8)]
+    one = [{k: v[i : i + 1] for k, v in first.items()} for i in range(8)]
+    grads = [torch.autograd.grad(hf_example_loss(reference, x["input_ids"], x["attention_mask"], x["labels"]), params)
+             for x in one]
     norms = torch.stack([torch.cat([g.flatten() for g in gs]).norm() for gs in grads])
     clip = float(norms.median())  # half of the examples are clipped
     module = make(path, max_physical_batch_size=3, optimizer=partial(torch.optim.SGD, lr=1.0),
@@ -199,8 +200,8 @@ def test_dp_fit_then_validation_perplexity_bleu_rouge_and_report(tiny_model_dir,
     path = tiny_model_dir("gpt2")
     module = make(path, generate_max_new_tokens=8, num_generation_batches=1, num_samples=2,
                   privacy=PrivacyConfig(target_epsilon=8.0))
-    data = GenerationData(size=48, batch_size=8)
-    trainer = quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=None)
+    data = GenerationData()
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=None)
     trainer.fit(module, datamodule=data)
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     assert 7.9 < report["epsilon"] <= 8.0 and report["formal_guarantee"] is True
@@ -232,10 +233,14 @@ def test_dp_fit_then_validation_perplexity_bleu_rouge_and_report(tiny_model_dir,
     assert metrics["val_bleu"] == 0.0 and metrics["val_rougeL"] == 0.0
 
 
-def test_generation_metrics_can_be_turned_off(tiny_model_dir, tmp_path):
+def test_validation_before_fit_then_fit_with_generation_metrics_off(tiny_model_dir, tmp_path):
+    """The un-tuned model's validation (inference mode) leaves metric states that a later fit can update."""
     module = make(tiny_model_dir("gpt2"), num_generation_batches=0)
-    metrics = quiet_trainer(tmp_path, limit_val_batches=None).validate(module, datamodule=GenerationData(), verbose=False)[0]
-    assert set(metrics) == {"val_loss", "val_ppl"}
+    trainer = quiet_trainer(tmp_path, limit_val_batches=None, max_epochs=1)
+    untuned = trainer.validate(module, datamodule=GenerationData(), verbose=False)[0]
+    assert set(untuned) == {"val_loss", "val_ppl"}
+    trainer.fit(module, datamodule=GenerationData())
+    assert trainer.callback_metrics["val_ppl"] < untuned["val_ppl"]
 
 
 # ---------------------------------------------------------------- callbacks
@@ -256,7 +261,8 @@ def test_flattening_callbacks_run_on_the_causal_lm_with_a_formal_guarantee(tiny_
 def test_logit_distillation_is_refused_before_a_teacher_is_trained(tiny_model_dir, tmp_path):
     module = make(tiny_model_dir("gpt2"), privacy=PrivacyConfig(target_epsilon=8.0))
     teacher = TeacherDistillation("public", logit_weight=0.5)
-    with pytest.raises(ValueError, match=r"TeacherDistillation\(logit_weight=0.5\) cannot be used with PrefixTunedCausalLM"):
+    refused = r"TeacherDistillation\(logit_weight=0.5\) cannot be used with PrefixTunedCausalLM"
+    with pytest.raises(ValueError, match=refused):
         quiet_trainer(tmp_path, max_steps=1, callbacks=[teacher]).fit(module, datamodule=GenerationData())
     assert teacher.teacher_state is None
 

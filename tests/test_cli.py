@@ -93,8 +93,8 @@ def test_cli_fits_the_causal_lm_on_movie_dialog(tiny_model_dir, tmp_path):
         "--model.backbone", tiny_model_dir("gpt2"), "--model.generate_max_new_tokens", "4",
         "--data.max_train_examples", "64", "--data.max_eval_examples", "8", "--data.batch_size", "16",
         "--data.max_source_length", "16", "--data.max_target_length", "8",
-        "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        cwd=tmp_path,
+        "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false", cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Result: test perplexity" in result.stdout and "test BLEU" in result.stdout
