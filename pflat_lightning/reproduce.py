@@ -133,7 +133,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         "seed": seed,
         "test_acc": report["metrics"].get("test_acc"),
         "val_acc": report["metrics"].get("val_acc"),
-        "mia_accuracy": audit["balanced_accuracy"],
+        "mia_accuracy": audit["mia_accuracy"],
         "mia_auc": audit["auc"],
         "mia_tpr_at_1pct_fpr": audit["tpr_at_1pct_fpr"],
         "sharpness": landscape["sharpness"],
@@ -149,7 +149,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
 def measurement_callbacks(quick: bool) -> List[Callback]:
     return [
         MembershipInferenceAudit(attacks=["loss"], num_examples=200 if quick else 1000),
-        LossLandscape(num_batches=1 if quick else 4, slice_1d_points=0, slice_2d_points=0),
+        LossLandscape(num_batches=1 if quick else 4, sam_steps=2 if quick else 5, slice_1d_points=0, slice_2d_points=0),
     ]
 
 
