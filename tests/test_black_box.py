@@ -20,10 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pflat_lightning import BlackBoxPromptTuner, PrivacyConfig
 from pflat_lightning.black_box import HTTPScorer, HuggingFaceScorer, ZerothOrderMechanism
+from pflat_lightning.black_box.server import main as serve_scorer
 from pflat_lightning.black_box.server import make_server
 from pflat_lightning.datamodules import TextClassificationDataModule
 
-from helpers import StopAfter, quiet_trainer, run_isolated
+from helpers import StopAfter, quiet_trainer
 
 WORDS = ["bad", "good"]  # single tokens of the tiny models' WordPiece vocabulary
 TEMPLATE = "{text} it was"
@@ -49,7 +50,7 @@ def scorers(tiny_model_dir):
 
     def make(family: str) -> HuggingFaceScorer:
         if family not in cache:
-            cache[family] = HuggingFaceScorer(tiny_model_dir(family), WORDS, template=TEMPLATE, batch_size=5)
+            cache[family] = HuggingFaceScorer(tiny_model_dir(family), WORDS, template=TEMPLATE, batch_size=64)
         return cache[family]
 
     return make
@@ -110,8 +111,8 @@ class RecordingScorer:
 # ---------------------------------------------------------------------------------------------------- scorers
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_scorer_equals_a_plain_forward_per_example(family, scorers, tiny_model_dir):
-    """Padded, chunked, prompt-after-[CLS] scoring equals one unpadded forward per (prompt, text)."""
-    scorer = scorers(family)
+    """Padded, chunked (4 pairs a pass), prompt-after-[CLS] scoring equals one unpadded forward per (prompt, text)."""
+    scorer = HuggingFaceScorer(tiny_model_dir(family), WORDS, template=TEMPLATE, batch_size=4)
     torch.manual_seed(0)
     prompts = torch.randn(2, 3, scorer.info.hidden_size) * 0.5
     texts = ["a good film", "the plot was slow and the actors awful", "funny"]
@@ -180,7 +181,7 @@ def test_serve_scorer_command_serves_the_same_scores(scorers, tiny_model_dir):
     import subprocess
 
     command = [sys.executable, "-m", "pflat_lightning.cli", "serve-scorer", "--model", tiny_model_dir("gpt2"),
-               "--label_words", *WORDS, "--template", TEMPLATE, "--batch_size", "5", "--port", "0"]
+               "--label_words", *WORDS, "--template", TEMPLATE, "--batch_size", "64", "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -198,11 +199,13 @@ def test_serve_scorer_command_serves_the_same_scores(scorers, tiny_model_dir):
         process.communicate()
 
 
-def test_serve_scorer_refuses_bad_arguments(tiny_model_dir):
-    result = run_isolated([sys.executable, "-m", "pflat_lightning.cli", "serve-scorer", "--model", tiny_model_dir("gpt2"),
-                           "--label_words", "bad", "good", "--template", "{sentence} it was"], timeout=120)
-    assert result.returncode == 2
-    assert "template must contain the plain field '{text}'" in result.stderr and "{sentence} it was" in result.stderr
+def test_serve_scorer_refuses_bad_arguments(tiny_model_dir, capsys):
+    base = ["--model", tiny_model_dir("gpt2"), "--label_words", "bad", "good"]
+    assert serve_scorer([*base, "--template", "{sentence} it was"]) == 2
+    error = capsys.readouterr().err
+    assert "template must contain the plain field '{text}'" in error and "{sentence} it was" in error
+    assert serve_scorer([*base, "--port", "70000"]) == 2
+    assert "--port must be in [0, 65535], got 70000" in capsys.readouterr().err
 
 
 def test_scorer_and_tuner_refuse_bad_input(scorers, tiny_model_dir, reviews, tmp_path):
@@ -234,6 +237,7 @@ def test_scorer_and_tuner_refuse_bad_input(scorers, tiny_model_dir, reviews, tmp
         (dict(awp_gamma=-1.0), "awp_gamma must be a finite number >= 0, got -1.0"),
         (dict(distill_weight=0.1), "distill_weight=0.1 and teacher_prompt=None disagree"),
         (dict(distill_weight=0.1, teacher_prompt=torch.zeros(5)), r"teacher_prompt must have shape \(intrinsic_dim,\) = \(12,\), got \(5,\)"),
+        (dict(initial_prompt_scale=-0.5), "initial_prompt_scale must be a finite number >= 0, got -0.5"),
         (dict(initial_prompt=torch.zeros(2, 32)), r"initial_prompt must have shape \(num_prompt_tokens, hidden_size\) = \(3, 32\), got \(2, 32\)"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -365,21 +369,22 @@ def test_nonprivate_baseline_reports_no_guarantee(scorers, tiny_model_dir, revie
 
 
 def make_private(scorer):
-    return tuner_for(scorer, PrivacyConfig(target_epsilon=3.0, seed=7), awp_gamma=0.1)
+    return tuner_for(scorer, PrivacyConfig(target_epsilon=3.0, accountant="rdp", seed=7), awp_gamma=0.1)
 
 
 def test_resume_keeps_the_spend_the_prompt_and_the_schedule(scorers, tiny_model_dir, reviews, tmp_path):
     scorer, path = scorers("gpt2"), tiny_model_dir("gpt2")
+    data = partial(data_for, reviews, path, batch_size=16)  # 3 Poisson batches per epoch
     whole = make_private(scorer)
-    quiet_trainer(tmp_path / "whole", max_epochs=2).fit(whole, datamodule=data_for(reviews, path))
+    quiet_trainer(tmp_path / "whole", max_epochs=2).fit(whole, datamodule=data())
     ckpt = tmp_path / "interrupted.ckpt"
     first = make_private(scorer)
-    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(5, ckpt)]).fit(first, datamodule=data_for(reviews, path))
-    assert first.engine.updates == 5
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(4, ckpt)]).fit(first, datamodule=data())
+    assert first.engine.updates == 4  # stopped inside the second epoch
     resumed = make_private(scorer)
-    quiet_trainer(tmp_path / "b", max_epochs=2).fit(resumed, datamodule=data_for(reviews, path), ckpt_path=ckpt)
+    quiet_trainer(tmp_path / "b", max_epochs=2).fit(resumed, datamodule=data(), ckpt_path=ckpt)
 
-    assert resumed.engine.updates == whole.engine.updates == 12
+    assert resumed.engine.updates == whole.engine.updates == 6
     assert resumed.engine.history == whole.engine.history
     assert resumed.privacy_report()["epsilon"] == pytest.approx(whole.privacy_report()["epsilon"], rel=1e-12)
     # Same Poisson draws, directions, AWP direction and noise stream: the resumed run is the whole run.
@@ -409,6 +414,13 @@ def test_projection_follows_bbt_scaling_and_the_seed(scorers):
     assert torch.equal(big.projection, again.projection)
     other = BlackBoxPromptTuner(scorer, num_prompt_tokens=20, intrinsic_dim=400, projection_scale=2.0, seed=6)
     assert not torch.equal(big.projection, other.projection)
+    # p0: a seeded Gaussian on the embeddings' scale (kept in checkpoints), or zeros at scale 0.
+    assert big.initial_prompt.std().item() == pytest.approx(scorer.info.embedding_std, rel=0.1)
+    assert torch.equal(big.initial_prompt, again.initial_prompt)
+    assert not torch.equal(big.initial_prompt, other.initial_prompt)
+    assert "initial_prompt" in big.state_dict()
+    zero = BlackBoxPromptTuner(scorer, num_prompt_tokens=20, intrinsic_dim=400, initial_prompt_scale=0.0)
+    assert not zero.initial_prompt.any()
     # z = 0 is the untuned prompt p0: the model's zero-shot scores.
     texts = ["a good film"]
     torch.testing.assert_close(big(texts), scorer.label_logits(big.initial_prompt[None], texts)[0])

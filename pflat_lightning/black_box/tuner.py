@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from opacus.optimizers.optimizer import _generate_noise
 from torchmetrics.classification import MulticlassAccuracy
 
-from pflat_lightning.classifier import CHECKPOINT_KEY
+from pflat_lightning.module import CHECKPOINT_KEY
 from pflat_lightning.black_box.scorers import PromptScorer
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
@@ -115,7 +115,13 @@ class BlackBoxPromptTuner(pl.LightningModule):
         seed: seed of the projection ``A`` and of the directions.
         num_directions: ``q``, directions per step (each costs two scorer evaluations of the batch).
         smoothing: ``mu``, the step of the two-point differences in ``z``-space.
-        initial_prompt: ``p0``, shape ``(num_prompt_tokens, hidden_size)``; zeros when ``None``.
+        initial_prompt: ``p0``, shape ``(num_prompt_tokens, hidden_size)``; when ``None``, a Gaussian
+            draw (from ``seed``) with entry std ``initial_prompt_scale * embedding_std``, the stand-in for
+            BBT's random vocabulary embeddings, which a black-box client cannot read.
+        initial_prompt_scale: see ``initial_prompt``; 0 gives a zero ``p0``. A zero prompt is a poor
+            start for pre-norm models (Llama's RMSNorm): a prompt token's normalised input then depends
+            only on the direction of ``A z``, so the loss is not differentiable at ``z = 0`` and two-point
+            differences there compare two directions instead of measuring a slope.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
             ``max_grad_norm`` clips each example's vector of ``q`` differences.
         optimizer: optimizer factory over ``[z]``.
@@ -149,6 +155,7 @@ class BlackBoxPromptTuner(pl.LightningModule):
         num_directions: int = 4,
         smoothing: float = 0.5,
         initial_prompt: Optional[torch.Tensor] = None,
+        initial_prompt_scale: float = 1.0,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.SGD,
         awp_gamma: float = 0.0,
@@ -166,7 +173,8 @@ class BlackBoxPromptTuner(pl.LightningModule):
         for name, value in (("projection_scale", projection_scale), ("smoothing", smoothing)):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-        for name, value in (("awp_gamma", awp_gamma), ("distill_weight", distill_weight)):
+        for name, value in (("awp_gamma", awp_gamma), ("distill_weight", distill_weight),
+                            ("initial_prompt_scale", initial_prompt_scale)):
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if (distill_weight > 0) != (teacher_prompt is not None):
@@ -191,12 +199,14 @@ class BlackBoxPromptTuner(pl.LightningModule):
         self.awp_gamma, self.distill_weight = awp_gamma, distill_weight
         self.seed, self.epsilon_every_n_steps = seed, epsilon_every_n_steps
         self.z = torch.nn.Parameter(torch.zeros(intrinsic_dim))
-        self.register_buffer("initial_prompt", torch.zeros(shape) if initial_prompt is None else initial_prompt.float().clone())
-        self.register_buffer("teacher_prompt", None if teacher_prompt is None else teacher_prompt.float().clone())
         generator = torch.Generator().manual_seed(seed)
         scale = projection_scale * info.embedding_std / math.sqrt(intrinsic_dim)
         self.register_buffer("projection", torch.randn(shape[0] * shape[1], intrinsic_dim, generator=generator) * scale,
                              persistent=False)
+        if initial_prompt is None:
+            initial_prompt = torch.randn(shape, generator=generator) * (initial_prompt_scale * info.embedding_std)
+        self.register_buffer("initial_prompt", initial_prompt.float().clone())
+        self.register_buffer("teacher_prompt", None if teacher_prompt is None else teacher_prompt.float().clone())
         self.ledger = PrivacyLedger()
         self.engine: Optional[ZerothOrderMechanism] = ZerothOrderMechanism(self.privacy) if self.privacy.enabled else None
         #: The previous step's released estimate in ``z``-space (post-processing of the noisy release).
