@@ -368,6 +368,15 @@ def test_nonprivate_baseline_reports_no_guarantee(scorers, tiny_model_dir, revie
     assert "test_acc" in report["metrics"]
 
 
+def test_a_zero_shot_test_before_fit_reports_nothing_spent(scorers, tiny_model_dir, reviews, tmp_path):
+    tuner = tuner_for(scorers("gpt2"), PrivacyConfig(target_epsilon=8.0))
+    quiet_trainer(tmp_path).test(tuner, datamodule=data_for(reviews, tiny_model_dir("gpt2")))
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["epsilon"] == 0.0 and report["steps"] == 0 and report["accountant_history"] == []
+    assert "test_acc" in report["metrics"]
+    assert "Nothing has been trained on the private data yet" in (tmp_path / "privacy_report.md").read_text()
+
+
 def make_private(scorer):
     return tuner_for(scorer, PrivacyConfig(target_epsilon=3.0, accountant="rdp", seed=7), awp_gamma=0.1)
 

@@ -77,8 +77,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
         f"**Formal (epsilon, delta) guarantee: {verdict}.**",
         "",
     ]
-    if report["epsilon"] is not None:
+    if report["epsilon"] is not None and report["delta"] is not None:
         lines += [f"The training set is protected at (epsilon = {report['epsilon']:.4f}, delta = {report['delta']:.3g}).", ""]
+    elif report["epsilon"] is not None:  # a private module evaluated before any training: nothing released yet
+        lines += ["Nothing has been trained on the private data yet (epsilon = 0).", ""]
     if report["reasons"]:
         lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
     lines += ["| parameter | value |", "| --- | --- |"]
