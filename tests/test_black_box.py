@@ -352,10 +352,29 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant_and_report_is_written
     expected = fresh.get_epsilon(delta=48 ** -1.1)
     report = json.loads((tmp_path / "privacy_report.json").read_text())
     assert report["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert float(trainer.callback_metrics["epsilon"]) == pytest.approx(expected, rel=1e-6)  # the progress bar's
     assert target * 0.97 < report["epsilon"] <= target  # calibrated to the target
     assert report["formal_guarantee"] is True and report["grad_sample_mode"] == "zeroth_order"
     assert report["callbacks"]["BlackBoxPromptTuner"]["num_directions"] == 3
     assert "receives the private texts" in report["callbacks"]["BlackBoxPromptTuner"]["trust"]
+
+
+def test_empty_poisson_batches_are_noise_only_steps(scorers, tiny_model_dir, reviews, tmp_path):
+    """Expected batch 1 of 48: about a third of the draws are empty; each still releases noise and steps."""
+    recording = RecordingScorer(scorers("gpt2"))
+    tuner = tuner_for(recording, PrivacyConfig(noise_multiplier=1.0, target_epsilon=None, accountant="rdp"))
+    record = RecordBatches()
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[record]).fit(tuner, datamodule=data_for(reviews, tiny_model_dir("gpt2"),
+                                                                                           batch_size=1))
+    sizes = [batch["labels"].shape[0] for batch in record.batches]
+    assert len(sizes) == 48 and sizes.count(0) >= 5
+    assert tuner.engine.updates == tuner.steps_taken == 48
+    assert len(recording.prompts) == 48 - sizes.count(0)  # the scorer is not called for an empty batch
+    for step, size in enumerate(sizes):
+        if size == 0:  # a pure-noise estimate, still applied
+            assert record.released[step].norm() > 0
+            after = record.z_before[step + 1] if step + 1 < 48 else tuner.z.detach()
+            torch.testing.assert_close(after, record.z_before[step] - record.released[step])
 
 
 def test_nonprivate_baseline_reports_no_guarantee(scorers, tiny_model_dir, reviews, tmp_path):
