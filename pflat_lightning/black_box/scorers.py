@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.datamodules.text_classification import special_tokens
@@ -171,8 +172,6 @@ class HuggingFaceScorer:
                 f"model={model!r} is a masked LM ({family.name}); the black-box scorer reads the next token of a causal "
                 "LM (gpt2 or llama family)."
             )
-        from transformers import AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = backbone.eval().requires_grad_(False)
         self.label_ids = torch.as_tensor(label_word_ids(self.tokenizer, label_words, family.label_word_prefix))
