@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
@@ -74,6 +76,25 @@ def _cli(args: Optional[Sequence[str]], run: bool = True) -> PflatCLI:
     )
 
 
+#: Keys of a saved ``pflat fit`` config that belong to the fit command, not to the run's objects.
+FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
+
+
+def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """A command's own arguments and, after ``--``, the ``pflat fit`` overrides of the run it works on."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1:]
+
+
+def run_folder(ckpt_path: str | Path) -> Path:
+    """The run folder of a checkpoint: the folder holding ``checkpoints/``, else the checkpoint's folder."""
+    folder = Path(ckpt_path).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
 def load_run(
     config: Sequence[str], ckpt_path: Optional[str] = None, overrides: Sequence[str] = ()
 ) -> Tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
@@ -87,7 +108,12 @@ def load_run(
     """
     args: List[str] = []
     for path in config:
-        args += ["--config", str(path)]
+        content = yaml.safe_load(Path(path).read_text()) or {}
+        # The config.yaml that `pflat fit` saves also holds the fit command's own arguments.
+        fit_only = [key for key in FIT_ONLY_KEYS if key in content]
+        for key in fit_only:
+            del content[key]
+        args += ["--config", yaml.safe_dump(content) if fit_only else str(path)]
     cli = _cli([*args, *overrides], run=False)
     model, datamodule = cli.model, cli.datamodule
     if ckpt_path is not None:

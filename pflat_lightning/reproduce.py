@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
+from pflat_lightning.cli import load_run, split_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 DEFAULT_CONFIG = CONFIGS / "movie_reviews_dp.yaml"
@@ -103,8 +104,6 @@ def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> Lis
 
 def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.Namespace) -> Dict[str, Any]:
     """Train, test, audit and measure one (method, epsilon, seed); return its row."""
-    from pflat_lightning.cli import load_run  # the CLI imports this module's command table lazily
-
     name = f"{method.name}-eps{epsilon}-seed{seed}".replace(" ", "_").replace("(", "").replace(")", "")
     folder = args.out / "runs" / name
     model, data, recipe = load_run(args.config, None, [*args.overrides, *method_overrides(method, epsilon, seed)])
@@ -233,11 +232,7 @@ def write_outputs(results: List[Dict[str, Any]], out: Path) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    argv = list(argv)
-    overrides: List[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, overrides = argv[:at], argv[at + 1:]
+    argv, overrides = split_overrides(argv)
     parser = argparse.ArgumentParser(prog="pflat reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", type=Path,

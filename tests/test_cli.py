@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from pflat_lightning.cli import load_run
+
 from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier
 from pflat_lightning.cli import load_run
 from pflat_lightning.datamodules import TextClassificationDataModule, TextGenerationDataModule
@@ -57,6 +59,11 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
     assert report["steps"] == 3 and report["formal_guarantee"] is True
     assert report["epsilon"] <= 8.0
     assert "test_acc" in report["metrics"]
+    # The saved config rebuilds the same run (it also holds the fit command's ckpt_path).
+    saved = next(tmp_path.rglob("config.yaml"))
+    assert "ckpt_path" in saved.read_text()
+    model, data, _ = load_run([saved])
+    assert model.hparams.backbone == path and data.source == "sms_spam" and data.max_length == 16
 
 
 @pytest.mark.parametrize("config, guarantee", [("privacy_flat_strict.yaml", True), ("privacy_flat_paper.yaml", False)])

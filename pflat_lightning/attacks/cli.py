@@ -11,11 +11,9 @@ the audit's section and ledger entry (json and md re-written).
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,9 +28,8 @@ from pflat_lightning.attacks.audit import (
     trainable_state,
     write_audit,
 )
-from pflat_lightning.cli import load_run
-from pflat_lightning.privacy.ledger import LedgerEntry
-from pflat_lightning.privacy.report import REPORT_JSON, write_report
+from pflat_lightning.cli import load_run, run_folder, split_overrides
+from pflat_lightning.privacy.report import add_section
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,19 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_folder(ckpt_path: str | Path) -> Path:
-    """The run folder of a checkpoint: the folder holding ``checkpoints/``, else the checkpoint's folder."""
-    parent = Path(ckpt_path).resolve().parent
-    return parent.parent if parent.name == "checkpoints" else parent
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``pflat audit`` with ``argv`` (without the command name); return the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: List[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, overrides = argv[:at], argv[at + 1 :]
+    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if not Path(args.ckpt_path).is_file():
@@ -105,16 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out) if args.out is not None else run_folder(args.ckpt_path)
     files = write_audit(result, out)
     detail = record_evaluation(model, result.summary["attacks"])
-    report_path = out / REPORT_JSON
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        report.setdefault("callbacks", {})[SECTION] = report_section(result, files)
-        entry = dataclasses.asdict(LedgerEntry(SECTION, "evaluation", detail))
-        if entry not in report["ledger"]:
-            report["ledger"].append(entry)
-        write_report(report, out)
+    report_path = add_section(out, SECTION, report_section(result, files), evaluation=detail)
     print(f"Membership-inference audit of {args.ckpt_path} ({result.summary['num_members']} members / non-members)\n")
     print(format_table(result.summary))
     print(f"\n{result.summary['threshold_note']}.\nResults: {files['json']}\nROC plot: {files['roc']}"
-          + (f"\nPrivacy report updated: {report_path}" if report_path.is_file() else ""))
+          + (f"\nPrivacy report updated: {report_path}" if report_path is not None else ""))
     return 0

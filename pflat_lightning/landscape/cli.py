@@ -12,12 +12,10 @@ folder's ``privacy_report.json``/``.md`` when there is one, and prints the numbe
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Sequence
 
-from pflat_lightning.cli import load_run
+from pflat_lightning.cli import load_run, run_folder, split_overrides
 from pflat_lightning.landscape.measures import (
     DATA_SPLITS,
     DEFAULT_ALPHAS,
@@ -30,8 +28,7 @@ from pflat_lightning.landscape.measures import (
     split_loader,
 )
 from pflat_lightning.landscape.plots import write_landscape
-from pflat_lightning.privacy.ledger import LedgerEntry
-from pflat_lightning.privacy.report import REPORT_JSON, write_report
+from pflat_lightning.privacy.report import add_section
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,32 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_folder(ckpt_path: str | Path) -> Path:
-    """The run folder of a checkpoint: the folder holding ``checkpoints/`` (else the checkpoint's folder)."""
-    folder = Path(ckpt_path).resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
-
-
-def _add_to_report(folder: Path, section: Dict[str, Any], data: str) -> Optional[Path]:
-    path = folder / REPORT_JSON
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text())
-    report.setdefault("callbacks", {})[SECTION] = section
-    if data == "private":
-        entry = asdict(LedgerEntry(SECTION, "evaluation", PRIVATE_EVALUATION))
-        if entry not in report["ledger"]:
-            report["ledger"].append(entry)
-    return write_report(report, folder)
-
-
 def main(argv: Sequence[str]) -> int:
     """Run ``pflat landscape`` with the arguments ``argv`` (without the command name); returns the exit code."""
-    argv = list(argv)
-    overrides: List[str] = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, overrides = argv[:split], argv[split + 1:]
+    argv, overrides = split_overrides(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -105,7 +79,7 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.out) if args.out is not None else folder / "landscape"
     files = write_landscape(result, out)
     section = {**landscape_section(result), "folder": str(out), "checkpoint": str(Path(args.ckpt_path).resolve())}
-    report = _add_to_report(folder, section, args.data)
+    report = add_section(folder, SECTION, section, evaluation=PRIVATE_EVALUATION if args.data == "private" else None)
 
     print(f"Loss landscape of {args.ckpt_path} on {result['examples']} {args.data} examples:")
     print(f"  loss at w                    {result['loss']:.6g}")

@@ -109,3 +109,19 @@ def write_report(report: Dict[str, Any], folder: str | Path) -> Path:
     path.write_text(json.dumps(report, indent=2) + "\n")
     (folder / REPORT_MD).write_text(render_markdown(report))
     return path
+
+
+def add_section(folder: str | Path, name: str, section: Dict[str, Any], evaluation: Optional[str] = None) -> Optional[Path]:
+    """Add the section ``name`` to the report already written in ``folder`` (and, with ``evaluation``, a
+    ledger entry of status ``"evaluation"`` saying what private data was read); re-write its JSON and
+    markdown. Returns the JSON path, or ``None`` when ``folder`` holds no report."""
+    path = Path(folder) / REPORT_JSON
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    report.setdefault("callbacks", {})[name] = section
+    if evaluation is not None:
+        entry = {"component": name, "status": "evaluation", "detail": evaluation}
+        if entry not in report["ledger"]:
+            report["ledger"].append(entry)
+    return write_report(report, folder)
