@@ -9,7 +9,7 @@ module builds ``self.model`` and says what one example's loss is (:meth:`DPPrefi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -184,36 +184,13 @@ class DPPrefixModule(pl.LightningModule):
 
     def _make_private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         trainer = self.trainer
-        trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
-        planned = trainer.estimated_stepping_batches
-        if not math.isfinite(planned):
-            raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
-        loader = trainer.train_dataloader
-        if isinstance(loader, PoissonDataLoader):
-            expected_batch = loader.expected_batch_size
-        elif self.privacy.poisson_sampling:
-            raise ValueError(
-                "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
-                "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
-            )
-        else:
-            expected_batch = loader.batch_size
-            self.ledger.record(
-                "sampling", "unaccounted",
-                "fixed-size shuffled batches (poisson_sampling=False): the accountant's epsilon assumes Poisson "
-                "sampling and is not a formal bound for shuffling",
-            )
-        if trainer.ckpt_path is not None and not self._resumed:
-            raise ValueError(
-                f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
-                "history, noise, sampler), so the privacy already spent would be forgotten."
-            )
+        dataset_size, expected_batch, planned = plan_private_training(self)
         dp_optimizer = self.engine.attach(
             self.model,
             optimizer,
-            dataset_size=len(loader.dataset),
+            dataset_size=dataset_size,
             expected_batch_size=expected_batch,
-            planned_steps=int(planned),
+            planned_steps=planned,
             distributed=trainer.world_size > 1,
             grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
         )
@@ -244,15 +221,8 @@ class DPPrefixModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        if self.is_private and isinstance(loader, PoissonDataLoader):
-            # Resuming inside an epoch (Lightning calls no on_train_epoch_start then): replay the epoch's
-            # draws and skip the batches already trained on, before the first batch is drawn.
-            done = self.engine.updates - self.current_epoch * loader.batch_sampler.num_batches
-            if 0 < done < loader.batch_sampler.num_batches:
-                loader.batch_sampler.fast_forward(done)
-                if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
-                    iter(self.trainer.fit_loop._data_fetcher)
+        if self.is_private:
+            resume_poisson_epoch(self, self.engine.updates)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         if self.is_private and self.engine.budget_exhausted:
@@ -363,3 +333,50 @@ class DPPrefixModule(pl.LightningModule):
     def teardown(self, stage: str) -> None:
         if self.is_private:
             self.engine.detach()
+
+
+def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
+    """``(dataset_size, expected_batch_size, planned_steps)`` of a DP fit about to start, from its training
+    loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a non-Poisson
+    loader under ``poisson_sampling=True`` (a shuffled loader otherwise is recorded as unaccounted) and a
+    resume from a checkpoint that carries no privacy state (``module._resumed`` false)."""
+    trainer = module.trainer
+    trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
+    planned = trainer.estimated_stepping_batches
+    if not math.isfinite(planned):
+        raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
+    loader = trainer.train_dataloader
+    if isinstance(loader, PoissonDataLoader):
+        expected_batch = loader.expected_batch_size
+    elif module.privacy.poisson_sampling:
+        raise ValueError(
+            "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
+            "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
+        )
+    else:
+        expected_batch = loader.batch_size
+        module.ledger.record(
+            "sampling", "unaccounted",
+            "fixed-size shuffled batches (poisson_sampling=False): the accountant's epsilon assumes Poisson "
+            "sampling and is not a formal bound for shuffling",
+        )
+    if trainer.ckpt_path is not None and not module._resumed:
+        raise ValueError(
+            f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
+            "history, noise, sampler), so the privacy already spent would be forgotten."
+        )
+    return len(loader.dataset), expected_batch, int(planned)
+
+
+def resume_poisson_epoch(module: pl.LightningModule, updates: int) -> None:
+    """Resuming inside an epoch after ``updates`` logical steps (Lightning calls no on_train_epoch_start
+    then): replay the epoch's Poisson draws and skip the batches already trained on, before the first
+    batch is drawn. Call it from ``on_train_start``."""
+    loader = module.trainer.train_dataloader
+    if not isinstance(loader, PoissonDataLoader):
+        return
+    done = updates - module.current_epoch * loader.batch_sampler.num_batches
+    if 0 < done < loader.batch_sampler.num_batches:
+        loader.batch_sampler.fast_forward(done)
+        if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
+            iter(module.trainer.fit_loop._data_fetcher)

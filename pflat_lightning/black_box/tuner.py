@@ -21,13 +21,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from opacus.optimizers.optimizer import _generate_noise
 from torchmetrics.classification import MulticlassAccuracy
 
-from pflat_lightning.module import CHECKPOINT_KEY
+from pflat_lightning.module import CHECKPOINT_KEY, plan_private_training, resume_poisson_epoch
 from pflat_lightning.black_box.scorers import PromptScorer
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
 from pflat_lightning.privacy.report import build_report, write_report
-from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 #: Checkpoint key of the tuner's own training state (the released estimate AWP steps along).
 STATE_KEY = "pflat_black_box"
@@ -300,29 +299,8 @@ class BlackBoxPromptTuner(pl.LightningModule):
         return optimizer
 
     def _plan_privacy(self) -> None:
-        trainer = self.trainer
-        trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
-        planned = trainer.estimated_stepping_batches
-        if not math.isfinite(planned):
-            raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
-        loader = trainer.train_dataloader
-        if isinstance(loader, PoissonDataLoader):
-            expected_batch = loader.expected_batch_size
-        elif self.privacy.poisson_sampling:
-            raise ValueError(
-                "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
-                "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
-            )
-        else:
-            expected_batch = loader.batch_size
-            self.ledger.record("sampling", "unaccounted", "fixed-size shuffled batches (poisson_sampling=False): the "
-                               "accountant's epsilon assumes Poisson sampling and is not a formal bound for shuffling")
-        if trainer.ckpt_path is not None and not self._resumed:
-            raise ValueError(
-                f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
-                "history, noise, sampler), so the privacy already spent would be forgotten."
-            )
-        self.engine.plan(dataset_size=len(loader.dataset), expected_batch_size=expected_batch, planned_steps=int(planned))
+        dataset_size, expected_batch, planned = plan_private_training(self)
+        self.engine.plan(dataset_size=dataset_size, expected_batch_size=expected_batch, planned_steps=planned)
         rank_zero_info(
             f"Black-box DP zeroth-order tuning: noise_multiplier={self.engine.noise_multiplier:.4f}, sample_rate="
             f"{self.engine.sample_rate:.5f}, {self.engine.planned_steps} steps, target epsilon="
@@ -331,14 +309,7 @@ class BlackBoxPromptTuner(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        if isinstance(loader, PoissonDataLoader):
-            # Resuming inside an epoch: replay the epoch's draws and skip the batches already trained on.
-            done = self.steps_taken - self.current_epoch * loader.batch_sampler.num_batches
-            if 0 < done < loader.batch_sampler.num_batches:
-                loader.batch_sampler.fast_forward(done)
-                if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
-                    iter(self.trainer.fit_loop._data_fetcher)
+        resume_poisson_epoch(self, self.steps_taken)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
         if self.is_private and self.engine.budget_exhausted:
