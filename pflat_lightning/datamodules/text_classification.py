@@ -4,14 +4,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file, resolve_model
 from pflat_lightning.prefix_model import MODEL_INPUTS
-from pflat_lightning.privacy.sampling import PoissonDataLoader
+from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule
 
 #: ``source`` values that read local files given by ``data_files``.
 FILE_FORMATS = ("csv", "json", "parquet")
@@ -154,7 +152,7 @@ def _fit_longest_first(lengths: Dict[str, int], budget: int) -> Dict[str, int]:
     return {short: keep_short, long: budget - keep_short}
 
 
-class TextClassificationDataModule(LightningDataModule):
+class TextClassificationDataModule(PrivateSplitsDataModule):
     """Text classification data from a built-in corpus, local files or a Hugging Face hub dataset.
 
     Loads the texts and labels, validates them (a bad column, label or text fails here, before any
@@ -332,46 +330,6 @@ class TextClassificationDataModule(LightningDataModule):
         if not self.keep_text:
             return ()
         return ("text",) if self.text_pair_column is None else ("text", "text_pair")
-
-    @property
-    def num_train_examples(self) -> int:
-        """Size of the (private) training split, the ``N`` of the sampling rate ``batch_size / N``."""
-        return len(self._require(self.train_dataset, "train_dataset"))
-
-    def train_dataloader(self) -> DataLoader:
-        train = self._require(self.train_dataset, "train_dataset")
-        if self.poisson_sampling:
-            replicas, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-            return PoissonDataLoader(
-                train,
-                expected_batch_size=self.batch_size,
-                collate_fn=self.collate_fn,
-                seed=self.seed,
-                num_replicas=replicas,
-                rank=rank,
-                num_workers=self.num_workers,
-            )
-        return DataLoader(
-            train, batch_size=self.batch_size, shuffle=True, drop_last=False, collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        """The validation loader; an empty list (no validation) when there is no validation split."""
-        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset, self.eval_batch_size)
-
-    def test_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        """The test loader; an empty list (no test) when there is no test split."""
-        return [] if self.test_dataset is None else self._eval_loader(self.test_dataset, self.eval_batch_size)
-
-    def public_dataloader(self, batch_size: Optional[int] = None, shuffle: bool = False) -> DataLoader:
-        """The public split in batches of ``batch_size`` (default ``eval_batch_size``); ``shuffle=True``
-        to train on it (a public teacher)."""
-        if self.public_dataset is None:
-            raise ValueError(
-                f"There is no public split: public_fraction={self.public_fraction}; set it in (0, 1) and call setup()."
-            )
-        return self._eval_loader(self.public_dataset, batch_size or self.eval_batch_size, shuffle)
 
     # ------------------------------------------------------------------ building the splits
 
@@ -589,16 +547,6 @@ class TextClassificationDataModule(LightningDataModule):
                 f"template and special tokens take {fixed} tokens; use max_length > {fixed}."
             )
         return parts
-
-    def _eval_loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers)
-
-    @staticmethod
-    def _require(data: Optional[datasets.Dataset], name: str) -> datasets.Dataset:
-        if data is None:
-            raise RuntimeError(f"{name} is not built yet: call setup() first.")
-        return data
 
 
 def _check_source(source: str, subset: Optional[str], data_files: Optional[Union[str, Dict[str, str]]]) -> None:

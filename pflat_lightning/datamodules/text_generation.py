@@ -5,11 +5,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import datasets
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
 from pflat_lightning.bundled import corpus_file
+from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule
 from pflat_lightning.datamodules.text_classification import (
     FILE_FORMATS,
     TEST_SPLITS,
@@ -18,7 +17,6 @@ from pflat_lightning.datamodules.text_classification import (
     _values,
     special_tokens,
 )
-from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 #: Label of the positions that are not scored (the prompt and padding), as Hugging Face losses expect.
 IGNORE_INDEX = -100
@@ -160,7 +158,7 @@ def _pad(rows: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
 Groups = Dict[str, List[str]]
 
 
-class TextGenerationDataModule(LightningDataModule):
+class TextGenerationDataModule(PrivateSplitsDataModule):
     """Conditional generation data (source -> target text) from a built-in corpus, local files or a hub dataset.
 
     Each example is ``source + separator + target + eos``, and only the target and its eos are scored: the loss
@@ -357,44 +355,6 @@ class TextGenerationDataModule(LightningDataModule):
         self.val_dataset, self.test_dataset = held_out.get("validation"), held_out.get("test")
         self.public_dataset = self._encode_pairs(_pairs(groups["public"])) if "public" in groups else None
 
-    @property
-    def num_train_examples(self) -> int:
-        """Size of the (private) training split, the ``N`` of the sampling rate ``batch_size / N``."""
-        return len(self._require(self.train_dataset, "train_dataset"))
-
-    def train_dataloader(self) -> DataLoader:
-        train = self._require(self.train_dataset, "train_dataset")
-        if self.poisson_sampling:
-            replicas, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
-            return PoissonDataLoader(
-                train,
-                expected_batch_size=self.batch_size,
-                collate_fn=self.collate_fn,
-                seed=self.seed,
-                num_replicas=replicas,
-                rank=rank,
-                num_workers=self.num_workers,
-            )
-        return DataLoader(train, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers)
-
-    def val_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        """The validation loader; an empty list (no validation) when there is no validation split."""
-        return [] if self.val_dataset is None else self._loader(self.val_dataset, self.eval_batch_size)
-
-    def test_dataloader(self) -> Union[DataLoader, List[DataLoader]]:
-        """The test loader; an empty list (no test) when there is no test split."""
-        return [] if self.test_dataset is None else self._loader(self.test_dataset, self.eval_batch_size)
-
-    def public_dataloader(self, batch_size: Optional[int] = None, shuffle: bool = False) -> DataLoader:
-        """The public split in training batches of ``batch_size`` (default ``eval_batch_size``); ``shuffle=True``
-        to train on it (a public teacher)."""
-        if self.public_dataset is None:
-            raise ValueError(
-                f"There is no public split: public_fraction={self.public_fraction}; set it in (0, 1) and call setup()."
-            )
-        return self._loader(self.public_dataset, batch_size or self.eval_batch_size, shuffle)
-
     # ------------------------------------------------------------------ building the splits
 
     def _load(self) -> Dict[str, datasets.Dataset]:
@@ -535,16 +495,6 @@ class TextGenerationDataModule(LightningDataModule):
         prompts, targets = self._prompts_and_targets(list(groups), [references[0] for references in groups.values()])
         columns = {**_sequences(prompts, targets), "source_input_ids": prompts, "references": list(groups.values())}
         return datasets.Dataset.from_dict(columns, features=_EVAL_FEATURES)
-
-    def _loader(self, data: datasets.Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn,
-                          num_workers=self.num_workers)
-
-    @staticmethod
-    def _require(data: Optional[datasets.Dataset], name: str) -> datasets.Dataset:
-        if data is None:
-            raise RuntimeError(f"{name} is not built yet: call setup() first.")
-        return data
 
 
 _TOKENS = datasets.List(datasets.Value("int64"))
