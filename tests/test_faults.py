@@ -29,16 +29,20 @@ trainer:
         every_n_train_steps: 1
         save_last: true
 model:
-  backbone: {backbone}
-  num_labels: 2
-  num_virtual_tokens: 2
-  max_physical_batch_size: 32
-  privacy:
-    target_epsilon: 3.0
+  class_path: pflat_lightning.PrefixTunedClassifier
+  init_args:
+    backbone: {backbone}
+    num_labels: 2
+    num_virtual_tokens: 2
+    max_physical_batch_size: 32
+    privacy:
+      target_epsilon: 3.0
 data:
-  source: sms_spam
-  max_length: 16
-  batch_size: 64
+  class_path: pflat_lightning.datamodules.TextClassificationDataModule
+  init_args:
+    source: sms_spam
+    max_length: 16
+    batch_size: 64
 """
 
 
