@@ -47,6 +47,9 @@ QUICK_OVERRIDES = [
     "--data.max_train_examples", "800", "--data.max_eval_examples", "200", "--data.batch_size", "100",
     "--data.max_length", "32", "--trainer.max_epochs", "2",
 ]
+#: ``--quick``: the flattening callbacks' costliest settings cut down (one batch per layer-score point,
+#: a one-epoch teacher); everything else as configured.
+QUICK_CALLBACK_ARGS = {"SharpnessLayerSelection": {"num_batches": 1}, "TeacherDistillation": {"teacher_epochs": 1}}
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,9 @@ def _model_section(config: Dict[str, Any]) -> Dict[str, Any]:
     return model.get("init_args", model)
 
 
-def method_callbacks(method: Method) -> List[Callback]:
-    """Fresh instances of the callbacks ``method`` takes from its config (a run never shares state)."""
+def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
+    """Fresh instances of the callbacks ``method`` takes from its config (a run never shares state);
+    ``quick`` applies :data:`QUICK_CALLBACK_ARGS`."""
     if method.config is None:
         return []
     entries = yaml.safe_load(method.config.read_text())["trainer"].get("callbacks") or []
@@ -85,7 +89,8 @@ def method_callbacks(method: Method) -> List[Callback]:
     for entry in entries:
         module, _, name = entry["class_path"].rpartition(".")
         if method.callbacks is None or name in method.callbacks:
-            chosen.append(getattr(importlib.import_module(module), name)(**entry.get("init_args", {})))
+            init_args = {**entry.get("init_args", {}), **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
+            chosen.append(getattr(importlib.import_module(module), name)(**init_args))
     return chosen
 
 
@@ -111,7 +116,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         max_epochs=recipe.max_epochs,
         max_steps=recipe.max_steps,
         precision=recipe.precision,
-        callbacks=[*method_callbacks(method), *measurement_callbacks(args.quick)],
+        callbacks=[*method_callbacks(method, args.quick), *measurement_callbacks(args.quick)],
         logger=CSVLogger(folder, name="", version=""),
         default_root_dir=folder,
         enable_checkpointing=False,

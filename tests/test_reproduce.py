@@ -1,0 +1,96 @@
+"""`pflat reproduce`: the paper's comparison, end to end on a tiny model, and its table arithmetic."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pflat_lightning import reproduce
+from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    run_options = ["--model.backbone", tiny_model_dir("bert"), "--model.max_physical_batch_size", "128",
+                   "--data.source", "sms_spam", "--data.max_length", "16", "--data.batch_size", "32",
+                   "--data.max_train_examples", "96", "--data.max_eval_examples", "64", "--data.eval_batch_size", "64",
+                   "--trainer.max_epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pflat_lightning.cli", "reproduce", "--quick", "--epsilons", "8",
+         "--methods", "non-private", "DP-SGD", "Privacy-Flat (paper)", "--out", str(out), "--", *run_options],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rows = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["target_epsilon"]) for r in rows] == [
+        ("non-private", None), ("DP-SGD", 8.0), ("Privacy-Flat (paper)", 8.0)]
+    by_method = {r["method"]: r for r in rows}
+    for row in rows:  # each number is read back from that run's own privacy report
+        report = json.loads(Path(row["report"]).with_suffix(".json").read_text())
+        assert row["epsilon"] == report["epsilon"] and row["formal_guarantee"] == report["formal_guarantee"]
+        assert 0.0 <= row["mia_auc"] <= 1.0 and 0.5 <= row["mia_accuracy"] <= 1.0 and row["sharpness"] >= 0.0
+        assert report["callbacks"]["MembershipInferenceAudit"]["num_members"] > 0
+    assert by_method["non-private"]["epsilon"] is None and not by_method["non-private"]["formal_guarantee"]
+    dp = by_method["DP-SGD"]
+    assert dp["formal_guarantee"] and 7.0 < dp["epsilon"] <= 8.0 and dp["reasons"] == []
+    paper = by_method["Privacy-Flat (paper)"]
+    assert not paper["formal_guarantee"], "the paper's variant uses raw private gradients and a private teacher"
+    assert {r.split(":")[0] for r in paper["reasons"]} == {
+        "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"}
+    paper_report = json.loads(Path(paper["report"]).with_suffix(".json").read_text())
+    assert paper_report["max_grad_norm"] == 0.1, "the paper's clip comes from privacy_flat_paper.yaml"
+
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0].startswith("| method |") and len(lines) == 2 + 3
+    assert lines[3].startswith("| DP-SGD | 8.0 |") and "| yes |" in lines[3]
+    assert lines[4].startswith("| Privacy-Flat (paper) | 8.0 |") and "| no |" in lines[4]
+    for figure in ("sharpness.png", "mia_accuracy.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def _row(method, epsilon, seed, acc, guarantee=True):
+    return {"method": method, "target_epsilon": epsilon, "seed": seed, "test_acc": acc, "mia_accuracy": 0.5,
+            "mia_auc": 0.5, "mia_tpr_at_1pct_fpr": 0.01, "sharpness": 0.1, "epsilon": epsilon,
+            "formal_guarantee": guarantee, "train_s": 10.0}
+
+
+def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
+    rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90, guarantee=False),
+            _row("non-private", None, 0, 0.95, guarantee=False), _row("DP-SGD", 3.0, 0, 0.70)]
+    lines = reproduce.table(rows).splitlines()[2:]
+    # Sorted by epsilon (non-private first), then by the methods' order; sd over seeds (n - 1).
+    assert [line.split(" | ")[:2] for line in lines] == [["| non-private", "none"], ["| DP-SGD", "3.0"],
+                                                         ["| DP-SGD", "8.0"]]
+    assert "| 85.00 ± 7.07 |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
+    assert "| 70.00 ± 0.00 |" in lines[1] and "| yes |" in lines[1]
+
+
+def test_methods_take_their_callbacks_and_clip_from_their_config():
+    strict = {m.name: m for m in reproduce.METHODS}
+    awp_only = reproduce.method_callbacks(strict["DP + AWP"])
+    assert [type(c) for c in awp_only] == [AdversarialWeightPerturbation] and awp_only[0].direction == "previous_private"
+    full = reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"], quick=True)
+    assert [type(c) for c in full] == [AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation]
+    assert full[1].num_batches == 1 and full[2].teacher_epochs == 1, "--quick cuts the costliest settings"
+    assert reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"])[1].num_batches == 4
+    paper = reproduce.method_overrides(strict["Privacy-Flat (paper)"], 3.0, 7)
+    assert paper[paper.index("--model.privacy.max_grad_norm") + 1] == "0.1"
+    assert paper[paper.index("--model.privacy.target_epsilon") + 1] == "3.0"
+    assert reproduce.method_overrides(strict["non-private"], None, 7)[-2:] == ["--model.privacy.enabled", "false"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epsilons", "0"], "--epsilons must be positive"),
+    (["--public_fraction", "1.5"], "--public_fraction must be in (0, 1)"),
+    (["--config", "missing.yaml"], "--config missing.yaml is not a file"),
+])
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(argv)
+    assert message in capsys.readouterr().err
