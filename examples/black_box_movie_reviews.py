@@ -32,6 +32,9 @@ from pflat_lightning.black_box import HTTPScorer, HuggingFaceScorer
 from pflat_lightning.datamodules import TextClassificationDataModule
 
 
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bundled-smollm2")
@@ -50,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_directions", type=int, default=2)
     parser.add_argument("--smoothing", type=float, default=0.5)
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                        help="optimizer of z on the released estimates (post-processing either way)")
     parser.add_argument("--lr", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/black_box")
@@ -79,7 +84,7 @@ def main() -> None:
         else PrivacyConfig(enabled=False)
     tuner = BlackBoxPromptTuner(scorer, num_prompt_tokens=args.num_prompt_tokens, intrinsic_dim=args.intrinsic_dim,
                                 num_directions=args.num_directions, smoothing=args.smoothing, seed=args.seed,
-                                privacy=privacy, optimizer=partial(torch.optim.SGD, lr=args.lr))
+                                privacy=privacy, optimizer=partial(OPTIMIZERS[args.optimizer], lr=args.lr))
     zero_shot = evaluate(tuner, data, args.split, out / "zero_shot")
     print(f"zero-shot {args.split} accuracy (prompt p0, z = 0): {zero_shot:.4f}", flush=True)
     zero_prompt = BlackBoxPromptTuner(scorer, num_prompt_tokens=args.num_prompt_tokens, intrinsic_dim=args.intrinsic_dim,

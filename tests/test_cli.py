@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from pflat_lightning.cli import load_run
-
 from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier
 from pflat_lightning.cli import load_run
 from pflat_lightning.datamodules import TextClassificationDataModule, TextGenerationDataModule
