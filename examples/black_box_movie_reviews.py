@@ -6,7 +6,10 @@ running ``pflat serve-scorer`` instead. The prompt ``p0 + A z`` starts at ``p0``
 Gaussian on the embeddings' scale), which is the zero-shot baseline; ``z`` is then tuned with the DP
 zeroth-order mechanism at ``--epsilon``. The model with a zero prompt (``p0 = 0``: prompt tokens that a
 pre-norm model ignores except for diluting attention, close to no prompt) is scored too, as a second
-zero-shot reference. The defaults were chosen on the validation split.
+zero-shot reference. The defaults were chosen on the validation split (200 sentences, epsilon 8):
+the template and label words among six (zero-shot accuracy and the ROC AUC of the label-word logit
+margin; BBT's ``"{text} It was"`` with great/terrible predicts "great" for 96 % of the sentences and no
+tuned prompt moved it past 54 %), then Adam lr 0.3 (76.0 %) over SGD lr 5 (75.0 %).
 
     python examples/black_box_movie_reviews.py                      # the README's numbers (about 10 min alone)
     python examples/black_box_movie_reviews.py --split validation   # choose settings without the test split
@@ -39,8 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bundled-smollm2")
     parser.add_argument("--url", default=None, help="score through a running `pflat serve-scorer` instead")
-    parser.add_argument("--template", default="{text} It was")
-    parser.add_argument("--label_words", nargs="+", default=["terrible", "great"])
+    parser.add_argument("--template", default="{text} In summary, this film is")
+    parser.add_argument("--label_words", nargs="+", default=["awful", "wonderful"])
     parser.add_argument("--max_length", type=int, default=48, help="tokens of a filled template (texts truncated)")
     parser.add_argument("--train_examples", type=int, default=None, help="private training subset (default: all)")
     parser.add_argument("--eval_examples", type=int, default=500, help="validation and test subset sizes")
@@ -53,9 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num_directions", type=int, default=2)
     parser.add_argument("--smoothing", type=float, default=0.5)
     parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
                         help="optimizer of z on the released estimates (post-processing either way)")
-    parser.add_argument("--lr", type=float, default=5.0)
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/black_box")
     return parser.parse_args()
