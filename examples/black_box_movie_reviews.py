@@ -6,12 +6,12 @@ running ``pflat serve-scorer`` instead. The prompt ``p0 + A z`` starts at ``p0``
 Gaussian on the embeddings' scale), which is the zero-shot baseline; ``z`` is then tuned with the DP
 zeroth-order mechanism at ``--epsilon``. The model with a zero prompt (``p0 = 0``: prompt tokens that a
 pre-norm model ignores except for diluting attention, close to no prompt) is scored too, as a second
-zero-shot reference. The defaults were chosen on the validation split (200 sentences, epsilon 8):
-the template and label words among six (zero-shot accuracy and the ROC AUC of the label-word logit
-margin; BBT's ``"{text} It was"`` with great/terrible predicts "great" for 96 % of the sentences and no
-tuned prompt moved it past 54 %), then Adam lr 0.3 (76.0 %) over SGD lr 5 (75.0 %).
+zero-shot reference. The defaults were chosen on the validation split at epsilon 8: the template and
+label words among six (zero-shot accuracy and the ROC AUC of the label-word logit margin, 300
+sentences; BBT's ``"{text} It was"`` with great/terrible predicts "great" for 96 % of the sentences and
+no tuned prompt moved it past 54 %), then Adam lr 0.3 (76.0 % on 200 sentences) over SGD lr 5 (75.0 %).
 
-    python examples/black_box_movie_reviews.py                      # the README's numbers (about 10 min alone)
+    python examples/black_box_movie_reviews.py                      # the README's numbers (8 min alone)
     python examples/black_box_movie_reviews.py --split validation   # choose settings without the test split
     python examples/black_box_movie_reviews.py --epsilon 0          # the non-private zeroth-order baseline
 
