@@ -162,11 +162,13 @@ def measurement_callbacks(quick: bool) -> List[Callback]:
 
 
 def _mean_sd(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± sample sd over seeds; one seed has no sd, so only its value is shown."""
     values = [scale * v for v in values if v is not None]
     if not values:
         return "n/a"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _groups(results: List[Dict[str, Any]]):
@@ -180,7 +182,7 @@ def _groups(results: List[Dict[str, Any]]):
 
 
 def table(results: List[Dict[str, Any]]) -> str:
-    """The markdown table: mean ± sd over seeds per (method, epsilon)."""
+    """The markdown table: mean ± sd over seeds per (method, epsilon) (one seed: its value)."""
     rows = [
         "| method | target epsilon | test acc. (%) | MIA acc. (%) | MIA AUC | TPR @ 1 % FPR (%) | sharpness | "
         "epsilon spent | formal guarantee | train s | seeds |",
