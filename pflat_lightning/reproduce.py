@@ -11,7 +11,10 @@ membership attack (the paper's MIA accuracy, its ROC AUC and TPR at 1 % FPR, mem
 non-members = test split), the paper's sharpness (largest loss rise along the normalised gradient of the
 validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal guarantee from the
 privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
-and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run.
+and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
+with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
+in ``comparison.json``, must be the same), so a comparison of hours can be spread over several sittings
+and extended with more seeds, epsilons or methods.
 
 The methods: non-private, DP-SGD, DP-SGD + each flattening technique alone (as configured in
 ``privacy_flat_strict.yaml``: AWP on the previous released gradient, layer selection on public data,
@@ -24,7 +27,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +119,8 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
     """Train, test, audit and measure one (method, epsilon, seed); return its row."""
     name = f"{method.name}-eps{epsilon}-seed{seed}".replace(" ", "_").replace("(", "").replace(")", "")
     folder = args.out / "runs" / name
+    if folder.exists():  # left by an interrupted run: start it over, nothing of it was counted
+        shutil.rmtree(folder)
     model, data, recipe = load_run(args.config, None, [*args.overrides, *method_overrides(method, epsilon, seed)])
     trainer = pl.Trainer(
         max_epochs=recipe.max_epochs,
@@ -273,14 +280,48 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def recipe(args: argparse.Namespace) -> Dict[str, Any]:
+    """What every run of one comparison shares: the config files' text and the overrides."""
+    return {"configs": [path.read_text() for path in args.config], "overrides": list(args.overrides)}
+
+
+def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The rows already in ``--out`` (none for a new folder), after checking they come from this recipe;
+    records the recipe in ``comparison.json``."""
+    results_path, recipe_path = args.out / "results.json", args.out / "comparison.json"
+    current = recipe(args)
+    if recipe_path.is_file():
+        if json.loads(recipe_path.read_text()) != current:
+            raise ValueError(
+                f"--out {args.out} holds a comparison with another recipe ({recipe_path}: other --config contents or "
+                "overrides, --quick or --public_fraction); its rows cannot be mixed with this one's. Choose another "
+                "--out, or run with that folder's recipe to resume it."
+            )
+        return json.loads(results_path.read_text()) if results_path.is_file() else []
+    if results_path.is_file():
+        raise ValueError(f"--out {args.out} has a results.json but no comparison.json recording its recipe: "
+                         "choose another --out.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(json.dumps(current, indent=2) + "\n")
+    return []
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = resume(args)
+    except ValueError as error:
+        print(f"pflat reproduce: error: {error}", file=sys.stderr)
+        return 2
+    done = {(r["method"], r["target_epsilon"], r["seed"]) for r in results}
     methods = [m for m in METHODS if m.name in args.methods]
-    results: List[Dict[str, Any]] = []
     for seed in args.seeds:
         for method in methods:
             for epsilon in (args.epsilons if method.private else [None]):
+                if (method.name, epsilon, seed) in done:
+                    print(f"{method.name} eps={epsilon} seed={seed}: already in {args.out}/results.json, skipped",
+                          flush=True)
+                    continue
                 results.append(run_one(method, epsilon, seed, args))
                 write_outputs(results, args.out)
                 row = results[-1]

@@ -20,11 +20,14 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
                    "--data.max_train_examples", "96", "--data.max_eval_examples", "64", "--data.eval_batch_size", "64",
                    "--trainer.max_epochs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pflat_lightning.cli", "reproduce", "--quick", "--epsilons", "8",
-         "--methods", "non-private", "DP-SGD", "Privacy-Flat (paper)", "--out", str(out), "--", *run_options],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
-    )
+
+    def reproduce_cli(*argv, options=run_options):
+        return subprocess.run(
+            [sys.executable, "-m", "pflat_lightning.cli", "reproduce", "--quick", *argv, "--out", str(out), "--", *options],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        )
+
+    done = reproduce_cli("--epsilons", "8", "--methods", "non-private", "DP-SGD", "Privacy-Flat (paper)")
     assert done.returncode == 0, done.stderr[-3000:]
 
     rows = json.loads((out / "results.json").read_text())
@@ -52,6 +55,25 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert lines[4].startswith("| Privacy-Flat (paper) | 8.0 |") and "| no |" in lines[4]
     for figure in ("sharpness.png", "mia_accuracy.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+
+    # Resuming the same --out: finished runs are kept and skipped, an interrupted run's leftovers are cleared.
+    stale = out / "runs" / "DP-SGD-eps3.0-seed0" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("left by an interrupted run")
+    done = reproduce_cli("--epsilons", "8", "3", "--methods", "DP-SGD")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DP-SGD eps=8.0 seed=0: already in" in done.stdout
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed[:3] == rows, "the finished rows are kept as they were"
+    assert [(r["method"], r["target_epsilon"]) for r in resumed[3:]] == [("DP-SGD", 3.0)]
+    assert resumed[3]["formal_guarantee"] and 2.5 < resumed[3]["epsilon"] <= 3.0
+    assert not stale.exists() and (stale.parent / "privacy_report.json").is_file()
+    assert len((out / "table.md").read_text().splitlines()) == 2 + 4
+
+    # Another recipe in the same folder is refused before anything runs.
+    done = reproduce_cli("--epsilons", "8", options=[*run_options, "--data.max_length", "8"])
+    assert done.returncode == 2 and "holds a comparison with another recipe" in done.stderr
+    assert json.loads((out / "results.json").read_text()) == resumed
 
 
 def _row(method, epsilon, seed, acc, guarantee=True):
