@@ -54,6 +54,8 @@ def run(name: str, epsilon: Optional[float], args: argparse.Namespace) -> Dict[s
         "mia_accuracy": loss["mia_accuracy"],
         "tpr_at_1pct_fpr": loss["tpr_at_1pct_fpr"],
         "reference_auc": reference["auc"],
+        # what the run's (epsilon, delta) allows any attack at most (None: not private)
+        "mia_accuracy_bound": (audit.results["dp_bound"] or {}).get("max_mia_accuracy"),
         "test_accuracy": report["metrics"]["test_acc"],
         "members": audit.results["num_members"],
         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -61,11 +63,12 @@ def run(name: str, epsilon: Optional[float], args: argparse.Namespace) -> Dict[s
 
 
 def table(rows) -> str:
-    lines = ["| run | epsilon | loss-attack AUC | MIA accuracy | TPR@1%FPR | reference-attack AUC | test accuracy | "
-             "wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | epsilon | loss-attack AUC | MIA accuracy | DP bound on MIA accuracy | TPR@1%FPR | "
+             "reference-attack AUC | test accuracy | wall s |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         epsilon = "none" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
-        lines.append(f"| {r['run']} | {epsilon} | {r['loss_auc']:.3f} | {r['mia_accuracy']:.3f} | "
+        bound = "none" if r["mia_accuracy_bound"] is None else f"{r['mia_accuracy_bound']:.3f}"
+        lines.append(f"| {r['run']} | {epsilon} | {r['loss_auc']:.3f} | {r['mia_accuracy']:.3f} | {bound} | "
                      f"{r['tpr_at_1pct_fpr']:.3f} | {r['reference_auc']:.3f} | {r['test_accuracy']:.4f} | "
                      f"{r['wall_seconds']:.0f} |")
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.attacks import (
     attack_metrics,
     balanced_subsets,
+    dp_attack_bound,
+    dp_tpr_bound,
     example_statistics,
     keep_matrix,
     lira_offline_scores,
@@ -30,6 +32,7 @@ from pflat_lightning.attacks import (
     scoring_mode,
     trainable_state,
 )
+from pflat_lightning.attacks.audit import formal_guarantee
 from pflat_lightning.attacks.lira import rebuild_module
 from pflat_lightning.callbacks import MembershipInferenceAudit
 from pflat_lightning.datamodules import TextClassificationDataModule
@@ -128,6 +131,63 @@ def test_roc_plot_is_a_png(tmp_path):
     path = plot_roc(curves, tmp_path / "sub" / "roc.png", aucs={"loss": 0.75, "reference": 1.0})
     image = imread(path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 100
+    bounded = imread(plot_roc(curves, tmp_path / "bounded.png", dp_bound=dp_attack_bound(1.0, 1e-5)))
+    assert bounded.shape == image.shape and not np.array_equal(bounded, image), "the DP bound is drawn"
+
+
+# ---------------------------------------------------------------- what a DP guarantee allows
+def hand_region(fpr, epsilon, delta):
+    """The two DP inequalities for an attack's answer "member", written out:
+    TPR <= e^eps FPR + delta, and for the answer "non-member" 1 - FPR <= e^eps (1 - TPR) + delta."""
+    return np.minimum.reduce([np.ones_like(fpr), np.exp(epsilon) * fpr + delta,
+                              1 - np.exp(-epsilon) * (1 - delta - fpr)])
+
+
+@pytest.mark.parametrize("epsilon, delta", [(0.5, 0.0), (1.0, 1e-5), (3.0, 1e-5), (8.0, 5.55e-5), (2.0, 0.05)])
+def test_dp_bound_is_the_best_point_and_area_of_the_privacy_region(epsilon, delta):
+    fpr = np.linspace(0, 1, 2_000_001)
+    region = hand_region(fpr, epsilon, delta)
+    bound = dp_attack_bound(epsilon, delta)
+    assert bound["max_mia_accuracy"] == pytest.approx(((1 + region - fpr) / 2).max(), abs=1e-6)
+    assert bound["max_auc"] == pytest.approx(np.trapezoid(region, fpr), abs=1e-6)
+    assert bound["max_tpr_at_1pct_fpr"] == pytest.approx(hand_region(np.array(0.01), epsilon, delta), abs=1e-12)
+    assert np.allclose(dp_tpr_bound(torch.tensor(fpr[::1000]), epsilon, delta).numpy(), region[::1000])
+
+
+def test_randomised_response_reaches_the_pure_dp_bound():
+    """Randomised response (report the true bit with probability e^eps / (1 + e^eps)) is eps-DP and its
+    best attack meets the bound exactly: the bound is tight."""
+    epsilon = 1.3
+    keep = np.exp(epsilon) / (1 + np.exp(epsilon))
+    tpr, fpr = keep, 1 - keep  # attack: "member" when the released bit says so
+    assert dp_attack_bound(epsilon, 0.0)["max_mia_accuracy"] == pytest.approx((1 + tpr - fpr) / 2, abs=1e-12)
+    assert dp_attack_bound(epsilon, 0.0)["max_auc"] == pytest.approx((1 + tpr - fpr) / 2, abs=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.7, 1.5, 4.0])
+def test_gaussian_mechanism_stays_inside_the_bound_of_opacus_epsilon(sigma):
+    """One Gaussian release of a sensitivity-1 sum: its exact trade-off (Dong, Roth and Su 2019)
+    TPR = Phi(Phi^-1(FPR) + 1/sigma) never exceeds the bound of the (eps, delta) Opacus' RDP accountant gives."""
+    from opacus.accountants import RDPAccountant
+
+    delta = 1e-5
+    accountant = RDPAccountant()
+    accountant.history = [(sigma, 1.0, 1)]
+    epsilon = accountant.get_epsilon(delta=delta)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    fpr = torch.logspace(-8, 0, 400, dtype=torch.float64).clamp(max=1 - 1e-12)
+    gaussian = normal.cdf(normal.icdf(fpr) + 1 / sigma)
+    assert bool((gaussian <= dp_tpr_bound(fpr, epsilon, delta) + 1e-12).all())
+    bound = dp_attack_bound(epsilon, delta)
+    assert float(normal.cdf(torch.tensor(1 / (2 * sigma)))) <= bound["max_mia_accuracy"]
+    assert float(normal.cdf(torch.tensor(1 / (sigma * 2**0.5)))) <= bound["max_auc"]
+
+
+def test_dp_bound_refuses_bad_parameters():
+    with pytest.raises(ValueError, match="epsilon=-1"):
+        dp_attack_bound(-1.0, 1e-5)
+    with pytest.raises(ValueError, match="delta=1.0"):
+        dp_attack_bound(1.0, 1.0)
 
 
 # ---------------------------------------------------------------- LiRA pieces
@@ -230,6 +290,7 @@ def test_overfit_model_is_exposed_and_the_callback_reports_it(overfit_run):
     results = callback.results["attacks"]
     assert results["loss"]["auc"] == pytest.approx(pair_auc(-trained[0], -trained[1]), abs=1e-6)
     assert results["loss"]["auc"] > 0.8, "a memorising model must be exposed by the loss attack"
+    assert callback.results["dp_bound"] is None, "a non-private run has no guarantee to bound the attacks"
     assert results["reference"]["auc"] == pytest.approx(
         pair_auc(initial[0] - trained[0], initial[1] - trained[1]), abs=1e-6)
     folder = trainer.log_dir
@@ -286,6 +347,13 @@ def test_dp_training_hides_membership_that_non_private_training_exposes(tiny_mod
     report = module.privacy_report()
     assert report["formal_guarantee"] is True, "an 'evaluation' ledger entry leaves the guarantee intact"
     assert report["ledger"][0]["status"] == "evaluation"
+    bound = callback.results["dp_bound"]  # what the run's own (epsilon, delta) allows any attack
+    assert (bound["epsilon"], bound["delta"]) == (report["epsilon"], report["delta"]) == formal_guarantee(module)
+    assert bound["max_mia_accuracy"] == pytest.approx(dp_attack_bound(report["epsilon"], report["delta"])["max_mia_accuracy"])
+    assert callback.results["attacks"]["loss"]["mia_accuracy"] <= bound["max_mia_accuracy"]
+    assert report["callbacks"]["MembershipInferenceAudit"]["dp_bound"] == bound
+    module.ledger.record("AdversarialWeightPerturbation", "unaccounted", "raw private gradients")
+    assert formal_guarantee(module) is None, "no guarantee, no bound"
 
 
 def test_a_resumed_fit_audits_against_the_original_initial_state(tiny_model_dir, tmp_path):

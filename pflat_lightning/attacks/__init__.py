@@ -13,7 +13,7 @@ from pflat_lightning.attacks.audit import (
     write_audit,
 )
 from pflat_lightning.attacks.lira import keep_matrix, lira_offline_scores, scaled_confidence, train_shadows
-from pflat_lightning.attacks.metrics import RocCurve, attack_metrics, roc_curve, tpr_at_fpr
+from pflat_lightning.attacks.metrics import RocCurve, attack_metrics, dp_attack_bound, dp_tpr_bound, roc_curve, tpr_at_fpr
 from pflat_lightning.attacks.plots import plot_roc
 from pflat_lightning.attacks.scores import (
     ExampleStatistics,
@@ -34,6 +34,8 @@ __all__ = [
     "attack_metrics",
     "balanced_subsets",
     "datamodule_splits",
+    "dp_attack_bound",
+    "dp_tpr_bound",
     "example_statistics",
     "keep_matrix",
     "lira_offline_scores",

@@ -10,6 +10,7 @@ the accountant: the module's guarantee is unaffected, but the numbers are not pr
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from pflat_lightning.attacks.lira import default_confidence, keep_matrix, lira_offline_scores, scaled_confidence, train_shadows
-from pflat_lightning.attacks.metrics import THRESHOLD_NOTE, RocCurve, attack_metrics, roc_curve
+from pflat_lightning.attacks.metrics import THRESHOLD_NOTE, RocCurve, attack_metrics, dp_attack_bound, roc_curve
 from pflat_lightning.attacks.plots import plot_roc
 from pflat_lightning.attacks.scores import (
     ExampleStatistics,
@@ -32,7 +33,7 @@ from pflat_lightning.attacks.scores import (
     zlib_scores,
 )
 from pflat_lightning.privacy.config import PrivacyConfig
-from pflat_lightning.protocol import privacy_ledger, require
+from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
 
 #: Attack names, in the order they are run and reported.
 ATTACKS = ("loss", "reference", "min_k", "zlib", "lira")
@@ -49,6 +50,18 @@ PRIVACY_NOTE = (
 #: A reference for the ``reference`` attack: trainable-parameter values swapped into the audited module
 #: (its initial state, or a checkpoint's), a checkpoint path, or a separate module scored as it is.
 Reference = Union[Mapping[str, torch.Tensor], str, Path, pl.LightningModule]
+
+
+def formal_guarantee(pl_module: pl.LightningModule) -> Optional[Tuple[float, float]]:
+    """The module's ``(epsilon, delta)`` so far, or ``None`` when no formal guarantee holds (not private,
+    no noise, or private data used outside the accountant, as the privacy report decides)."""
+    engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
+    if engine is None or not getattr(pl_module, "is_private", True) or engine.delta is None:
+        return None
+    if ledger is not None and ledger.unaccounted:
+        return None
+    epsilon = engine.epsilon()
+    return None if math.isinf(epsilon) else (epsilon, engine.delta)
 
 
 def check_attacks(attacks: Sequence[str], pl_module: Optional[pl.LightningModule] = None) -> Tuple[str, ...]:
@@ -294,6 +307,12 @@ def run_audit(
         f"{count} non-members: the smallest non-zero FPR is 1/{count}; a TPR at an FPR below that is the TPR at FPR 0 "
         "(see tpr_at_*_resolvable)"
     )
+    guarantee = formal_guarantee(pl_module)
+    summary["dp_bound"] = None if guarantee is None else {
+        **dp_attack_bound(*guarantee),
+        "note": "the most any membership attack can reach against the model's (epsilon, delta) guarantee "
+                "(each example a member with probability 1/2); the measured attacks sit below it",
+    }
     summary["wall_seconds"] = round(time.perf_counter() - started, 2)
     return AuditResult(summary, curves, scores, is_member)
 
@@ -321,7 +340,7 @@ def write_audit(result: AuditResult, folder: Union[str, Path]) -> Dict[str, Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     aucs = {name: metrics["auc"] for name, metrics in result.summary["attacks"].items()}
-    plot = plot_roc(result.curves, folder / ROC_PNG, aucs=aucs,
+    plot = plot_roc(result.curves, folder / ROC_PNG, aucs=aucs, dp_bound=result.summary.get("dp_bound"),
                     title=f"Membership inference ({result.summary['num_members']} members / non-members)")
     path = folder / RESULTS_JSON
     path.write_text(json.dumps({**result.summary, "privacy_note": PRIVACY_NOTE}, indent=2) + "\n")
@@ -353,4 +372,9 @@ def format_table(summary: Mapping[str, Any]) -> str:
         resolvable = "" if m["tpr_at_0.1pct_fpr_resolvable"] else f" (n={m['num_non_members']}: not resolvable)"
         lines.append(f"| {name} | {m['auc']:.4f} | {m['mia_accuracy']:.4f} | {m['tpr_at_1pct_fpr']:.4f} | "
                      f"{m['tpr_at_0.1pct_fpr']:.4f}{resolvable} |")
+    bound = summary.get("dp_bound")
+    if bound is not None:
+        lines.append(f"| any attack, bound of (epsilon={bound['epsilon']:.3g}, delta={bound['delta']:.3g}) | "
+                     f"<= {bound['max_auc']:.4f} | <= {bound['max_mia_accuracy']:.4f} | "
+                     f"<= {bound['max_tpr_at_1pct_fpr']:.4f} | <= {bound['max_tpr_at_0.1pct_fpr']:.4f} |")
     return "\n".join(lines)

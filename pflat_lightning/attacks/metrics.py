@@ -6,6 +6,7 @@ paper's "MIA accuracy"), not one chosen on separate data.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple
 
@@ -99,3 +100,37 @@ def attack_metrics(scores: torch.Tensor, is_member: torch.Tensor) -> Dict[str, A
         metrics[key] = tpr_at_fpr(curve, target)
         metrics[f"{key}_resolvable"] = non_members * target >= 1
     return metrics
+
+
+def dp_tpr_bound(fpr: torch.Tensor, epsilon: float, delta: float) -> torch.Tensor:
+    """The largest TPR any membership attack can reach at false-positive rate ``fpr`` against an
+    (epsilon, delta)-DP training run: ``min(1, e^eps * fpr + delta, 1 - e^-eps * (1 - delta - fpr))``, the
+    hypothesis-testing region of differential privacy (Kairouz, Oh and Viswanath 2015)."""
+    fpr = torch.as_tensor(fpr, dtype=torch.float64)
+    tpr = torch.minimum(math.exp(epsilon) * fpr + delta, 1 - math.exp(-epsilon) * (1 - delta - fpr))
+    return tpr.clamp(max=1.0)
+
+
+def dp_attack_bound(epsilon: float, delta: float) -> Dict[str, float]:
+    """What an (epsilon, delta) guarantee allows any membership attack at most, in the audit's metrics.
+
+    The bounds hold for the membership game (each audited example is a member with probability 1/2,
+    independently of the rest), which a random members / non-members split of i.i.d. data estimates. The
+    balanced accuracy peaks where the two sides of :func:`dp_tpr_bound` meet, at
+    ``FPR* = (1 - delta) / (1 + e^eps)``; the AUC is the area under :func:`dp_tpr_bound`.
+
+    Example::
+
+        dp_attack_bound(3.0, 1e-5)["max_mia_accuracy"]  # 0.9526: epsilon 3 allows a strong attacker
+    """
+    if not epsilon >= 0 or not 0 <= delta < 1:
+        raise ValueError(f"Need epsilon >= 0 and 0 <= delta < 1, got epsilon={epsilon}, delta={delta}.")
+    e = math.exp(epsilon)
+    knee = (1 - delta) / (1 + e)
+    advantage = (1 - delta) * (e - 1) / (e + 1) + delta  # max TPR - FPR, at the knee
+    rest = 1 - delta - knee  # the second side runs from the knee to FPR = 1 - delta, where it reaches 1
+    auc = e * knee**2 / 2 + delta * knee + rest - rest**2 / (2 * e) + delta
+    bound = {"epsilon": epsilon, "delta": delta, "max_mia_accuracy": (1 + advantage) / 2, "max_auc": auc}
+    for target in FPR_TARGETS:
+        bound[f"max_tpr_at_{target * 100:g}pct_fpr"] = float(dp_tpr_bound(torch.tensor(target, dtype=torch.float64), epsilon, delta))
+    return bound
