@@ -33,6 +33,9 @@ def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
     assert awp.engine.noise_multiplier == plain.engine.noise_multiplier
     assert awp.privacy_report()["epsilon"] == plain.privacy_report()["epsilon"]
     assert awp.privacy_report()["formal_guarantee"]
+    assert awp.privacy_report()["callbacks"]["AdversarialWeightPerturbation"] == {
+        "gamma": 0.05, "direction": "previous_private", "perturbed_steps": 7,
+        "schedule": "first 0.5 of the planned steps"}
     assert not torch.equal(awp.prefix.layers[0].weight, plain.prefix.layers[0].weight), "AWP changed training"
 
 

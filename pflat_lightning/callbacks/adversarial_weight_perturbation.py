@@ -156,6 +156,14 @@ class AdversarialWeightPerturbation(Callback):
         if engine is not None and self.direction == "previous_private" and engine.released_gradient is not None:
             self._previous = dict(zip(engine.optimizer.params, engine.released_gradient))
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sections = getattr(pl_module, "report_sections", None)
+        if sections is not None:
+            schedule = (f"epochs < {self.until_epoch}" if self.until_epoch is not None
+                        else f"first {self.until_fraction:g} of the planned steps")
+            sections[type(self).__name__] = {"gamma": self.gamma, "direction": self.direction,
+                                             "perturbed_steps": self.perturbed_steps, "schedule": schedule}
+
     # ------------------------------------------------------------------ directions
     def _direction(self, pl_module: pl.LightningModule, batch: Any, groups: Dict[str, List[torch.nn.Parameter]]):
         if self.direction == "previous_private":
