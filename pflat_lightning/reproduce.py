@@ -13,8 +13,9 @@ validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal 
 privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
 and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
-in ``comparison.json``, must be the same), so a comparison of hours can be spread over several sittings
-and extended with more seeds, epsilons or methods.
+in ``comparison.json``, must be the same; a row whose method config has changed since is run again), so
+a comparison of hours can be spread over several sittings and extended with more seeds, epsilons or
+methods.
 
 The methods: non-private, DP-SGD, DP-SGD + each flattening technique alone (as configured in
 ``privacy_flat_strict.yaml``: AWP on the previous released gradient, layer selection on public data,
@@ -87,18 +88,28 @@ def _model_section(config: Dict[str, Any]) -> Dict[str, Any]:
     return model.get("init_args", model)
 
 
-def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
-    """Fresh instances of the callbacks ``method`` takes from its config (a run never shares state);
-    ``quick`` applies :data:`QUICK_CALLBACK_ARGS`."""
+def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
+    """What ``method`` takes from its config: its callbacks (class path and arguments, ``quick`` applying
+    :data:`QUICK_CALLBACK_ARGS`) and its privacy settings. Recorded with each run, so that a resumed
+    comparison re-runs the rows whose method config has changed since."""
     if method.config is None:
-        return []
-    entries = yaml.safe_load(method.config.read_text())["trainer"].get("callbacks") or []
-    chosen = []
-    for entry in entries:
-        module, _, name = entry["class_path"].rpartition(".")
+        return {"callbacks": [], "privacy": {}}
+    config = yaml.safe_load(method.config.read_text())
+    callbacks = []
+    for entry in config["trainer"].get("callbacks") or []:
+        name = entry["class_path"].rpartition(".")[2]
         if method.callbacks is None or name in method.callbacks:
             init_args = {**entry.get("init_args", {}), **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
-            chosen.append(getattr(importlib.import_module(module), name)(**init_args))
+            callbacks.append({"class_path": entry["class_path"], "init_args": init_args})
+    return {"callbacks": callbacks, "privacy": _model_section(config).get("privacy") or {}}
+
+
+def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
+    """Fresh instances of the callbacks of :func:`method_recipe` (a run never shares state)."""
+    chosen = []
+    for entry in method_recipe(method, quick)["callbacks"]:
+        module, _, name = entry["class_path"].rpartition(".")
+        chosen.append(getattr(importlib.import_module(module), name)(**entry["init_args"]))
     return chosen
 
 
@@ -108,10 +119,9 @@ def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> Lis
     if not method.private:
         return args + ["--model.privacy.enabled", "false"]
     args += ["--model.privacy.enabled", "true", "--model.privacy.target_epsilon", str(epsilon)]
-    if method.config is not None:
-        privacy = _model_section(yaml.safe_load(method.config.read_text())).get("privacy") or {}
-        if "max_grad_norm" in privacy:
-            args += ["--model.privacy.max_grad_norm", str(privacy["max_grad_norm"])]
+    privacy = method_recipe(method)["privacy"]
+    if "max_grad_norm" in privacy:
+        args += ["--model.privacy.max_grad_norm", str(privacy["max_grad_norm"])]
     return args
 
 
@@ -157,6 +167,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         "train_s": train_s,
         "wall_s": time.time() - start,
         "report": str(Path(trainer.log_dir) / "privacy_report.md"),
+        "method_recipe": method_recipe(method, args.quick),
     }
 
 
@@ -313,6 +324,12 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as error:
         print(f"pflat reproduce: error: {error}", file=sys.stderr)
         return 2
+    recipes = {m.name: method_recipe(m, args.quick) for m in METHODS}
+    stale = [r for r in results if r.get("method_recipe") != recipes.get(r["method"])]
+    for row in stale:
+        print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
+              "since it ran, run again", flush=True)
+    results = [r for r in results if r not in stale]
     done = {(r["method"], r["target_epsilon"], r["seed"]) for r in results}
     methods = [m for m in METHODS if m.name in args.methods]
     for seed in args.seeds:

@@ -10,6 +10,7 @@ from opacus.accountants import PRVAccountant
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+from pflat_lightning.landscape.measures import gradient_direction
 from pflat_lightning.protocol import layer_groups
 
 from helpers import StopAfter, TokenDataModule, collate, quiet_trainer
@@ -182,16 +183,28 @@ def test_selection_keeps_the_layers_whose_removal_sharpens_most(tiny_model_dir, 
     assert module.report_sections["SharpnessLayerSelection"]["kept_layers"] == callback.selected
 
 
-def test_private_selection_uses_the_released_gradient_and_records_its_data(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("direction, along", [("released", "along the last released gradient"),
+                                               (None, "along their raw (unclipped, un-noised) gradient")])
+def test_private_selection_records_its_data_and_direction(tiny_model_dir, tmp_path, direction, along):
     module = make(tiny_model_dir("bert"))
-    callback = SharpnessLayerSelection(keep_layers=0.5, data="private", num_batches=1)
+    callback = SharpnessLayerSelection(keep_layers=0.5, data="private", direction=direction, num_batches=1)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
     assert len(callback.selected) == 1
     report = module.privacy_report()
     assert report["formal_guarantee"] is False and "private training batches" in report["reasons"][0]
-    with pytest.raises(ValueError, match="raw gradient of private data"):
-        quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(data="private", direction="data")]
-                      ).fit(make(tiny_model_dir("bert")), datamodule=TokenDataModule())
+    assert along in report["reasons"][0]
+    assert report["callbacks"]["SharpnessLayerSelection"]["direction"] == (direction or "data")
+
+
+def test_selection_warns_when_no_layer_scores_above_zero(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    # Along minus the gradient the loss only falls at first: with a short radius every score is 0.
+    callback = SharpnessLayerSelection(keep_layers=0.5, data="validation", num_batches=1, at_epoch=0, radius=1e-3)
+    callback._unit_direction = lambda pl_module, groups, batches: [
+        -d for d in gradient_direction(pl_module, batches, groups=groups)]
+    with pytest.warns(UserWarning, match="every layer scores 0"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert all(score == 0 for score in callback.scores.values())
 
 
 def test_fixed_layers_and_state_survive_resume(tiny_model_dir, tmp_path):

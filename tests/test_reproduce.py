@@ -70,6 +70,18 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert not stale.exists() and (stale.parent / "privacy_report.json").is_file()
     assert len((out / "table.md").read_text().splitlines()) == 2 + 4
 
+    # A row whose method config changed since it ran (here: as recorded) is run again; the others stay.
+    assert resumed[3]["method_recipe"] == {"callbacks": [], "privacy": {}}
+    resumed[3]["method_recipe"] = {"callbacks": [], "privacy": {"max_grad_norm": 0.5}}
+    (out / "results.json").write_text(json.dumps(resumed))
+    done = reproduce_cli("--epsilons", "3", "--methods", "DP-SGD")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DP-SGD eps=3.0 seed=0: its method config has changed since it ran, run again" in done.stdout
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun[:3] == rows and len(rerun) == 4 and rerun[3]["method_recipe"] == {"callbacks": [], "privacy": {}}
+    assert rerun[3]["wall_s"] != resumed[3]["wall_s"]
+    resumed = rerun
+
     # Another recipe in the same folder is refused before anything runs.
     done = reproduce_cli("--epsilons", "8", options=[*run_options, "--data.max_length", "8"])
     assert done.returncode == 2 and "holds a comparison with another recipe" in done.stderr
@@ -101,6 +113,10 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     assert [type(c) for c in full] == [AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation]
     assert full[1].num_batches == 1 and len(full[1].alphas) == 6 and full[2].teacher_epochs == 1, "--quick cuts costs"
     assert reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"])[1].num_batches == 4
+    paper_recipe = reproduce.method_recipe(strict["Privacy-Flat (paper)"])
+    assert [c["class_path"].rpartition(".")[2] for c in paper_recipe["callbacks"]] == [
+        "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"]
+    assert paper_recipe["callbacks"][1]["init_args"]["direction"] == "data" and paper_recipe["privacy"]["max_grad_norm"] == 0.1
     paper = reproduce.method_overrides(strict["Privacy-Flat (paper)"], 3.0, 7)
     assert paper[paper.index("--model.privacy.max_grad_norm") + 1] == "0.1"
     assert paper[paper.index("--model.privacy.target_epsilon") + 1] == "3.0"
