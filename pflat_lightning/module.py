@@ -193,6 +193,7 @@ class DPPrefixModule(pl.LightningModule):
             planned_steps=planned,
             distributed=trainer.world_size > 1,
             grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
+            prefix_parameters=list(self.prefix.parameters()),
         )
         if self.log_train_loss:
             self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
@@ -209,6 +210,8 @@ class DPPrefixModule(pl.LightningModule):
         activations and hooks need one backward pass instead of two."""
         if self.privacy.grad_sample_mode != "auto":
             return None
+        if self.privacy.clipping == "split":
+            return "hooks"  # ghost clipping has no per-tensor norms
         estimate = self.model.per_example_gradient_bytes(physical_batch)
         ghost_pays = estimate["hooks"] > AUTO_GHOST_MIN_BYTES and 4 * estimate["ghost"] <= estimate["hooks"]
         mode = "ghost" if ghost_pays else "hooks"

@@ -96,6 +96,63 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
+def test_split_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_dir, tmp_path):
+    """clipping='split': each tensor clipped to its share of the budget, by hand; the noise keeps scale C."""
+    clip, share = 0.05, 0.25
+    module = PrefixTunedClassifier(
+        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+        privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
+                              clipping="split", prefix_clip_share=share),
+    )
+    data = TokenDataModule(size=64, batch_size=8, poisson=False)
+    first = collate([data.dataset[i] for i in range(8)])
+    reference = copy.deepcopy(module.model)
+    _, grads = per_example_gradients(reference, first)
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    in_prefix = [n.startswith("prefix.") for n in names]
+    n_prefix, n_head = sum(in_prefix), len(names) - sum(in_prefix)
+    assert n_prefix > 0 and n_head > 0
+    bounds = [clip * math.sqrt((share / n_prefix) if flag else ((1 - share) / n_head)) for flag in in_prefix]
+    clipped = [[g * min(1.0, b / (g.norm().item() + 1e-6)) for g, b in zip(gs, bounds)] for gs in grads]
+    assert any(g.norm() > b for gs in grads for g, b in zip(gs, bounds)), "the test must exercise clipping"
+    expected = torch.cat([sum(c[j] for c in clipped).flatten() / 8 for j in range(len(names))])
+
+    before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters() if p.requires_grad])
+    quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    after = torch.cat([p.detach().flatten() for p in module.model.parameters() if p.requires_grad])
+    torch.testing.assert_close(before - after, expected, atol=1e-6, rtol=1e-4)
+    assert module.engine.optimizer.max_grad_norm == pytest.approx(clip), "noise std stays noise_multiplier * C"
+    report = module.privacy_report()
+    assert report["clipping"] == "split" and report["prefix_clip_share"] == share
+
+
+def test_split_clipping_keeps_each_bound_with_its_tensor_after_pruning(tiny_model_dir, tmp_path):
+    from pflat_lightning.callbacks import SharpnessLayerSelection
+
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
+                                   privacy=PrivacyConfig(target_epsilon=3.0, clipping="split"))
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
+        module, datamodule=TokenDataModule())
+    optimizer = module.engine.optimizer
+    trained = [p for p in module.model.parameters() if p.requires_grad]
+    pruned = [p for p in module.prefix.layers[1].parameters()]
+    assert not any(p.requires_grad for p in pruned) and len(optimizer.params) == len(trained)
+    assert optimizer.max_grad_norms == [optimizer.bounds[id(p)] for p in trained]
+    assert sum(b**2 for b in optimizer.bounds.values()) == pytest.approx(1.0), "all bounds together: C**2"
+    assert module.privacy_report()["formal_guarantee"]
+
+
+def test_split_clipping_is_refused_with_ghost_clipping_and_a_bad_share():
+    with pytest.raises(ValueError, match="clipping='split' needs per-example gradients per tensor"):
+        PrivacyConfig(clipping="split", grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match=r"prefix_clip_share must be in \(0, 1\), got 1.0"):
+        PrivacyConfig(clipping="split", prefix_clip_share=1.0)
+    with pytest.raises(ValueError, match="clipping must be one of"):
+        PrivacyConfig(clipping="per_layer")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
 def test_bf16_mixed_clips_fp32_per_example_gradients(family, tiny_model_dir, tmp_path):
     """Under bf16-mixed the backbone computes in bf16, but the per-example gradients, their clipping and
     the update are fp32: the update equals the hand-clipped mean of per-example autograd gradients taken

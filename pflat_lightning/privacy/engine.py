@@ -11,13 +11,14 @@ so every rank applies the same update and the accountant is the single-process o
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers.utils import params as optimizer_params
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
@@ -241,8 +242,41 @@ class _FullPrecision:
             return super().pre_step(closure)
 
 
-def _optimizer_class(base: type, distributed: bool) -> type:
-    mixins = (_FullPrecision, _AcrossRanks) if distributed else (_FullPrecision,)
+def split_clip_norms(params: Sequence[nn.Parameter], prefix: Sequence[nn.Parameter], max_grad_norm: float,
+                     prefix_share: float) -> List[float]:
+    """Per-tensor clipping bounds of ``clipping="split"``, in the order of ``params``: the prefix's tensors
+    share ``max_grad_norm**2 * prefix_share`` equally, the other tensors the rest (a part without tensors
+    leaves its budget to the other). Their squares sum to ``max_grad_norm**2``: the sensitivity is unchanged."""
+    prefix_ids = {id(p) for p in prefix}
+    in_prefix = [id(p) in prefix_ids for p in params]
+    counts = {True: sum(in_prefix), False: len(params) - sum(in_prefix)}
+    if counts[True] == 0 or counts[False] == 0:
+        share = {True: 1.0, False: 1.0}
+    else:
+        share = {True: prefix_share, False: 1.0 - prefix_share}
+    return [max_grad_norm * math.sqrt(share[flag] / counts[flag]) for flag in in_prefix]
+
+
+class _SplitClipping:
+    """``clipping="split"``: Opacus' per-layer clipping with each tensor's bound looked up by the tensor
+    (``bounds``, set by the engine), so that bounds stay paired with their tensors when pruned prefix
+    layers (frozen) leave the optimizer's ``params``."""
+
+    bounds: Optional[Dict[int, float]] = None
+
+    @property
+    def max_grad_norms(self) -> List[float]:
+        if self.bounds is None:  # inside Opacus' constructor, before the engine pairs bounds with tensors
+            return self._constructor_norms
+        return [self.bounds[id(p)] for p in self.params]
+
+    @max_grad_norms.setter
+    def max_grad_norms(self, norms: List[float]) -> None:
+        self._constructor_norms = list(norms)
+
+
+def _optimizer_class(base: type, distributed: bool, split: bool = False) -> type:
+    mixins = (_FullPrecision,) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
@@ -280,6 +314,7 @@ class DPSGDEngine(PrivacyAccounting):
         planned_steps: int,
         distributed: bool = False,
         grad_sample_mode: Optional[str] = None,
+        prefix_parameters: Sequence[nn.Parameter] = (),
     ) -> DPOptimizer:
         """Hook ``module`` for per-example gradients and wrap ``optimizer`` into a DP optimizer.
 
@@ -289,6 +324,7 @@ class DPSGDEngine(PrivacyAccounting):
         ``expected_batch_size`` are the global ones and every rank calls the optimizer's ``step()`` (and
         :meth:`release_gradient`) once per logical batch, whatever its share of the batch.
         ``grad_sample_mode`` is the mode to use when the config says ``"auto"`` (the module decides).
+        ``prefix_parameters`` are the prefix's tensors, which ``clipping="split"`` clips apart from the rest.
         """
         cfg = self.config
         self.plan(dataset_size=dataset_size, expected_batch_size=expected_batch_size, planned_steps=planned_steps)
@@ -299,10 +335,16 @@ class DPSGDEngine(PrivacyAccounting):
         self.hooks = prepare_module(
             module, self.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
+        split = cfg.clipping == "split"
         optimizer_class = _optimizer_class(
-            get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.grad_sample_mode), distributed
+            get_optimizer_class(clipping="per_layer" if split else "flat", distributed=False,
+                                grad_sample_mode=self.grad_sample_mode),
+            distributed, split,
         )
-        extra = {"max_grad_norm": cfg.max_grad_norm}
+        extra: Dict[str, Any] = {"max_grad_norm": cfg.max_grad_norm}
+        if split:
+            trained = optimizer_params(optimizer)
+            extra["max_grad_norm"] = split_clip_norms(trained, prefix_parameters, cfg.max_grad_norm, cfg.prefix_clip_share)
         if self.grad_sample_mode == "ghost":
             self.hooks.max_grad_norm = cfg.max_grad_norm
         self.optimizer = optimizer_class(
@@ -314,6 +356,8 @@ class DPSGDEngine(PrivacyAccounting):
             secure_mode=cfg.secure_mode,
             **extra,
         )
+        if split:
+            self.optimizer.bounds = {id(p): bound for p, bound in zip(trained, extra["max_grad_norm"])}
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
 

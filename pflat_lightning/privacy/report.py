@@ -50,6 +50,8 @@ def build_report(
         "steps": steps,
         "epochs": epochs,
         "max_grad_norm": config.max_grad_norm if config.enabled else None,
+        "clipping": config.clipping if config.enabled else None,
+        "prefix_clip_share": config.prefix_clip_share if config.enabled and config.clipping == "split" else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
         "grad_sample_mode": (getattr(engine, "grad_sample_mode", None) or config.grad_sample_mode) if config.enabled else None,
@@ -85,7 +87,8 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
     lines += ["| parameter | value |", "| --- | --- |"]
     for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
-                "max_grad_norm", "accountant", "poisson_sampling", "grad_sample_mode", "dataset_size"):
+                "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling", "grad_sample_mode",
+                "dataset_size"):
         lines.append(f"| {key} | {_fmt(report[key])} |")
     lines += ["", "## Ledger: data use outside DP-SGD's accountant", ""]
     if report["ledger"]:
