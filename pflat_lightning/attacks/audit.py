@@ -10,7 +10,6 @@ the accountant: the module's guarantee is unaffected, but the numbers are not pr
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pflat_lightning.attacks.scores import (
     zlib_scores,
 )
 from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.privacy.report import guarantee_reasons
 from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
 
 #: Attack names, in the order they are run and reported.
@@ -55,13 +55,10 @@ Reference = Union[Mapping[str, torch.Tensor], str, Path, pl.LightningModule]
 def formal_guarantee(pl_module: pl.LightningModule) -> Optional[Tuple[float, float]]:
     """The module's ``(epsilon, delta)`` so far, or ``None`` when no formal guarantee holds (not private,
     no noise, or private data used outside the accountant, as the privacy report decides)."""
-    engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
-    if engine is None or not getattr(pl_module, "is_private", True) or engine.delta is None:
+    engine = privacy_engine(pl_module)
+    if engine is None or engine.delta is None or guarantee_reasons(engine.config, engine, privacy_ledger(pl_module)):
         return None
-    if ledger is not None and ledger.unaccounted:
-        return None
-    epsilon = engine.epsilon()
-    return None if math.isinf(epsilon) else (epsilon, engine.delta)
+    return engine.epsilon(), engine.delta
 
 
 def check_attacks(attacks: Sequence[str], pl_module: Optional[pl.LightningModule] = None) -> Tuple[str, ...]:

@@ -125,9 +125,7 @@ class SharpnessLayerSelection(Callback):
             ledger.record(name, "public", "layer scores measured on the held-out validation split (not training data)")
 
     def _direction_kind(self, pl_module: pl.LightningModule) -> str:
-        if self.direction is not None:
-            return self.direction
-        return "data"
+        return self.direction or "data"
 
     # ------------------------------------------------------------------ selection
     def _keep_count(self, num_layers: int) -> int:

@@ -14,6 +14,19 @@ REPORT_JSON = "privacy_report.json"
 REPORT_MD = "privacy_report.md"
 
 
+def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting],
+                      ledger: Optional[PrivacyLedger]) -> List[str]:
+    """Why no formal (epsilon, delta) guarantee holds (empty when one does): the one place that decides."""
+    reasons: List[str] = []
+    if not config.enabled or engine is None:
+        reasons.append("privacy disabled (PrivacyConfig.enabled=False): trained without DP-SGD")
+    elif engine.noise_multiplier == 0:
+        reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
+    if ledger is not None:
+        reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
+    return reasons
+
+
 def build_report(
     *,
     config: PrivacyConfig,
@@ -26,9 +39,8 @@ def build_report(
     sections: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Assemble the report; every privacy number comes from ``engine``'s accountant history."""
-    reasons: List[str] = []
+    reasons = guarantee_reasons(config, engine, ledger)
     if not config.enabled or engine is None:
-        reasons.append("privacy disabled (PrivacyConfig.enabled=False): trained without DP-SGD")
         epsilon = delta = noise = rate = None
         history: list = []
     else:
@@ -36,9 +48,6 @@ def build_report(
         epsilon = None if math.isinf(eps) else eps
         delta, noise, rate, steps = engine.delta, engine.noise_multiplier, engine.sample_rate, engine.updates
         history = [list(h) for h in engine.history]
-        if noise == 0:
-            reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
-    reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
     return {
         "formal_guarantee": not reasons,
         "reasons": reasons,
