@@ -22,7 +22,7 @@ run: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pflat fit --config $(CONFIG)
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --durations=15
 
 test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

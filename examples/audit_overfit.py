@@ -48,7 +48,8 @@ def run(name: str, epsilon: Optional[float], args: argparse.Namespace, control: 
     data.setup("fit")
     if len(data.train_dataset) < 2 * count:
         raise ValueError(f"--train_examples {count}: the training split holds {len(data.train_dataset)} sentences, "
-                         f"fewer than the {2 * count} that members and control need.")
+                         f"fewer than the {2 * count} kept: {count} members and {count} for the control twin "
+                         f"(kept with or without --control, so the members do not depend on it).")
     members, others = data.train_dataset.select(range(count)), data.train_dataset.select(range(count, 2 * count))
     data.train_dataset = others if control else members  # setup() keeps an already built split
     privacy = PrivacyConfig(enabled=False) if epsilon is None else PrivacyConfig(target_epsilon=epsilon, seed=args.seed)
