@@ -81,6 +81,9 @@ METHODS = [
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
 ]
 METHOD_NAMES = [m.name for m in METHODS]
+#: Privacy settings every row sets itself (private or not, its epsilon, its seed); a method config's
+#: other privacy settings (clip, delta, accountant...) apply to its rows.
+ROW_PRIVACY = ("enabled", "target_epsilon", "seed")
 
 
 def _model_section(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -90,8 +93,9 @@ def _model_section(config: Dict[str, Any]) -> Dict[str, Any]:
 
 def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
     """What ``method`` takes from its config: its callbacks (class path and arguments, ``quick`` applying
-    :data:`QUICK_CALLBACK_ARGS`) and its privacy settings. Recorded with each run, so that a resumed
-    comparison re-runs the rows whose method config has changed since."""
+    :data:`QUICK_CALLBACK_ARGS`) and its privacy settings but those each row sets (:data:`ROW_PRIVACY`).
+    Recorded with each run, so that a resumed comparison re-runs the rows whose method config has
+    changed since."""
     if method.config is None:
         return {"callbacks": [], "privacy": {}}
     config = yaml.safe_load(method.config.read_text())
@@ -101,7 +105,8 @@ def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
         if method.callbacks is None or name in method.callbacks:
             init_args = {**entry.get("init_args", {}), **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
             callbacks.append({"class_path": entry["class_path"], "init_args": init_args})
-    return {"callbacks": callbacks, "privacy": _model_section(config).get("privacy") or {}}
+    privacy = _model_section(config).get("privacy") or {}
+    return {"callbacks": callbacks, "privacy": {k: v for k, v in privacy.items() if k not in ROW_PRIVACY}}
 
 
 def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
@@ -119,9 +124,8 @@ def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> Lis
     if not method.private:
         return args + ["--model.privacy.enabled", "false"]
     args += ["--model.privacy.enabled", "true", "--model.privacy.target_epsilon", str(epsilon)]
-    privacy = method_recipe(method)["privacy"]
-    if "max_grad_norm" in privacy:
-        args += ["--model.privacy.max_grad_norm", str(privacy["max_grad_norm"])]
+    for key, value in method_recipe(method)["privacy"].items():
+        args += [f"--model.privacy.{key}", value if isinstance(value, str) else json.dumps(value)]
     return args
 
 

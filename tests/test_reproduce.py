@@ -6,9 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pflat_lightning import reproduce
+from pflat_lightning import PrivacyConfig, reproduce
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+from pflat_lightning.cli import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,11 +118,25 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     paper_recipe = reproduce.method_recipe(strict["Privacy-Flat (paper)"])
     assert [c["class_path"].rpartition(".")[2] for c in paper_recipe["callbacks"]] == [
         "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"]
-    assert paper_recipe["callbacks"][1]["init_args"]["direction"] == "data" and paper_recipe["privacy"]["max_grad_norm"] == 0.1
+    assert paper_recipe["callbacks"][1]["init_args"]["direction"] == "data"
+    assert paper_recipe["privacy"] == {"max_grad_norm": 0.1}, "the config's epsilon 8 is not the row's: not recorded"
     paper = reproduce.method_overrides(strict["Privacy-Flat (paper)"], 3.0, 7)
     assert paper[paper.index("--model.privacy.max_grad_norm") + 1] == "0.1"
     assert paper[paper.index("--model.privacy.target_epsilon") + 1] == "3.0"
     assert reproduce.method_overrides(strict["non-private"], None, 7)[-2:] == ["--model.privacy.enabled", "false"]
+
+
+def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):
+    config = tmp_path / "method.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\nmodel:\n  privacy:\n    target_epsilon: 8.0\n    target_delta: 1.0e-6\n"
+                      "    clipping: split\n    poisson_sampling: false\n    max_grad_norm: 0.5\n")
+    method = reproduce.Method("custom", config=config)
+    assert reproduce.method_recipe(method)["privacy"] == {"target_delta": 1e-6, "clipping": "split",
+                                                         "poisson_sampling": False, "max_grad_norm": 0.5}
+    model, _, _ = load_run([str(reproduce.DEFAULT_CONFIG)], None, reproduce.method_overrides(method, 3.0, 7))
+    base = yaml.safe_load(reproduce.DEFAULT_CONFIG.read_text())["model"]["init_args"]["privacy"]
+    assert model.privacy == PrivacyConfig(**{**base, "target_epsilon": 3.0, "seed": 7, "target_delta": 1e-6,
+                                             "clipping": "split", "poisson_sampling": False, "max_grad_norm": 0.5})
 
 
 @pytest.mark.parametrize("argv, message", [
