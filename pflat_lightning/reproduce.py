@@ -235,15 +235,21 @@ def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, 
     epsilons = sorted({k[1] for k, _ in groups if k[1] is not None})
     series = [(f"epsilon {e:g}", e) for e in epsilons] + ([("non-private", None)] if any(k[1] is None for k, _ in groups) else [])
     width = 0.8 / max(1, len(series))
+
+    def values(method: str, epsilon: Optional[float]) -> List[float]:
+        return [r[key] for (m, e), g in groups if m == method and e == epsilon for r in g if r[key] is not None]
+
+    # each method's bars centred on its tick (the non-private method has one bar, not a gap beside it)
+    present = {m: [e for _, e in series if values(m, e)] for m in methods}
     fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
-    for i, (label, epsilon) in enumerate(series):
+    for label, epsilon in series:
         xs, means, sds = [], [], []
         for j, method in enumerate(methods):
-            values = [r[key] for (m, e), g in groups if m == method and e == epsilon for r in g if r[key] is not None]
-            if values:
-                xs.append(j + (i - (len(series) - 1) / 2) * width)
-                means.append(statistics.mean(values))
-                sds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            if epsilon in present[method]:
+                shown = values(method, epsilon)
+                xs.append(j + (present[method].index(epsilon) - (len(present[method]) - 1) / 2) * width)
+                means.append(statistics.mean(shown))
+                sds.append(statistics.stdev(shown) if len(shown) > 1 else 0.0)
         ax.bar(xs, means, width, yerr=sds, capsize=3, label=label)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=25, ha="right", fontsize=8)
