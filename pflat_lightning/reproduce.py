@@ -236,17 +236,15 @@ def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, 
     series = [(f"epsilon {e:g}", e) for e in epsilons] + ([("non-private", None)] if any(k[1] is None for k, _ in groups) else [])
     width = 0.8 / max(1, len(series))
 
-    def values(method: str, epsilon: Optional[float]) -> List[float]:
-        return [r[key] for (m, e), g in groups if m == method and e == epsilon for r in g if r[key] is not None]
-
+    measured = {(m, e): [r[key] for r in g if r[key] is not None] for (m, e), g in groups}
     # each method's bars centred on its tick (the non-private method has one bar, not a gap beside it)
-    present = {m: [e for _, e in series if values(m, e)] for m in methods}
+    present = {m: [e for _, e in series if measured.get((m, e))] for m in methods}
     fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
     for label, epsilon in series:
         xs, means, sds = [], [], []
         for j, method in enumerate(methods):
             if epsilon in present[method]:
-                shown = values(method, epsilon)
+                shown = measured[(method, epsilon)]
                 xs.append(j + (present[method].index(epsilon) - (len(present[method]) - 1) / 2) * width)
                 means.append(statistics.mean(shown))
                 sds.append(statistics.stdev(shown) if len(shown) > 1 else 0.0)
