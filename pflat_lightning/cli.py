@@ -6,6 +6,7 @@ trained run (``--config`` + ``--ckpt_path``) or serve a model, each implemented 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -14,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 
@@ -125,10 +127,17 @@ def load_run(
 
 def main(args: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in COMMANDS:
-        module, _, function = COMMANDS[argv[0]].partition(":")
-        raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
-    _cli(args)
+    try:
+        if argv and argv[0] in COMMANDS:
+            module, _, function = COMMANDS[argv[0]].partition(":")
+            raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
+        _cli(args)
+    except SIGTERMException:
+        # Lightning stops the loops with a SystemExit that carries no code, so a killed run would exit 0
+        # and look finished to a shell, a scheduler or `&&`.
+        print("pflat: stopped by SIGTERM before the run finished. Resume it from its last checkpoint with "
+              "--ckpt_path (pflat reproduce: run the same command again).", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 if __name__ == "__main__":

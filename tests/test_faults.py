@@ -1,5 +1,6 @@
 """Runs killed at any moment: checkpoints stay loadable and a resumed DP run spends exactly as if it had
-never stopped. Each run is a subprocess (``pflat fit``) killed with SIGKILL."""
+never stopped, and a stopped run never looks finished. Each run is a subprocess (``pflat fit``) killed with
+SIGKILL or stopped with SIGTERM."""
 import json
 import os
 import signal
@@ -94,22 +95,53 @@ def test_sigkill_mid_run_then_resume_spends_as_an_uninterrupted_run(tiny_model_d
     assert b["metrics"] == a["metrics"], "the resumed run trained exactly the same model"
 
 
-def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
-    path = tmp_path / "last.ckpt"
-    for delay in (0.05, 0.2, 0.45):
-        process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "atomic_save_script.py"), str(path)],
-                                   stdout=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            process.stdout.readline()  # the first checkpoint is complete
-            time.sleep(delay)
-        finally:
+def test_sigterm_stops_a_run_with_a_failing_exit_status(tiny_model_dir, tmp_path):
+    """Lightning ends its loops on SIGTERM with a code-less SystemExit (status 0): a scheduler or `&&`
+    would take the stopped run for a finished one."""
+    config = write_config(tmp_path, tiny_model_dir("bert"))
+    process = subprocess.Popen(pflat_command(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "checkpoints/last.ckpt").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM before the run finished" in stderr and "--ckpt_path" in stderr
+    assert not (tmp_path / "privacy_report.json").exists(), "no report for a run that did not finish"
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] < 30
+
+
+def test_a_kill_during_a_save_leaves_a_loadable_checkpoint(tmp_path):
+    # Three savers at once (each killed at its own moment): one process start-up instead of three in a row.
+    delays = (0.05, 0.2, 0.45)
+    paths = [tmp_path / str(i) / "last.ckpt" for i in range(len(delays))]
+    processes = []
+    try:
+        for path in paths:
+            path.parent.mkdir()
+            processes.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / "atomic_save_script.py"),
+                                               str(path)], stdout=subprocess.PIPE, text=True, start_new_session=True))
+        for process, delay in zip(processes, delays):
+            process.stdout.readline()  # its first checkpoint is complete
+            time.sleep(delay)
+            os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=60)
+    for path in paths:
         checkpoint = torch.load(path, weights_only=True)
         assert torch.equal(checkpoint["weights"], torch.full((10_000_000,), float(checkpoint["step"])))
-    leftovers = list(tmp_path.glob(".last.ckpt.*.tmp"))
+    folder = paths[0].parent
+    leftovers = list(folder.glob(".last.ckpt.*.tmp"))
     from pflat_lightning.checkpointing import AtomicCheckpointIO
 
-    AtomicCheckpointIO().save_checkpoint({"step": -1}, path)
-    assert not list(tmp_path.glob(".last.ckpt.*.tmp")), f"stale temporary files are cleaned up: {leftovers}"
-    assert torch.load(path, weights_only=True) == {"step": -1}
+    AtomicCheckpointIO().save_checkpoint({"step": -1}, paths[0])
+    assert not list(folder.glob(".last.ckpt.*.tmp")), f"stale temporary files are cleaned up: {leftovers}"
+    assert torch.load(paths[0], weights_only=True) == {"step": -1}
