@@ -22,10 +22,10 @@ run: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pflat fit --config $(CONFIG)
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --durations=15
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install
 	$(PIP) -e ".[bench]"
