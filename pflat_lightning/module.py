@@ -49,8 +49,8 @@ class DPPrefixModule(pl.LightningModule):
     ``trainable_modules()`` (the prefix and any head: everything DP trains) and
     ``per_example_gradient_bytes(batch_size)``, and implements :meth:`example_losses`. Batches are dicts
     of tensors whose ``labels`` has one row per example. It offers the callbacks' protocol
-    (:mod:`pflat_lightning.protocol`): ``layer_groups``, ``example_losses``, ``loss_terms``, ``engine``,
-    ``ledger``, ``prefix`` and ``report_sections``.
+    (:mod:`pflat_lightning.protocol`): ``layer_groups``, ``example_losses``, ``loss_terms``,
+    ``before_optimizers``, ``engine``, ``ledger``, ``prefix`` and ``report_sections``.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -111,6 +111,9 @@ class DPPrefixModule(pl.LightningModule):
         self.report_sections: Dict[str, Any] = {}
         #: Per-example terms ``fn(batch, logits, prefix) -> Tensor`` added to each example's loss (callbacks).
         self.loss_terms: List[Callable[..., torch.Tensor]] = []
+        #: Work ``fn(module)`` that callbacks queue in ``setup`` to run when the optimizers are configured:
+        #: after a resumed run's checkpoint is restored, before the noise is calibrated (a teacher to train).
+        self.before_optimizers: List[Callable[[pl.LightningModule], None]] = []
 
     # ------------------------------------------------------------------ the task's part
     def example_losses(self, batch: Dict[str, Any]) -> torch.Tensor:
@@ -163,6 +166,9 @@ class DPPrefixModule(pl.LightningModule):
             datamodule.poisson_sampling = self.privacy.poisson_sampling
 
     def configure_optimizers(self) -> Any:
+        queued, self.before_optimizers[:] = list(self.before_optimizers), []
+        for work in queued:
+            work(self)
         self._check_trainable()
         # Pruned prefix layers stay in the optimizer (frozen, so never updated): the parameter groups
         # then match across a pruning and a resume.
@@ -378,8 +384,9 @@ def resume_poisson_epoch(module: pl.LightningModule, updates: int) -> None:
     loader = module.trainer.train_dataloader
     if not isinstance(loader, PoissonDataLoader):
         return
-    done = updates - module.current_epoch * loader.batch_sampler.num_batches
-    if 0 < done < loader.batch_sampler.num_batches:
+    per_epoch = module.trainer.num_training_batches  # the epoch as run: limit_train_batches applied
+    done = updates - module.current_epoch * per_epoch
+    if 0 < done < per_epoch:
         loader.batch_sampler.fast_forward(done)
         if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
             iter(module.trainer.fit_loop._data_fetcher)

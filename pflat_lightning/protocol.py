@@ -9,6 +9,9 @@ A module takes part by offering any of these (``PrefixTunedClassifier`` offers a
 - ``loss_terms``: a list of ``fn(batch, logits, prefix) -> Tensor`` per-example terms added to each
   example's loss before clipping (teacher distillation); ``prefix`` is the per-example prefix of the
   forward that gave ``logits``.
+- ``before_optimizers``: a list of ``fn(module)`` run when the optimizers are configured, after a resumed
+  run's checkpoint is restored and before the noise is calibrated (the teacher is trained there, so
+  a resume does not train it again).
 - ``engine``: the :class:`~pflat_lightning.privacy.DPSGDEngine` of a private module (``None`` or absent
   for a non-private one), and ``ledger``: its :class:`~pflat_lightning.privacy.PrivacyLedger`.
 - ``prefix``: the :class:`~pflat_lightning.prefix.PrefixEncoder` whose layers can be pruned.

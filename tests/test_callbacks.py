@@ -55,6 +55,36 @@ def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, t
     assert report["formal_guarantee"]
 
 
+def test_fresh_private_awp_until_epoch_plans_every_batch_of_those_epochs(tiny_model_dir, tmp_path):
+    """max_steps=12 cuts a 3-epoch run of 8-batch epochs: epoch 0 perturbs all 8 of its steps, not
+    12 // 3 = 4, and the noise must be calibrated for 12 + 8 releases."""
+    module = make(tiny_model_dir("bert"))
+    callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_epoch=1)
+    quiet_trainer(tmp_path, max_epochs=3, max_steps=12, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    engine = module.engine
+    assert engine.updates == 12 and callback.perturbed_steps == 8 and engine.compositions == 20
+    reference = PRVAccountant()
+    reference.history = [(engine.noise_multiplier, 8 / 64, 20)]
+    epsilon = reference.get_epsilon(delta=64 ** -1.1)
+    assert module.privacy_report()["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+    assert 3.0 - 0.05 < epsilon <= 3.0
+
+
+class UndeclaredRelease(Callback):
+    """A callback that releases a private gradient without declaring it in ``engine.extra_releases``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.engine.backward_batch(batch, pl_module.example_losses, 8)
+        pl_module.engine.release_gradient()
+
+
+def test_a_release_the_noise_was_not_calibrated_for_is_refused(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    with pytest.raises(RuntimeError, match="noise was calibrated for 16 releases"):
+        quiet_trainer(tmp_path, max_epochs=2, callbacks=[UndeclaredRelease()]).fit(module, datamodule=TokenDataModule())
+    assert module.engine.compositions == 0, "refused before the release"
+
+
 def test_raw_awp_voids_the_formal_guarantee(tiny_model_dir, tmp_path):
     module = make(tiny_model_dir("bert"))
     quiet_trainer(tmp_path, max_steps=2, callbacks=[AdversarialWeightPerturbation(direction="raw")]).fit(
@@ -273,6 +303,28 @@ def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp
     assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
     assert 3.0 - 0.05 < report["epsilon"] <= 3.0
     assert report["formal_guarantee"]
+
+
+def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(tiny_model_dir, tmp_path, monkeypatch):
+    path = tiny_model_dir("bert")
+    teacher = partial(TeacherDistillation, "private_dp", teacher_epochs=1, teacher_batch_size=16)
+    whole = make(path)
+    quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[teacher()]).fit(whole, datamodule=TokenDataModule())
+    ckpt = tmp_path / "interrupted.ckpt"
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[teacher(), StopAfter(5, ckpt)]).fit(
+        make(path), datamodule=TokenDataModule())
+
+    def train_again(*args):
+        raise AssertionError("the resumed run trained its teacher again")
+
+    monkeypatch.setattr(TeacherDistillation, "_train_teacher", train_again)
+    resumed, callback = make(path), teacher()
+    quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[callback]).fit(resumed, datamodule=TokenDataModule(),
+                                                                           ckpt_path=ckpt)
+    assert resumed.engine.history == whole.engine.history and len(whole.engine.history) == 2, "teacher + student"
+    assert resumed.privacy_report()["epsilon"] == whole.privacy_report()["epsilon"]
+    for a, b in zip(resumed.model.prefix.parameters(), whole.model.prefix.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("source, guarantee", [("public", True), ("private_nonprivate", False)])

@@ -1,6 +1,7 @@
 """Within-layer flattening: adversarial weight perturbation (AWP) with a private direction."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Literal, Optional
 
 import lightning.pytorch as pl
@@ -81,9 +82,9 @@ class AdversarialWeightPerturbation(Callback):
 
     # ------------------------------------------------------------------ schedule
     def _active_steps(self, trainer: pl.Trainer, planned: int) -> int:
-        if self.until_epoch is not None:
-            per_epoch = max(1, planned // max(1, trainer.max_epochs or 1))
-            return min(planned, self.until_epoch * per_epoch)
+        if self.until_epoch is not None:  # every batch of the first until_epoch epochs (as run: limits applied)
+            per_epoch = trainer.num_training_batches
+            return planned if not math.isfinite(per_epoch) else min(planned, self.until_epoch * int(per_epoch))
         return int(self.until_fraction * planned)
 
     def _is_active(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:

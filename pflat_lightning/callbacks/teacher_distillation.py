@@ -101,12 +101,13 @@ class TeacherDistillation(Callback):
         self._student: Optional[torch.nn.Module] = None
         self._teacher_prefix: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
         self._term = None
+        self._restored = False
 
     # ------------------------------------------------------------------ obtaining the teacher
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for attribute in ("model", "loss_terms", "hparams"):
+        for attribute in ("model", "loss_terms", "before_optimizers", "hparams"):
             require(pl_module, attribute, type(self).__name__)
         ledger = privacy_ledger(pl_module)
         name = type(self).__name__
@@ -120,8 +121,21 @@ class TeacherDistillation(Callback):
         }
         if ledger is not None and privacy_engine(pl_module) is not None:
             ledger.record(name, *details[self.source])
-        if trainer.ckpt_path is not None:
-            return  # resuming: the teacher comes back through load_state_dict, its spend through the engine
+        # Lightning restores a checkpoint after setup: whether this fit resumes is known only then.
+        self._restored = False
+        if self._obtain_teacher not in pl_module.before_optimizers:
+            pl_module.before_optimizers.append(self._obtain_teacher)
+
+    def _obtain_teacher(self, pl_module: pl.LightningModule) -> None:
+        if self._restored:
+            return  # resumed: the teacher came back through load_state_dict, its spend through the engine
+        trainer, engine = pl_module.trainer, privacy_engine(pl_module)
+        if self.source == "private_dp" and engine is not None and engine.noise_multiplier is not None:
+            raise ValueError(
+                "Cannot add TeacherDistillation(teacher='private_dp') when resuming a run that had none: the "
+                "checkpoint's noise was calibrated without the teacher's spend. Resume with the interrupted run's "
+                "callbacks, or use teacher='public'."
+            )
         if self.source == "checkpoint":
             state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
             self.teacher_state = {k[len("model."):]: v for k, v in state.items()
@@ -130,7 +144,7 @@ class TeacherDistillation(Callback):
             # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
             if history:
-                privacy_engine(pl_module).prior_history = history
+                engine.prior_history = history
 
     def _teacher_privacy(self, pl_module: pl.LightningModule) -> PrivacyConfig:
         if self.source != "private_dp":
@@ -232,3 +246,4 @@ class TeacherDistillation(Callback):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.teacher_state = state_dict["teacher_state"]
+        self._restored = self.teacher_state is not None

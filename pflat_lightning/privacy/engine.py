@@ -66,6 +66,7 @@ class PrivacyAccounting:
         self.prior_history: History = []
         #: ``planned_updates -> extra releases`` that callbacks add (e.g. a private ascent gradient).
         self.extra_releases: List[Callable[[int], int]] = []
+        self._restored_compositions: Optional[int] = None  # what a checkpoint's noise was calibrated for
         self._generator: Optional[torch.Generator] = None
         self._epsilon_cache: Tuple[Optional[Tuple], float] = (None, 0.0)
 
@@ -88,6 +89,13 @@ class PrivacyAccounting:
                         f"Cannot resume: the checkpoint was trained with {key}={getattr(self, key)!r}, this run has "
                         f"{now!r}. Changing it mid-run would make the privacy accounting wrong."
                     )
+            if self._restored_compositions is not None and self._restored_compositions != self.planned_compositions:
+                raise ValueError(
+                    f"Cannot resume: the checkpoint's noise was calibrated for {self._restored_compositions} Gaussian "
+                    f"releases, this run plans {self.planned_compositions}: a callback that adds releases (AWP with "
+                    "direction='fresh_private') was added, removed or changed. Resume with the callbacks of the "
+                    "interrupted run."
+                )
         else:
             self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
             self.delta = cfg.delta_for(dataset_size)
@@ -170,6 +178,7 @@ class PrivacyAccounting:
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "planned_steps": self.planned_steps,
+            "planned_compositions": self.planned_compositions,
             "delta": self.delta,
             "dataset_size": self.dataset_size,
             "accountant": self.config.accountant,
@@ -188,6 +197,7 @@ class PrivacyAccounting:
         self.noise_multiplier = state["noise_multiplier"]
         self.sample_rate = state["sample_rate"]
         self.planned_steps = state["planned_steps"]
+        self._restored_compositions = state.get("planned_compositions")  # absent from older checkpoints
         self.delta = state["delta"]
         self.dataset_size = state["dataset_size"]
         if state["generator"] is not None:
@@ -436,6 +446,13 @@ class DPSGDEngine(PrivacyAccounting):
         One more Gaussian release on the current batch, which the accountant counts. Returns the noised
         mean gradient of each trainable parameter and clears the gradients.
         """
+        extra_done = self.compositions - self.updates
+        if extra_done >= self.planned_compositions - self.planned_steps:
+            raise RuntimeError(
+                f"An extra release on top of the {extra_done} planned was requested: the noise was calibrated for "
+                f"{self.planned_compositions} releases ({self.planned_steps} updates), so it would spend past the "
+                "target epsilon. A callback released more often than it declared in engine.extra_releases."
+            )
         self._releasing = True
         try:
             self.optimizer.pre_step()

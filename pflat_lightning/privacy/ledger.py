@@ -49,4 +49,9 @@ class PrivacyLedger:
         return {"entries": [asdict(e) for e in self.entries]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """The checkpoint's entries (the data use before it), then what this run has recorded since (a
+        callback added on resume): a resumed run's ledger holds both parts of the run."""
+        since = list(self.entries)
         self.entries = [LedgerEntry(**e) for e in state["entries"]]
+        for entry in since:
+            self.record(entry.component, entry.status, entry.detail)
