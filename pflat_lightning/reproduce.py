@@ -277,7 +277,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "add a file with a `data:` section to run the comparison on your data")
     parser.add_argument("--quick", action="store_true", help="a small subset and 2 epochs (about 10 minutes here)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 (quick) or 0 1 2")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="default: 0 (quick) or 0 1 2. A seed sets the initialisation and the noise; the data "
+                             "splits and Poisson batches stay those of the datamodule's seed (--data.seed)")
     parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES, metavar="METHOD",
                         help=f"any of {METHOD_NAMES}")
     parser.add_argument("--public_fraction", type=float, default=0.1,

@@ -44,8 +44,11 @@ class PrivacyConfig:
             (ghost when hooks would hold more than 256 MiB of per-example gradients per physical batch and
             at least 4x ghost's estimate, e.g. a large reparametrised prefix; hooks otherwise; the choice
             is logged and in the report).
-        secure_mode: draw noise from a cryptographically secure generator (slower).
-        seed: seed of the Poisson sampler and of the noise generator (when not in secure mode).
+        secure_mode: draw noise from a cryptographically secure generator (slower). Without it the noise
+            comes from a seeded pseudo-random generator: reproducible, but the guarantee then assumes the
+            seed and the checkpointed generator state stay secret (the report says so).
+        seed: seed of the noise generator (when not in secure mode). The Poisson draws are seeded by
+            the training loader (``seed`` of the pflat datamodules, which also seeds their splits).
     """
 
     enabled: bool = True

@@ -63,6 +63,8 @@ def build_report(
         "prefix_clip_share": config.prefix_clip_share if config.enabled and config.clipping == "split" else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
+        "noise_generator": (("secure" if config.secure_mode else f"seeded pseudo-random (seed {config.seed})")
+                            if config.enabled else None),
         "grad_sample_mode": (getattr(engine, "grad_sample_mode", None) or config.grad_sample_mode) if config.enabled else None,
         "dataset_size": dataset_size,
         "accountant_history": history,
@@ -94,11 +96,15 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += ["Nothing has been trained on the private data yet (epsilon = 0).", ""]
     if report["reasons"]:
         lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
+    if str(report.get("noise_generator")).startswith("seeded"):
+        lines += ["The noise comes from a seeded pseudo-random generator (`secure_mode=False`): the run is "
+                  "reproducible, and the guarantee assumes its seed and the checkpoints' generator state stay "
+                  "secret. Train the model you release with `secure_mode=True`.", ""]
     lines += ["| parameter | value |", "| --- | --- |"]
     for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
                 "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling", "grad_sample_mode",
-                "dataset_size"):
-        lines.append(f"| {key} | {_fmt(report[key])} |")
+                "noise_generator", "dataset_size"):
+        lines.append(f"| {key} | {_fmt(report.get(key))} |")  # .get: reports written before a key existed
     lines += ["", "## Ledger: data use outside DP-SGD's accountant", ""]
     if report["ledger"]:
         lines += ["| component | status | detail |", "| --- | --- | --- |"]
