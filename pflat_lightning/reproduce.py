@@ -36,10 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger
 
 from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
 from pflat_lightning.cli import load_run, split_overrides
@@ -135,19 +133,16 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
     folder = args.out / "runs" / name
     if folder.exists():  # left by an interrupted run: start it over, nothing of it was counted
         shutil.rmtree(folder)
-    model, data, recipe = load_run(args.config, None, [*args.overrides, *method_overrides(method, epsilon, seed)])
-    trainer = pl.Trainer(
-        max_epochs=recipe.max_epochs,
-        max_steps=recipe.max_steps,
-        precision=recipe.precision,
-        callbacks=[*method_callbacks(method, args.quick), *measurement_callbacks(args.quick)],
-        logger=CSVLogger(folder, name="", version=""),
-        default_root_dir=folder,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    # The recipe's Trainer (strategy, devices, precision, limits, its callbacks...) with the run's own
+    # folder and logger, no checkpoints and no progress bar; the method's and the measurements' callbacks added.
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(folder), "name": "", "version": ""}}
+    run_trainer = ["--trainer.default_root_dir", str(folder), "--trainer.logger", json.dumps(logger),
+                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+                   "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0"]
+    model, data, trainer = load_run(args.config, None,
+                                    [*args.overrides, *method_overrides(method, epsilon, seed), *run_trainer])
+    trainer.callbacks.extend([*method_callbacks(method, args.quick), *measurement_callbacks(args.quick)])
     start = time.time()
     trainer.fit(model, datamodule=data)
     train_s = time.time() - start

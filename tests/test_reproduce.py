@@ -20,7 +20,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     run_options = ["--model.backbone", tiny_model_dir("bert"), "--model.max_physical_batch_size", "128",
                    "--data.source", "sms_spam", "--data.max_length", "16", "--data.batch_size", "32",
                    "--data.max_train_examples", "96", "--data.max_eval_examples", "64", "--data.eval_batch_size", "64",
-                   "--trainer.max_epochs", "2"]
+                   "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def reproduce_cli(*argv, options=run_options):
@@ -41,6 +41,8 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
         assert row["epsilon"] == report["epsilon"] and row["formal_guarantee"] == report["formal_guarantee"]
         assert 0.0 <= row["mia_auc"] <= 1.0 and 0.5 <= row["mia_accuracy"] <= 1.0 and row["sharpness"] >= 0.0
         assert report["callbacks"]["MembershipInferenceAudit"]["num_members"] > 0
+        # The recipe's Trainer settings apply (2 of the 3 batches per epoch), and the run's config is saved.
+        assert report["steps"] == 4 and (Path(row["report"]).parent / "config.yaml").is_file()
     assert by_method["non-private"]["epsilon"] is None and not by_method["non-private"]["formal_guarantee"]
     dp = by_method["DP-SGD"]
     assert dp["formal_guarantee"] and 7.0 < dp["epsilon"] <= 8.0 and dp["reasons"] == []
