@@ -14,7 +14,7 @@ from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
 
 from conftest import FAMILIES
-from helpers import TokenDataModule, TokenDataset, collate, quiet_trainer
+from helpers import StopAfter, TokenDataModule, TokenDataset, collate, quiet_trainer
 
 HEADS = ["linear", "label_words"]
 
@@ -141,6 +141,37 @@ def test_split_clipping_keeps_each_bound_with_its_tensor_after_pruning(tiny_mode
     assert optimizer.max_grad_norms == [optimizer.bounds[id(p)] for p in trained]
     assert sum(b**2 for b in optimizer.bounds.values()) == pytest.approx(1.0), "all bounds together: C**2"
     assert module.privacy_report()["formal_guarantee"]
+
+
+def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The pruned layer is frozen when the resumed run builds its optimizer: the bounds must still be the
+    shares of all prefix tensors (C * sqrt(share / 2 layers' tensors)), not of the one layer left."""
+    from pflat_lightning.callbacks import SharpnessLayerSelection
+
+    path = tiny_model_dir("bert")  # before seeding: the first call draws the tiny model's weights
+
+    def make():
+        torch.manual_seed(0)
+        return PrefixTunedClassifier(path, 2, num_virtual_tokens=3,
+                                     privacy=PrivacyConfig(target_epsilon=3.0, clipping="split", prefix_clip_share=0.5))
+
+    select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
+    whole = make()
+    quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[select()]).fit(whole, datamodule=TokenDataModule())
+    ckpt = tmp_path / "pruned.ckpt"
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[select(), StopAfter(10, ckpt)]).fit(
+        make(), datamodule=TokenDataModule())
+    resumed = make()
+    quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[select()]).fit(resumed, datamodule=TokenDataModule(),
+                                                                          ckpt_path=ckpt)
+    prefix_tensors = len(list(resumed.prefix.parameters()))
+    kept = list(resumed.prefix.layers[0].parameters())
+    assert len(kept) < prefix_tensors and all(p.requires_grad for p in kept)
+    for p in kept:
+        assert resumed.engine.optimizer.bounds[id(p)] == pytest.approx(1.0 * math.sqrt(0.5 / prefix_tensors))
+    for a, b in zip([p for p in resumed.model.parameters() if p.requires_grad],
+                    [p for p in whole.model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
 def test_split_clipping_is_refused_with_ghost_clipping_and_a_bad_share():

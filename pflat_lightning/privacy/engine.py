@@ -353,8 +353,13 @@ class DPSGDEngine(PrivacyAccounting):
         )
         extra: Dict[str, Any] = {"max_grad_norm": cfg.max_grad_norm}
         if split:
+            # The bounds are shared among all the optimizer's tensors, pruned (frozen) prefix layers too: a run
+            # resumed after a pruning then clips as the uninterrupted run did.
+            everything = [p for group in optimizer.param_groups for p in group["params"]]
+            bounds = dict(zip(map(id, everything),
+                              split_clip_norms(everything, prefix_parameters, cfg.max_grad_norm, cfg.prefix_clip_share)))
             trained = optimizer_params(optimizer)
-            extra["max_grad_norm"] = split_clip_norms(trained, prefix_parameters, cfg.max_grad_norm, cfg.prefix_clip_share)
+            extra["max_grad_norm"] = [bounds[id(p)] for p in trained]
         if self.grad_sample_mode == "ghost":
             self.hooks.max_grad_norm = cfg.max_grad_norm
         self.optimizer = optimizer_class(
@@ -367,7 +372,10 @@ class DPSGDEngine(PrivacyAccounting):
             **extra,
         )
         if split:
-            self.optimizer.bounds = {id(p): bound for p, bound in zip(trained, extra["max_grad_norm"])}
+            self.optimizer.bounds = bounds
+            # Opacus sets the noise scale from the bounds it was given; the scale is the whole budget C, the
+            # shares of pruned (frozen) tensors included, in a resumed run as in the uninterrupted one.
+            self.optimizer.max_grad_norm = cfg.max_grad_norm
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
 
