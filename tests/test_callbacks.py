@@ -290,10 +290,17 @@ def test_distillation_term_gradient_matches_autograd(tiny_model_dir):
         torch.testing.assert_close(p.grad_sample, torch.stack([g[j] for g in expected]), atol=1e-6, rtol=1e-4)
 
 
-def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp_path):
+def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp_path, monkeypatch):
+    from pflat_lightning.privacy import PoissonDataLoader
+
+    seeds = []  # which sampler seed each Poisson loader of the run is built with
+    build = PoissonDataLoader.__init__
+    monkeypatch.setattr(PoissonDataLoader, "__init__", lambda self, *a, **k: (seeds.append(k["seed"]), build(self, *a, **k))[1])
     module = make(tiny_model_dir("bert"))
     callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    data = TokenDataModule()
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=data)
+    assert len(set(seeds)) == 2 and data.seed == 0, "the teacher draws its own batches, independent of the student's"
     engine = module.engine
     (t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps) = engine.history
     assert (t_rate, t_steps) == (16 / 64, 4) and (s_rate, s_steps) == (8 / 64, 16)

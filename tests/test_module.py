@@ -95,7 +95,8 @@ def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
     assert markdown.startswith("# Privacy report")
     # Seeded noise (the default) is reproducible; the report says what the guarantee then assumes.
     assert report["noise_generator"] == "seeded pseudo-random (seed 0)"
-    assert "assumes its seed and the checkpoints' generator state stay secret" in markdown
+    assert "the Poisson batches and the noise come from seeded pseudo-random generators" in markdown
+    assert "the guarantee assumes those seeds and the checkpoints' generator states stay secret" in markdown
 
 
 def test_logging_the_training_loss_is_a_ledger_entry(tiny_model_dir, tmp_path):

@@ -36,9 +36,10 @@ class TeacherDistillation(Callback):
 
     - ``"checkpoint"``: a ``PrefixTunedClassifier`` checkpoint (assumed trained on public data).
     - ``"public"`` (default): trained here, before the student, on the datamodule's public split.
-    - ``"private_dp"``: trained here with DP (``teacher_privacy``) on the private training data; its
-      releases are composed into the student's accountant and the student's noise is calibrated so
-      that the total stays within the student's ``target_epsilon``.
+    - ``"private_dp"``: trained here with DP (``teacher_privacy``) on the private training data, with
+      Poisson draws of its own (the datamodule's ``seed`` + 1); its releases are composed into the
+      student's accountant and the student's noise is calibrated so that the total stays within the
+      student's ``target_epsilon``.
     - ``"private_nonprivate"`` (the paper's choice): trained without noise on the private data. The
       ledger records it and the report says no formal guarantee holds.
 
@@ -179,12 +180,19 @@ class TeacherDistillation(Callback):
             if self.source == "public":
                 nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
             else:
-                saved = (datamodule.batch_size, datamodule.trainer)
+                saved = (datamodule.batch_size, datamodule.trainer, getattr(datamodule, "seed", None))
                 datamodule.batch_size = self.teacher_batch_size
+                if saved[2] is not None and self.source == "private_dp":
+                    # The accountant composes the teacher's and the student's releases as independent
+                    # mechanisms: the same Poisson draws at a smaller rate would make each teacher batch a
+                    # subset of the student's batch at that step.
+                    datamodule.seed = saved[2] + 1
                 try:
                     nested.fit(teacher, datamodule=datamodule)
                 finally:
-                    datamodule.batch_size, datamodule.trainer = saved
+                    datamodule.batch_size, datamodule.trainer = saved[:2]
+                    if saved[2] is not None:
+                        datamodule.seed = saved[2]
         state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
                  if k.startswith(("prefix.", "classifier."))}
         history = list(teacher.engine.history) if teacher.engine is not None else []

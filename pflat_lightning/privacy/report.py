@@ -96,10 +96,13 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += ["Nothing has been trained on the private data yet (epsilon = 0).", ""]
     if report["reasons"]:
         lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
-    if str(report.get("noise_generator")).startswith("seeded"):
-        lines += ["The noise comes from a seeded pseudo-random generator (`secure_mode=False`): the run is "
-                  "reproducible, and the guarantee assumes its seed and the checkpoints' generator state stay "
-                  "secret. Train the model you release with `secure_mode=True`.", ""]
+    if report.get("noise_generator") is not None:
+        seeded = "the Poisson batches and the noise come" if str(report["noise_generator"]).startswith("seeded") \
+            else "the Poisson batches come"
+        lines += [f"Reproducibility: {seeded} from seeded pseudo-random generators (the training loader's seed, "
+                  "`PrivacyConfig.seed` without `secure_mode`), so the guarantee assumes those seeds and the "
+                  "checkpoints' generator states stay secret. For a model you release, train with "
+                  "`secure_mode=True` and seeds you do not publish.", ""]
     lines += ["| parameter | value |", "| --- | --- |"]
     for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
                 "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling", "grad_sample_mode",
