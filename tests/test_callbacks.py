@@ -295,7 +295,12 @@ def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp
 
     seeds = []  # which sampler seed each Poisson loader of the run is built with
     build = PoissonDataLoader.__init__
-    monkeypatch.setattr(PoissonDataLoader, "__init__", lambda self, *a, **k: (seeds.append(k["seed"]), build(self, *a, **k))[1])
+
+    def recording(self, *args, **kwargs):
+        seeds.append(kwargs["seed"])
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
     module = make(tiny_model_dir("bert"))
     callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
     data = TokenDataModule()

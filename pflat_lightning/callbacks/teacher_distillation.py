@@ -180,19 +180,20 @@ class TeacherDistillation(Callback):
             if self.source == "public":
                 nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
             else:
-                saved = (datamodule.batch_size, datamodule.trainer, getattr(datamodule, "seed", None))
+                saved = (datamodule.batch_size, datamodule.trainer)
+                seed = getattr(datamodule, "seed", None)
                 datamodule.batch_size = self.teacher_batch_size
-                if saved[2] is not None and self.source == "private_dp":
+                if seed is not None and self.source == "private_dp":
                     # The accountant composes the teacher's and the student's releases as independent
                     # mechanisms: the same Poisson draws at a smaller rate would make each teacher batch a
                     # subset of the student's batch at that step.
-                    datamodule.seed = saved[2] + 1
+                    datamodule.seed = seed + 1
                 try:
                     nested.fit(teacher, datamodule=datamodule)
                 finally:
-                    datamodule.batch_size, datamodule.trainer = saved[:2]
-                    if saved[2] is not None:
-                        datamodule.seed = saved[2]
+                    datamodule.batch_size, datamodule.trainer = saved
+                    if seed is not None:
+                        datamodule.seed = seed
         state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
                  if k.startswith(("prefix.", "classifier."))}
         history = list(teacher.engine.history) if teacher.engine is not None else []
