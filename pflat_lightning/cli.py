@@ -18,7 +18,6 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
-
 class PflatCLI(LightningCLI):
     """LightningCLI over every pflat task: the YAML (or ``--model``/``--data``) picks the module and the
     datamodule by ``class_path`` (``PrefixTunedClassifier`` + ``TextClassificationDataModule``,

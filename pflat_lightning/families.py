@@ -87,7 +87,6 @@ class ModelFamily:
         return AutoModelForMaskedLM if self.bidirectional else AutoModelForCausalLM
 
 
-
 FAMILIES: Dict[str, ModelFamily] = {
     family.name: family
     for family in (

@@ -82,8 +82,6 @@ def lira_offline_scores(
     return (target.double() - mean) / std, int(use_fixed.sum())
 
 
-
-
 def keep_matrix(num_shadows: int, pool_size: int, seed: int) -> torch.Tensor:
     """Which pool examples each shadow trains on, ``[num_shadows, pool_size]`` booleans.
 
