@@ -83,6 +83,16 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+def assert_same_trained_weights(resumed: pl.LightningModule, whole: pl.LightningModule) -> None:
+    """Every trainable parameter (prefix and head; the noise dominates the prefix's small gradients, so a
+    prefix compared at the default tolerance can hide a wrong batch) is equal to float32 round-off."""
+    trained = [p for m in resumed.model.trainable_modules() for p in m.parameters()]
+    reference = [p for m in whole.model.trainable_modules() for p in m.parameters()]
+    assert len(trained) == len(reference) > 0
+    for a, b in zip(trained, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
 def run_isolated(command, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run ``command`` in its own process group; on timeout kill the whole group (the spawned ranks too),
     so a hung multi-process run leaves nothing behind."""

@@ -14,7 +14,7 @@ from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
 
 from conftest import FAMILIES
-from helpers import StopAfter, TokenDataModule, TokenDataset, collate, quiet_trainer
+from helpers import StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, collate, quiet_trainer
 
 HEADS = ["linear", "label_words"]
 
@@ -169,9 +169,7 @@ def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(t
     assert len(kept) < prefix_tensors and all(p.requires_grad for p in kept)
     for p in kept:
         assert resumed.engine.optimizer.bounds[id(p)] == pytest.approx(1.0 * math.sqrt(0.5 / prefix_tensors))
-    for a, b in zip([p for p in resumed.model.parameters() if p.requires_grad],
-                    [p for p in whole.model.parameters() if p.requires_grad]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert_same_trained_weights(resumed, whole)
 
 
 def test_split_clipping_is_refused_with_ghost_clipping_and_a_bad_share():

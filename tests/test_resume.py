@@ -5,7 +5,7 @@ import torch
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, TeacherDistillation
 
-from helpers import StopAfter, TokenDataModule, quiet_trainer
+from helpers import StopAfter, TokenDataModule, assert_same_trained_weights, quiet_trainer
 
 
 def make(path):
@@ -31,16 +31,6 @@ def test_resume_gives_the_same_epsilon_steps_and_weights(stop_at, tiny_model_dir
     assert resumed.privacy_report()["epsilon"] == pytest.approx(whole.privacy_report()["epsilon"], rel=1e-12)
     # Same Poisson draws and the same noise stream: the resumed run is the uninterrupted run.
     assert_same_trained_weights(resumed, whole)
-
-
-def assert_same_trained_weights(resumed, whole):
-    """Every trained parameter, the head too (the noise dominates the prefix's small gradients, so a
-    prefix compared at the default tolerance can hide a wrong batch), to float32 round-off."""
-    trained = [p for m in resumed.model.trainable_modules() for p in m.parameters()]
-    reference = [p for m in whole.model.trainable_modules() for p in m.parameters()]
-    assert len(trained) == len(reference) > 0
-    for a, b in zip(trained, reference):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
 
 
 def test_resume_without_privacy_state_is_refused(tiny_model_dir, tmp_path):
