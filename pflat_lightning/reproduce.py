@@ -242,7 +242,7 @@ def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, 
                 shown = measured[(method, epsilon)]
                 xs.append(j + (present[method].index(epsilon) - (len(present[method]) - 1) / 2) * width)
                 means.append(statistics.mean(shown))
-                sds.append(statistics.stdev(shown) if len(shown) > 1 else 0.0)
+                sds.append(statistics.stdev(shown) if len(shown) > 1 else float("nan"))  # one seed: no bar
         ax.bar(xs, means, width, yerr=sds, capsize=3, label=label)
     ax.set_xticks(range(len(methods)))
     ax.set_xticklabels(methods, rotation=25, ha="right", fontsize=8)

@@ -1,5 +1,6 @@
 """`pflat reproduce`: the paper's comparison, end to end on a tiny model, and its table arithmetic."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,27 @@ def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
                                                          ["| DP-SGD", "8.0"]]
     assert "| 85.00 ± 7.07 |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
     assert "| 70.00 | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
+
+
+def test_bar_charts_show_an_error_bar_only_where_there_are_seeds_to_spread(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.bar
+
+    def record(ax, xs, heights, *args, yerr=None, label=None, **kwargs):
+        drawn.append((label, list(yerr)))
+        return original(ax, xs, heights, *args, yerr=yerr, label=label, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", record)
+    rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90), _row("DP-SGD", 3.0, 0, 0.70)]
+    rows[1]["mia_accuracy"] = 0.6
+    reproduce.write_outputs(rows, tmp_path)
+    two_seeds = sorted(yerr[0] for label, yerr in drawn if label == "epsilon 8")
+    one_seed = [yerr[0] for label, yerr in drawn if label == "epsilon 3"]
+    # sharpness is equal over the two seeds (sd 0); MIA accuracy 0.5 and 0.6 (sample sd 0.1 / sqrt 2)
+    assert two_seeds == [0.0, pytest.approx(0.1 / math.sqrt(2))]
+    assert len(one_seed) == 2 and all(math.isnan(e) for e in one_seed), "one seed: no error bar, not one of size 0"
 
 
 def test_methods_take_their_callbacks_and_clip_from_their_config():
