@@ -161,9 +161,7 @@ class DPPrefixModule(pl.LightningModule):
                 "scales per-example gradients before clipping and breaks Poisson sampling. Set the datamodule's "
                 "batch_size to the logical batch; max_physical_batch_size bounds the memory."
             )
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "poisson_sampling"):
-            datamodule.poisson_sampling = self.privacy.poisson_sampling
+        configure_sampling(trainer.datamodule, self.privacy)
 
     def configure_optimizers(self) -> Any:
         queued, self.before_optimizers[:] = list(self.before_optimizers), []
@@ -346,8 +344,8 @@ class DPPrefixModule(pl.LightningModule):
 
 def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
     """``(dataset_size, expected_batch_size, planned_steps)`` of a DP fit about to start, from its training
-    loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a non-Poisson
-    loader under ``poisson_sampling=True`` (a shuffled loader otherwise is recorded as unaccounted) and a
+    loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a loader that is
+    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True`` (a shuffled loader otherwise is recorded as unaccounted) and a
     resume from a checkpoint that carries no privacy state (``module._resumed`` false)."""
     trainer = module.trainer
     trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
@@ -355,6 +353,13 @@ def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
     if not math.isfinite(planned):
         raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
     loader = trainer.train_dataloader
+    if module.privacy.secure_mode and not (isinstance(loader, PoissonDataLoader) and loader.secure):
+        raise ValueError(
+            f"PrivacyConfig(secure_mode=True) needs a secure Poisson training loader, got {type(loader).__name__}"
+            f"{'(secure=False)' if isinstance(loader, PoissonDataLoader) else ''}: its batches would come from a seeded "
+            "generator that anyone with the seed can replay. Use a pflat_lightning datamodule (it follows secure_mode) "
+            "or return pflat_lightning.privacy.PoissonDataLoader(..., secure=True) from train_dataloader()."
+        )
     if isinstance(loader, PoissonDataLoader):
         expected_batch = loader.expected_batch_size
     elif module.privacy.poisson_sampling:
@@ -377,10 +382,22 @@ def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
     return len(loader.dataset), expected_batch, int(planned)
 
 
+def configure_sampling(datamodule: Any, privacy: PrivacyConfig) -> None:
+    """Make the library's datamodules sample as ``privacy`` says (Poisson batches, from the OS's CSPRNG under
+    ``secure_mode``) before their training loader is built; other datamodules are checked by
+    :func:`plan_private_training`."""
+    if datamodule is None:
+        return
+    if hasattr(datamodule, "poisson_sampling"):
+        datamodule.poisson_sampling = privacy.poisson_sampling
+    if hasattr(datamodule, "secure_sampling"):
+        datamodule.secure_sampling = privacy.secure_mode
+
+
 def resume_poisson_epoch(module: pl.LightningModule, updates: int) -> None:
     """Resuming inside an epoch after ``updates`` logical steps (Lightning calls no on_train_epoch_start
     then): replay the epoch's Poisson draws and skip the batches already trained on, before the first
-    batch is drawn. Call it from ``on_train_start``."""
+    batch is drawn (a secure loader draws the remaining batches afresh instead). Call it from ``on_train_start``."""
     loader = module.trainer.train_dataloader
     if not isinstance(loader, PoissonDataLoader):
         return

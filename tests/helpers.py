@@ -44,6 +44,8 @@ def collate(items: List) -> Dict[str, torch.Tensor]:
 
 
 class TokenDataModule(pl.LightningDataModule):
+    secure_sampling = False  # set by the DP module from PrivacyConfig.secure_mode, like the library's datamodules
+
     def __init__(self, size: int = 64, batch_size: int = 8, poisson: bool = True, seed: int = 0, **kwargs) -> None:
         super().__init__()
         self.dataset = TokenDataset(size, **kwargs)
@@ -51,7 +53,8 @@ class TokenDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.poisson:
-            return PoissonDataLoader(self.dataset, expected_batch_size=self.batch_size, collate_fn=collate, seed=self.seed)
+            return PoissonDataLoader(self.dataset, expected_batch_size=self.batch_size, collate_fn=collate, seed=self.seed,
+                                     secure=self.secure_sampling)
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:

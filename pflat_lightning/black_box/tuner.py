@@ -18,10 +18,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from opacus.optimizers.optimizer import _generate_noise
 from torchmetrics.classification import MulticlassAccuracy
 
-from pflat_lightning.module import CHECKPOINT_KEY, plan_private_training, resume_poisson_epoch
+from pflat_lightning.module import CHECKPOINT_KEY, configure_sampling, plan_private_training, resume_poisson_epoch
 from pflat_lightning.black_box.scorers import PromptScorer
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
@@ -67,7 +66,7 @@ class ZerothOrderMechanism(PrivacyAccounting):
         clip = self.config.max_grad_norm
         factors = (clip / (differences.norm(dim=1) + 1e-6)).clamp(max=1.0)
         total = (differences * factors[:, None]).sum(0)
-        noise = _generate_noise(self.noise_multiplier * clip, total, self._generator, self.config.secure_mode)
+        noise = self.noise(self.noise_multiplier * clip, total)
         self._count_release()
         self.updates += 1
         return (total + noise) / self.expected_batch_size
@@ -268,8 +267,8 @@ class BlackBoxPromptTuner(pl.LightningModule):
                 "BlackBoxPromptTuner sends raw text to the scorer: build the datamodule with keep_text=True "
                 "(TextClassificationDataModule(..., keep_text=True)), got keep_text=False."
             )
-        if self.is_private and datamodule is not None and hasattr(datamodule, "poisson_sampling"):
-            datamodule.poisson_sampling = self.privacy.poisson_sampling
+        if self.is_private:
+            configure_sampling(datamodule, self.privacy)
         self.report_sections["BlackBoxPromptTuner"] = {
             "scorer": self.scorer.info.to_json(),
             "num_prompt_tokens": self.hparams.num_prompt_tokens,

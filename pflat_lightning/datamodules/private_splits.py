@@ -17,7 +17,9 @@ class PrivateSplitsDataModule(LightningDataModule):
 
     Under ``poisson_sampling`` (set by the DP training module) ``train_dataloader()`` returns a
     :class:`~pflat_lightning.privacy.sampling.PoissonDataLoader` with ``batch_size`` as the expected size;
-    under data parallelism it splits one global draw across ranks. Subclasses set ``batch_size``,
+    under data parallelism it splits one global draw across ranks. Under ``secure_sampling`` (set by the DP
+    training module from ``PrivacyConfig.secure_mode``) its draws come from the OS's CSPRNG and ignore
+    ``seed``. Subclasses set ``batch_size``,
     ``eval_batch_size``, ``public_fraction``, ``poisson_sampling``, ``seed``, ``num_workers``.
     """
 
@@ -25,6 +27,7 @@ class PrivateSplitsDataModule(LightningDataModule):
     val_dataset: Optional[datasets.Dataset] = None
     test_dataset: Optional[datasets.Dataset] = None
     public_dataset: Optional[datasets.Dataset] = None
+    secure_sampling: bool = False
 
     @property
     def num_train_examples(self) -> int:
@@ -42,6 +45,7 @@ class PrivateSplitsDataModule(LightningDataModule):
                 seed=self.seed,
                 num_replicas=replicas,
                 rank=rank,
+                secure=self.secure_sampling,
                 num_workers=self.num_workers,
             )
         return DataLoader(train, batch_size=self.batch_size, shuffle=True, collate_fn=self.collate_fn,

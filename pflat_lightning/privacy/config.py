@@ -44,9 +44,15 @@ class PrivacyConfig:
             (ghost when hooks would hold more than 256 MiB of per-example gradients per physical batch and
             at least 4x ghost's estimate, e.g. a large reparametrised prefix; hooks otherwise; the choice
             is logged and in the report).
-        secure_mode: draw noise from a cryptographically secure generator (slower). Without it the noise
-            comes from a seeded pseudo-random generator: reproducible, but the guarantee then assumes the
-            seed and the checkpointed generator state stay secret (the report says so).
+        secure_mode: draw the noise and the Poisson batches from the operating system's CSPRNG
+            (``os.urandom``, :mod:`~pflat_lightning.privacy.secure_random`; slower): no seed and no generator
+            state exist, none is checkpointed, and a resumed epoch continues with fresh batches (same privacy
+            spend, not bit-exact). It needs ``poisson_sampling=True`` and a secure training loader (the pflat
+            datamodules follow this flag; a datamodule of your own returns ``PoissonDataLoader(..., secure=True)``),
+            and runs in one process. It does not address floating-point attacks on the Gaussian beyond
+            float64 sampling. Without it the noise and the batches come from seeded pseudo-random generators
+            whose seeds and states are in the run's config and checkpoints: whoever has them can regenerate
+            every draw, so the report says that no formal guarantee holds (for experiments, as in Opacus).
         seed: seed of the noise generator (when not in secure mode). The Poisson draws are seeded by
             the training loader (``seed`` of the pflat datamodules, which also seeds their splits).
     """
@@ -85,6 +91,9 @@ class PrivacyConfig:
             raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}.")
         if not 0 < self.prefix_clip_share < 1:
             raise ValueError(f"prefix_clip_share must be in (0, 1), got {self.prefix_clip_share}.")
+        if self.secure_mode and not self.poisson_sampling:
+            raise ValueError("secure_mode=True needs poisson_sampling=True: the shuffled batches of "
+                             "poisson_sampling=False come from a seeded generator.")
         if self.clipping == "split" and self.grad_sample_mode == "ghost":
             raise ValueError("clipping='split' needs per-example gradients per tensor: use grad_sample_mode 'hooks', "
                              "'functorch' or 'auto', not 'ghost'.")

@@ -18,10 +18,12 @@ import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.optimizers.utils import params as optimizer_params
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
+from pflat_lightning.privacy import secure_random
 from pflat_lightning.privacy.config import PrivacyConfig
 
 History = List[Tuple[float, float, int]]
@@ -43,7 +45,8 @@ class PrivacyAccounting:
 
     Calibrates the noise multiplier so that the planned releases end at ``target_epsilon``, keeps the
     accountant's history (``(noise, sample_rate, releases)`` runs) and the epsilon spent, the seeded noise
-    generator, and the checkpoint state that lets a resumed run spend exactly as if it had never stopped.
+    generator (none under ``secure_mode``: the noise then comes from :mod:`~pflat_lightning.privacy.secure_random`),
+    and the checkpoint state that lets a resumed run spend exactly as if it had never stopped.
     Every private mechanism of the library builds on it: :class:`DPSGDEngine` (per-example gradients
     through Opacus) and the black-box zeroth-order mechanism
     (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`).
@@ -144,6 +147,13 @@ class PrivacyAccounting:
                 high = mid
         return high
 
+    def noise(self, std: float, reference: torch.Tensor) -> torch.Tensor:
+        """Gaussian noise ``N(0, std^2)`` shaped like ``reference``: from the OS's CSPRNG under ``secure_mode``,
+        from the seeded generator otherwise."""
+        if self.config.secure_mode:
+            return secure_random.gaussian(reference.shape, std, dtype=reference.dtype, device=reference.device)
+        return _generate_noise(std, reference, self._generator)
+
     def _count_release(self) -> None:
         entry = (self.noise_multiplier, self.sample_rate)
         if self.history and tuple(self.history[-1][:2]) == entry:
@@ -200,7 +210,7 @@ class PrivacyAccounting:
         self._restored_compositions = state.get("planned_compositions")  # absent from older checkpoints
         self.delta = state["delta"]
         self.dataset_size = state["dataset_size"]
-        if state["generator"] is not None:
+        if state["generator"] is not None and not self.config.secure_mode:  # secure mode keeps no generator
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"])
 
@@ -239,6 +249,20 @@ class _AcrossRanks:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+class _SecureNoise:
+    """``secure_mode``: Opacus' ``add_noise`` (``grad = summed_grad + N(0, (noise_multiplier * C)^2)``, the
+    summed gradient marked as used) with the noise from the OS's CSPRNG instead of a torch generator. Mixed
+    in after :class:`_AcrossRanks`, so under data parallelism rank 0 alone draws it."""
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = secure_random.gaussian(p.summed_grad.shape, self.noise_multiplier * self.max_grad_norm,
+                                           dtype=p.summed_grad.dtype, device=p.summed_grad.device)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 class _FullPrecision:
@@ -285,8 +309,9 @@ class _SplitClipping:
         self._constructor_norms = list(norms)
 
 
-def _optimizer_class(base: type, distributed: bool, split: bool = False) -> type:
-    mixins = (_FullPrecision,) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
+def _optimizer_class(base: type, distributed: bool, split: bool = False, secure: bool = False) -> type:
+    mixins = ((_FullPrecision,) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
+              + ((_SecureNoise,) if secure else ()))
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
@@ -349,7 +374,7 @@ class DPSGDEngine(PrivacyAccounting):
         optimizer_class = _optimizer_class(
             get_optimizer_class(clipping="per_layer" if split else "flat", distributed=False,
                                 grad_sample_mode=self.grad_sample_mode),
-            distributed, split,
+            distributed, split, cfg.secure_mode,
         )
         extra: Dict[str, Any] = {"max_grad_norm": cfg.max_grad_norm}
         if split:

@@ -12,6 +12,14 @@ from pflat_lightning.privacy.ledger import PrivacyLedger
 
 REPORT_JSON = "privacy_report.json"
 REPORT_MD = "privacy_report.md"
+#: Why a run without ``secure_mode`` gives no formal guarantee (Opacus' convention: seeded randomness is for
+#: experiments): its draws are reproducible from what the run ships.
+SEEDED_NOISE = ("noise: drawn from a seeded pseudo-random generator whose seed and state are stored in the run's "
+                "checkpoints/config: whoever has them can regenerate and subtract every noise draw; train with "
+                "secure_mode=True for a formal guarantee")
+SEEDED_SAMPLING = ("sampling: the Poisson batches are drawn from a generator seeded by the training loader's seed "
+                   "(the datamodule's seed, stored in the run's config): whoever has it can tell which examples "
+                   "were in each batch; train with secure_mode=True for a formal guarantee")
 
 
 def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting],
@@ -22,6 +30,10 @@ def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting]
         reasons.append("privacy disabled (PrivacyConfig.enabled=False): trained without DP-SGD")
     elif engine.noise_multiplier == 0:
         reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
+    if config.enabled and engine is not None and not config.secure_mode:
+        reasons.append(SEEDED_NOISE)
+        if config.poisson_sampling:
+            reasons.append(SEEDED_SAMPLING)
     if ledger is not None:
         reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
     return reasons
@@ -63,7 +75,7 @@ def build_report(
         "prefix_clip_share": config.prefix_clip_share if config.enabled and config.clipping == "split" else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
-        "noise_generator": (("secure" if config.secure_mode else f"seeded pseudo-random (seed {config.seed})")
+        "noise_generator": (("os.urandom (CSPRNG)" if config.secure_mode else "seeded pseudo-random (PrivacyConfig.seed)")
                             if config.enabled else None),
         "grad_sample_mode": (getattr(engine, "grad_sample_mode", None) or config.grad_sample_mode) if config.enabled else None,
         "dataset_size": dataset_size,
@@ -96,13 +108,10 @@ def render_markdown(report: Dict[str, Any]) -> str:
         lines += ["Nothing has been trained on the private data yet (epsilon = 0).", ""]
     if report["reasons"]:
         lines += ["Why not:", ""] + [f"- {r}" for r in report["reasons"]] + [""]
-    if report.get("noise_generator") is not None:
-        seeded = "the Poisson batches and the noise come" if str(report["noise_generator"]).startswith("seeded") \
-            else "the Poisson batches come"
-        lines += [f"Reproducibility: {seeded} from seeded pseudo-random generators (the training loader's seed, "
-                  "`PrivacyConfig.seed` without `secure_mode`), so the guarantee assumes those seeds and the "
-                  "checkpoints' generator states stay secret. For a model you release, train with "
-                  "`secure_mode=True` and seeds you do not publish.", ""]
+    if str(report.get("noise_generator")).startswith("os.urandom"):
+        lines += ["Randomness: the noise and the Poisson batches come from the operating system's CSPRNG "
+                  "(`secure_mode=True`); floating-point attacks on the Gaussian sampler are not addressed beyond "
+                  "float64 sampling.", ""]
     lines += ["| parameter | value |", "| --- | --- |"]
     for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
                 "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling", "grad_sample_mode",
