@@ -14,6 +14,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning.privacy import PoissonDataLoader
+from pflat_lightning.privacy.report import SEEDED_NOISE, SEEDED_SAMPLING
+
+#: The reasons of a seeded DP run (no secure_mode) that nothing else voids: its draws are reproducible.
+SEEDED_REASONS = [SEEDED_NOISE, SEEDED_SAMPLING]
 
 
 class TokenDataset(Dataset):

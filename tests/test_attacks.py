@@ -334,7 +334,7 @@ def test_lira_trains_shadows_on_halves_of_the_pool_and_reports_its_cost(overfit_
 
 
 def test_dp_training_hides_membership_that_non_private_training_exposes(tiny_model_dir, overfit_run, tmp_path):
-    module = classifier(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=1.0, seed=2))
+    module = classifier(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=1.0, secure_mode=True))
     data = TokenDataModule(64, batch_size=16, poisson=True)
     data.dataset = random_labelled(64, seed=10)
     callback = MembershipInferenceAudit(("loss",), num_examples=None,

@@ -341,7 +341,7 @@ def test_awp_evaluates_along_the_previous_released_estimate_only(scorers, tiny_m
 # ---------------------------------------------------------------------------------------------------- privacy
 def test_reported_epsilon_equals_a_fresh_opacus_accountant_and_report_is_written(scorers, tiny_model_dir, reviews, tmp_path):
     target = 4.0
-    tuner = tuner_for(scorers("llama"), PrivacyConfig(target_epsilon=target))
+    tuner = tuner_for(scorers("llama"), PrivacyConfig(target_epsilon=target, secure_mode=True))
     trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(tuner, datamodule=data_for(reviews, tiny_model_dir("llama")))
     engine = tuner.engine
@@ -355,6 +355,7 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant_and_report_is_written
     assert float(trainer.callback_metrics["epsilon"]) == pytest.approx(expected, rel=1e-6)  # the progress bar's
     assert target * 0.97 < report["epsilon"] <= target  # calibrated to the target
     assert report["formal_guarantee"] is True and report["grad_sample_mode"] == "zeroth_order"
+    assert report["noise_generator"] == "os.urandom (CSPRNG)" and trainer.train_dataloader.secure
     assert report["callbacks"]["BlackBoxPromptTuner"]["num_directions"] == 3
     assert "receives the private texts" in report["callbacks"]["BlackBoxPromptTuner"]["trust"]
 

@@ -36,7 +36,7 @@ def test_real_minilm_per_sample_gradients_equal_autograd():
 @pytest.mark.slow
 def test_dp_fit_on_movie_reviews_with_minilm(tmp_path):
     data = TextClassificationDataModule("movie_reviews", max_length=32, batch_size=64)
-    model = PrefixTunedClassifier("bundled-minilm", 2, privacy=PrivacyConfig(target_epsilon=3.0))
+    model = PrefixTunedClassifier("bundled-minilm", 2, privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     trainer = quiet_trainer(tmp_path, max_steps=5, limit_val_batches=3, limit_test_batches=3)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data)

@@ -13,7 +13,7 @@ from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLa
 from pflat_lightning.landscape.measures import gradient_direction
 from pflat_lightning.protocol import layer_groups
 
-from helpers import StopAfter, TokenDataModule, assert_same_trained_weights, collate, quiet_trainer
+from helpers import SEEDED_REASONS, StopAfter, TokenDataModule, assert_same_trained_weights, collate, quiet_trainer
 
 
 def make(path, privacy=None, **kwargs):
@@ -33,7 +33,7 @@ def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
     assert awp.engine.history == plain.engine.history
     assert awp.engine.noise_multiplier == plain.engine.noise_multiplier
     assert awp.privacy_report()["epsilon"] == plain.privacy_report()["epsilon"]
-    assert awp.privacy_report()["formal_guarantee"]
+    assert awp.privacy_report()["reasons"] == SEEDED_REASONS, "nothing but the seeded randomness voids the guarantee"
     assert awp.privacy_report()["callbacks"]["AdversarialWeightPerturbation"] == {
         "gamma": 0.05, "direction": "previous_private", "perturbed_steps": 7,
         "schedule": "first 0.5 of the planned steps"}
@@ -41,7 +41,7 @@ def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
 
 
 def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path):
-    module = make(tiny_model_dir("bert"))
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=0.5)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
     engine = module.engine
@@ -52,7 +52,7 @@ def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, t
     report = module.privacy_report()
     assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
     assert 3.0 - 0.05 < report["epsilon"] <= 3.0, "the noise is calibrated for the extra releases"
-    assert report["formal_guarantee"]
+    assert report["formal_guarantee"] is True and engine.state_dict()["generator"] is None
 
 
 def test_fresh_private_awp_until_epoch_plans_every_batch_of_those_epochs(tiny_model_dir, tmp_path):
@@ -298,14 +298,17 @@ def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp
 
     def recording(self, *args, **kwargs):
         seeds.append(kwargs["seed"])
+        secure.append(kwargs.get("secure"))
         build(self, *args, **kwargs)
 
+    secure = []
     monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
-    module = make(tiny_model_dir("bert"))
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
     data = TokenDataModule()
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=data)
     assert len(set(seeds)) == 2 and data.seed == 0, "the teacher draws its own batches, independent of the student's"
+    assert secure == [True, True], "the teacher's and the student's batches both come from the CSPRNG"
     engine = module.engine
     (t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps) = engine.history
     assert (t_rate, t_steps) == (16 / 64, 4) and (s_rate, s_steps) == (8 / 64, 16)
@@ -314,7 +317,7 @@ def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp
     report = module.privacy_report()
     assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
     assert 3.0 - 0.05 < report["epsilon"] <= 3.0
-    assert report["formal_guarantee"]
+    assert report["formal_guarantee"] is True
 
 
 def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(tiny_model_dir, tmp_path, monkeypatch):
@@ -340,7 +343,7 @@ def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(
 
 @pytest.mark.parametrize("source, guarantee", [("public", True), ("private_nonprivate", False)])
 def test_teacher_sources_and_the_ledger(source, guarantee, tiny_model_dir, tmp_path):
-    module = make(tiny_model_dir("bert"))
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = TeacherDistillation(source, teacher_epochs=1)
     quiet_trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
     report = module.privacy_report()

@@ -8,7 +8,7 @@ import torch
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.privacy import epsilon_of
 
-from helpers import TokenDataModule, quiet_trainer
+from helpers import SEEDED_NOISE, SEEDED_REASONS, TokenDataModule, quiet_trainer
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
@@ -93,10 +93,10 @@ def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
     assert {"val_acc", "test_acc"} <= set(report["metrics"])
     markdown = (tmp_path / "lightning_logs" / "version_0" / "privacy_report.md").read_text()
     assert markdown.startswith("# Privacy report")
-    # Seeded noise (the default) is reproducible; the report says what the guarantee then assumes.
-    assert report["noise_generator"] == "seeded pseudo-random (seed 0)"
-    assert "the Poisson batches and the noise come from seeded pseudo-random generators" in markdown
-    assert "the guarantee assumes those seeds and the checkpoints' generator states stay secret" in markdown
+    # Seeded noise and batches (the default) are reproducible from the run's files: no formal guarantee, and why.
+    assert report["noise_generator"] == "seeded pseudo-random (PrivacyConfig.seed)"
+    assert report["formal_guarantee"] is False and report["reasons"] == SEEDED_REASONS
+    assert "does NOT hold" in markdown and f"- {SEEDED_NOISE}" in markdown
 
 
 def test_logging_the_training_loss_is_a_ledger_entry(tiny_model_dir, tmp_path):

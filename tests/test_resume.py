@@ -95,5 +95,5 @@ def test_a_callback_added_on_resume_is_reported_or_refused(added, refusal, tiny_
     trainer.fit(resumed, datamodule=TokenDataModule(), ckpt_path=ckpt)
     report = resumed.privacy_report()
     assert not report["formal_guarantee"]
-    assert [r.split(":")[0] for r in report["reasons"]] == ["AdversarialWeightPerturbation"]
+    assert [r.split(":")[0] for r in report["reasons"]] == ["AdversarialWeightPerturbation", "noise", "sampling"]
     assert [e["component"] for e in report["ledger"]] == ["AdversarialWeightPerturbation"]

@@ -135,7 +135,8 @@ def train_shadows(
         epochs: training epochs of each shadow.
         batch_size: (expected, under Poisson sampling) batch size, capped at the shadow's training set.
         privacy: the shadows' privacy; ``None``: the audited module's own ``privacy`` (when it has one).
-            Shadow ``k`` draws its noise with the config's ``seed`` plus ``seed + k``.
+            Shadow ``k`` draws its noise with the config's ``seed`` plus ``seed + k``, seeded even when the config
+            says ``secure_mode`` (the shadows are never released).
         seed: shadow ``k`` is initialised and sampled with ``seed + k``; the caller's RNG state is untouched.
         accelerator: the nested trainer's accelerator.
         devices: the nested trainer's devices.
@@ -149,7 +150,9 @@ def train_shadows(
     confidences, seconds = [], []
     for k, row in enumerate(keep):
         start = time.perf_counter()
-        config = None if base is None else dataclasses.replace(base, seed=base.seed + seed + k)
+        # The shadows are the attacker's own simulation, not released: seeded (a reproducible audit) even when
+        # the audited model was trained with secure_mode.
+        config = None if base is None else dataclasses.replace(base, seed=base.seed + seed + k, secure_mode=False)
         overrides: Dict[str, Any] = {} if config is None else {"privacy": config}
         with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as scratch:
             torch.manual_seed(seed + k)

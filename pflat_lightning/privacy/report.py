@@ -30,12 +30,12 @@ def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting]
         reasons.append("privacy disabled (PrivacyConfig.enabled=False): trained without DP-SGD")
     elif engine.noise_multiplier == 0:
         reasons.append("noise_multiplier=0: no noise, epsilon is infinite")
+    if ledger is not None:
+        reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
     if config.enabled and engine is not None and not config.secure_mode:
         reasons.append(SEEDED_NOISE)
         if config.poisson_sampling:
             reasons.append(SEEDED_SAMPLING)
-    if ledger is not None:
-        reasons.extend(f"{e.component}: {e.detail}" for e in ledger.unaccounted)
     return reasons
 
 
