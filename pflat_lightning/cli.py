@@ -17,6 +17,8 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pflat_lightning.privacy.report import seeded_only
+
 
 class PflatCLI(LightningCLI):
     """LightningCLI over every pflat task: the YAML (or ``--model``/``--data``) picks the module and the
@@ -39,8 +41,14 @@ class PflatCLI(LightningCLI):
         folder = self.trainer.log_dir or self.trainer.default_root_dir
         metrics = report["metrics"]
         shown = ", ".join(f"{label} {metrics[key]:.4f}" for key, label in RESULT_METRICS.items() if key in metrics)
+        if report["formal_guarantee"]:
+            guarantee = "yes"
+        elif seeded_only(report["reasons"]):
+            guarantee = "no (seeded, reproducible noise and batches; train with secure_mode=True for one)"
+        else:
+            guarantee = "no (reasons in the report)"
         print(
-            f"\nResult: {shown}, epsilon {epsilon}, formal guarantee {'yes' if report['formal_guarantee'] else 'no'}.\n"
+            f"\nResult: {shown}, epsilon {epsilon}, formal guarantee {guarantee}.\n"
             f"Privacy report: {folder}/privacy_report.md (and .json)"
         )
 

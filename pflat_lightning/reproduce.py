@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
 from pflat_lightning.cli import load_run, split_overrides
-from pflat_lightning.privacy.report import SEEDED_NOISE, SEEDED_SAMPLING
+from pflat_lightning.privacy.report import seeded_only
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 DEFAULT_CONFIG = CONFIGS / "movie_reviews_dp.yaml"
@@ -216,7 +216,7 @@ def table(results: List[Dict[str, Any]]) -> str:
         spent = [r["epsilon"] for r in group if r["epsilon"] is not None]
         if all(r["formal_guarantee"] for r in group):
             guarantee = "yes"
-        elif all(r.get("reasons") and set(r["reasons"]) <= {SEEDED_NOISE, SEEDED_SAMPLING} for r in group):
+        elif all(seeded_only(r.get("reasons") or []) for r in group):
             guarantee = "seeded"
         else:
             guarantee = "no"

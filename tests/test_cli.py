@@ -54,7 +54,7 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Result: test accuracy" in result.stdout
+    assert "Result: test accuracy" in result.stdout and "formal guarantee yes." in result.stdout  # secure_mode: true
     report = json.loads(next(tmp_path.rglob("privacy_report.json")).read_text())
     assert report["steps"] == 3 and report["formal_guarantee"] is True
     assert report["epsilon"] <= 8.0
@@ -106,6 +106,7 @@ def test_cli_fits_the_causal_lm_on_movie_dialog(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Result: test perplexity" in result.stdout and "test BLEU" in result.stdout
+    assert "formal guarantee no (seeded, reproducible noise and batches; train with secure_mode=True" in result.stdout
     report = json.loads(next(tmp_path.rglob("privacy_report.json")).read_text())
     assert report["steps"] == 2 and report["epsilon"] <= 8.0
     assert report["reasons"] == SEEDED_REASONS, "a seeded config: only its reproducible randomness voids the guarantee"

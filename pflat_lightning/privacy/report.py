@@ -39,6 +39,11 @@ def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting]
     return reasons
 
 
+def seeded_only(reasons: List[str]) -> bool:
+    """Whether the seeded randomness is all that voids the guarantee (``secure_mode=True`` would give one)."""
+    return bool(reasons) and set(reasons) <= {SEEDED_NOISE, SEEDED_SAMPLING}
+
+
 def build_report(
     *,
     config: PrivacyConfig,
