@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.checkpointing import TRAINED_PREFIXES, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.config import PrivacyConfig
@@ -80,7 +81,8 @@ class TeacherDistillation(Callback):
 
     Raises:
         ValueError: for a bad argument; for ``teacher="private_dp"`` with a non-private ``teacher_privacy``
-            at once; at fit start, for a ``teacher_privacy`` that would draw the student's noise.
+            at once; at fit start, for a ``teacher_privacy`` that would draw the student's noise, or a
+            ``teacher="checkpoint"`` whose checkpoint holds another model than the student.
 
     Example::
 
@@ -175,9 +177,10 @@ class TeacherDistillation(Callback):
                 "callbacks, or use teacher='public'."
             )
         if self.source == "checkpoint":
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
-            self.teacher_state = {k[len("model."):]: v for k, v in state.items()
-                                  if k.startswith(("model.prefix.", "model.classifier."))}
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            check_checkpoint_matches(pl_module, checkpoint, f"TeacherDistillation(checkpoint_path={self.checkpoint_path!r})")
+            self.teacher_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                                  if k.startswith(TRAINED_PREFIXES)}
         else:
             # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
