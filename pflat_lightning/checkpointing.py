@@ -4,15 +4,20 @@ A DP checkpoint holds the privacy spend (accountant history, noise generator, sa
 it to a half-written file would force a restart that forgets what was spent. Lightning's default writer
 goes through a temporary file in the system's temp folder; when that folder is on another filesystem
 the final move is a copy, and a kill during the copy leaves a truncated checkpoint.
+
+A checkpoint also carries its frozen backbone: loaded into a module built for another model, it would
+silently replace that module's backbone or fail with a bare size mismatch. :func:`check_checkpoint_matches`
+says in words what differs before anything is loaded.
 """
 from __future__ import annotations
 
 import glob
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -57,3 +62,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(directory)  # the rename itself survives a power cut
         finally:
             os.close(directory)
+
+
+#: The hyperparameters that decide a prefix-tuned module's architecture and frozen backbone. The others (the
+#: privacy config, the optimizer, the initialisation, LightningCLI's own keys) may differ between runs of one model.
+ARCHITECTURE_HPARAMS = ("backbone", "num_labels", "head", "label_words", "num_virtual_tokens", "prefix_hidden")
+#: The trained tensors of a prefix-tuned module; everything else under ``model.`` is the frozen backbone.
+TRAINED_PREFIXES = ("model.prefix.", "model.classifier.")
+_UNSET = "(not set)"
+
+
+def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any], name: str = "The checkpoint") -> None:
+    """Refuse a checkpoint of another model before its weights are loaded into ``module``.
+
+    Compares the checkpoint's :data:`ARCHITECTURE_HPARAMS` (those it records) with the module's, then the
+    shapes of the prefix and head tensors. A ``backbone`` named differently is accepted when the
+    checkpoint's backbone tensors equal the module's (the same model in another folder).
+
+    Args:
+        module: the prefix-tuned module about to receive the weights.
+        checkpoint: the loaded checkpoint (``hyper_parameters``, ``state_dict``).
+        name: how the message names the checkpoint.
+
+    Raises:
+        ValueError: naming each differing setting (or tensor shape) with the checkpoint's and the module's value.
+    """
+    saved, own = checkpoint.get("hyper_parameters") or {}, module.hparams
+    state, mine, what = checkpoint["state_dict"], module.state_dict(), type(module).__name__
+    differences: List[str] = [
+        f"{key}={saved[key]!r} in the checkpoint, {own.get(key, _UNSET)!r} in this {what}"
+        for key in ARCHITECTURE_HPARAMS
+        if key in saved and saved[key] != own.get(key, _UNSET)
+        and not (key == "backbone" and _same_backbone(mine, state))
+    ]
+    if not differences:  # shapes follow from the settings: compare them when the settings agree or are not recorded
+        differences = [
+            f"{key} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(mine[key].shape)} in this {what}"
+            for key, tensor in state.items()
+            if key.startswith(TRAINED_PREFIXES) and key in mine and mine[key].shape != tensor.shape
+        ]
+    if differences:
+        raise ValueError(
+            f"{name} holds another model than this {what}: {'; '.join(differences)}. Load it with "
+            "the settings of the run that wrote it (its config.yaml), or use a checkpoint of this model."
+        )
+
+
+def _same_backbone(mine: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> bool:
+    frozen = [key for key in mine if key.startswith("model.") and not key.startswith(TRAINED_PREFIXES)]
+    return set(frozen) == {key for key in state if key.startswith("model.") and not key.startswith(TRAINED_PREFIXES)} \
+        and all(mine[key].shape == state[key].shape and torch.equal(mine[key], state[key].to(mine[key].device))
+                for key in frozen)

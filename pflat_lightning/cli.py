@@ -114,6 +114,9 @@ def load_run(
         config: the run's YAML config files, in order.
         ckpt_path: a checkpoint written by that run.
         overrides: further ``--key value`` arguments, as on the ``pflat fit`` command line.
+
+    Raises:
+        ValueError: when ``ckpt_path`` holds another model than the config builds, naming what differs.
     """
     args: List[str] = []
     for path in config:

@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from pflat_lightning.checkpointing import AtomicCheckpointIO
+from pflat_lightning.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
@@ -66,7 +66,8 @@ class DPPrefixModule(pl.LightningModule):
     Raises:
         ValueError: for a ``max_physical_batch_size`` or ``epsilon_every_n_steps`` below 1; at fit start
             for a setting that breaks DP (precision, plain DDP, gradient accumulation, a trainable
-            backbone, a non-Poisson loader, an unbounded schedule, a resume without privacy state).
+            backbone, a non-Poisson loader, an unbounded schedule, a resume without privacy state); before
+            loading a checkpoint of another model (:func:`~pflat_lightning.checkpointing.check_checkpoint_matches`).
 
     Example::
 
@@ -331,6 +332,7 @@ class DPPrefixModule(pl.LightningModule):
             checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        check_checkpoint_matches(self, checkpoint)  # Lightning and `load_run` call this before loading the weights
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None and self.is_private:
             self.engine.load_state_dict(state["engine"])

@@ -290,34 +290,113 @@ def test_distillation_term_gradient_matches_autograd(tiny_model_dir):
         torch.testing.assert_close(p.grad_sample, torch.stack([g[j] for g in expected]), atol=1e-6, rtol=1e-4)
 
 
-def test_dp_teacher_is_composed_into_the_students_accountant(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def dp_teacher_run(tiny_model_dir, tmp_path_factory):
+    """A student with a default ``private_dp`` teacher, fitted once, with the seed of each Poisson loader of the
+    run and every noise tensor its DP optimizers drew (``(generator, std, noise)``, in order)."""
+    from opacus.optimizers import optimizer as opacus_optimizer
     from pflat_lightning.privacy import PoissonDataLoader
 
-    seeds = []  # which sampler seed each Poisson loader of the run is built with
+    seeds, draws = [], []
+    build, generate = PoissonDataLoader.__init__, opacus_optimizer._generate_noise
+
+    def recording_loader(self, *args, **kwargs):
+        seeds.append(kwargs["seed"])
+        build(self, *args, **kwargs)
+
+    def recording_noise(std, reference, generator=None, secure_mode=False):
+        noise = generate(std, reference, generator, secure_mode)
+        draws.append((generator, std, noise.detach().clone()))
+        return noise
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PoissonDataLoader, "__init__", recording_loader)
+        patch.setattr(opacus_optimizer, "_generate_noise", recording_noise)
+        module, data = make(tiny_model_dir("bert")), TokenDataModule()
+        callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
+        quiet_trainer(tmp_path_factory.mktemp("dp_teacher"), max_epochs=2, callbacks=[callback]).fit(module, datamodule=data)
+    return module, data, seeds, draws
+
+
+def noise_streams(module, draws):
+    """Per DP optimizer (by its generator, teacher first): the noise std and the standard-normal noise of each release."""
+    streams = {}
+    for generator, std, noise in draws:
+        streams.setdefault(id(generator), []).append((std, noise.flatten() / std))
+    per_release = len([p for m in module.model.trainable_modules() for p in m.parameters()])  # one draw per tensor
+    return [[(stream[i][0], torch.cat([z for _, z in stream[i : i + per_release]]))
+             for i in range(0, len(stream), per_release)] for stream in streams.values()]
+
+
+def test_dp_teacher_is_composed_into_the_students_accountant(dp_teacher_run):
+    module, data, seeds, draws = dp_teacher_run
+    assert len(set(seeds)) == 2 and data.seed == 0, "the teacher draws its own batches, independent of the student's"
+    # The accountant's input, read off what the DP optimizers did: the noise std (sigma * C, C = 1) of their
+    # draws and the number of releases; the sampling rates are the batch sizes over the 64 examples.
+    teacher, student = noise_streams(module, draws)
+    (t_noise,), (s_noise,) = {std for std, _ in teacher}, {std for std, _ in student}
+    assert (len(teacher), len(student)) == (4, 16)
+    reference = PRVAccountant()
+    reference.history = [(t_noise, 16 / 64, len(teacher)), (s_noise, 8 / 64, len(student))]
+    report = module.privacy_report()
+    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-6)
+    assert 3.0 - 0.05 < report["epsilon"] <= 3.0
+    assert report["reasons"] == SEEDED_REASONS, "only the seeded randomness voids the guarantee"
+
+
+def test_a_secure_dp_teacher_samples_and_noises_from_the_csprng(tiny_model_dir, tmp_path, monkeypatch):
+    from pflat_lightning.privacy import PoissonDataLoader
+
+    secure = []  # whether each Poisson loader of the run (teacher's, then student's) draws from the CSPRNG
     build = PoissonDataLoader.__init__
 
     def recording(self, *args, **kwargs):
-        seeds.append(kwargs["seed"])
         secure.append(kwargs.get("secure"))
         build(self, *args, **kwargs)
 
-    secure = []
     monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
     module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
-    data = TokenDataModule()
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=data)
-    assert len(set(seeds)) == 2 and data.seed == 0, "the teacher draws its own batches, independent of the student's"
-    assert secure == [True, True], "the teacher's and the student's batches both come from the CSPRNG"
-    engine = module.engine
-    (t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps) = engine.history
-    assert (t_rate, t_steps) == (16 / 64, 4) and (s_rate, s_steps) == (8 / 64, 16)
-    reference = PRVAccountant()
-    reference.history = [(t_noise, t_rate, t_steps), (s_noise, s_rate, s_steps)]
-    report = module.privacy_report()
-    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-9)
-    assert 3.0 - 0.05 < report["epsilon"] <= 3.0
-    assert report["formal_guarantee"] is True
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert secure == [True, True]
+    assert len(module.engine.history) == 2 and module.privacy_report()["formal_guarantee"] is True
+
+
+def test_dp_teacher_draws_noise_independent_of_the_students(dp_teacher_run):
+    module, _, _, draws = dp_teacher_run
+    teacher, student = noise_streams(module, draws)
+    # The teacher's releases against the student's first ones: same shapes, so one seed would make them equal.
+    t = torch.cat([z for _, z in teacher])
+    s = torch.cat([z for _, z in student[: len(teacher)]])
+    d = t.numel()
+    bound = 5 / d ** 0.5  # |r| of two independent Gaussian vectors of dimension d has standard deviation ~1/sqrt(d)
+    independent = torch.corrcoef(torch.stack([torch.randn(d, generator=torch.Generator().manual_seed(11)),
+                                              torch.randn(d, generator=torch.Generator().manual_seed(12))]))[0, 1]
+    correlation = torch.corrcoef(torch.stack([t, s]))[0, 1]
+    print(f"teacher/student noise correlation {correlation:.4f} over d={d}; independent draws {independent:.4f}; "
+          f"bound {bound:.4f}")
+    assert abs(independent) < bound
+    assert abs(correlation) < bound, f"the teacher's noise is correlated with the student's: r={correlation:.4f}"
+
+
+@pytest.mark.parametrize("seed", [1, 1 + 2**32])
+def test_a_teacher_privacy_drawing_the_students_noise_is_refused_before_training(seed, tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))  # noise seed 1
+    callback = TeacherDistillation("private_dp", teacher_epochs=1,
+                                   teacher_privacy=PrivacyConfig(target_epsilon=1.5, seed=seed))
+    message = rf"teacher_privacy.seed={seed} gives the teacher the student's noise stream \(the student's seed is 1;"
+    with pytest.raises(ValueError, match=message + r".*a seed that differs from 1 modulo 2\*\*32"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert callback.teacher_state is None and module.engine.updates == 0 and not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.parametrize("teacher_privacy", [PrivacyConfig(target_epsilon=1.5, seed=2),
+                                             PrivacyConfig(target_epsilon=1.5, seed=1, secure_mode=True)])
+def test_a_teacher_privacy_with_its_own_noise_stream_is_accepted(teacher_privacy, tiny_model_dir):
+    module = make(tiny_model_dir("bert"))  # noise seed 1
+    callback = TeacherDistillation("private_dp", teacher_privacy=teacher_privacy)
+    callback.setup(None, module, "fit")
+    assert callback._teacher_privacy(module) is teacher_privacy
 
 
 def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(tiny_model_dir, tmp_path, monkeypatch):
@@ -374,6 +453,8 @@ def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
         (lambda: SharpnessLayerSelection(data="test"), r"data must be one of .*got 'test'"),
         (lambda: TeacherDistillation("checkpoint"), r"teacher='checkpoint' needs checkpoint_path"),
         (lambda: TeacherDistillation(weight=-1.0), r"weight must be >= 0, got -1.0"),
+        (lambda: TeacherDistillation("private_dp", teacher_privacy=PrivacyConfig(enabled=False)),
+         r"teacher_privacy must be private, got PrivacyConfig\(enabled=False.*teacher='private_nonprivate'"),
     ],
 )
 def test_bad_callback_arguments(factory, message):

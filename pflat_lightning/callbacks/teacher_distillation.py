@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import inspect
 import os
 import tempfile
@@ -14,12 +16,32 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.checkpointing import TRAINED_PREFIXES, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
 
 SOURCES = ("checkpoint", "public", "private_dp", "private_nonprivate")
+#: torch's CPU generator (Mersenne Twister) keeps the low 32 bits of a seed: seeds equal modulo this draw the same noise.
+SEED_MODULUS = 2**32
+
+
+def teacher_noise_seed(student_seed: int) -> int:
+    """The noise seed of the default ``private_dp`` teacher: a hash of the student's, never equal to it.
+
+    The accountant composes the teacher's and the student's releases as independent Gaussian mechanisms.
+    Outside secure mode both noises come from seeded Mersenne Twister generators, and each run's guarantee
+    already rests on its stream being indistinguishable from true Gaussian draws by whoever does not hold
+    the seed. Two generators seeded differently (the seed hashed, so that no simple relation such as
+    ``seed + 1`` links the two initial states) are independent to that same standard: no known test on
+    their outputs tells them from independent draws. One seed for both makes the two noises equal, and
+    ``Y_teacher / sigma_T - Y_student / sigma_S`` a noise-free function of the private data.
+    """
+    own = student_seed % SEED_MODULUS
+    digest = hashlib.sha256(f"pflat_lightning teacher noise {own}".encode()).digest()
+    seed = int.from_bytes(digest[:4], "little")
+    return seed if seed != own else seed ^ 1
 
 
 class TeacherDistillation(Callback):
@@ -37,9 +59,9 @@ class TeacherDistillation(Callback):
     - ``"checkpoint"``: a ``PrefixTunedClassifier`` checkpoint (assumed trained on public data).
     - ``"public"`` (default): trained here, before the student, on the datamodule's public split.
     - ``"private_dp"``: trained here with DP (``teacher_privacy``) on the private training data, with
-      Poisson draws of its own (the datamodule's ``seed`` + 1); its releases are composed into the
-      student's accountant and the student's noise is calibrated so that the total stays within the
-      student's ``target_epsilon``.
+      Poisson draws of its own (the datamodule's ``seed`` + 1) and a noise stream of its own (see
+      :func:`teacher_noise_seed`); its releases are composed into the student's accountant and the
+      student's noise is calibrated so that the total stays within the student's ``target_epsilon``.
     - ``"private_nonprivate"`` (the paper's choice): trained without noise on the private data. The
       ledger records it and the report says no formal guarantee holds.
 
@@ -53,7 +75,14 @@ class TeacherDistillation(Callback):
         teacher_lr: AdamW learning rate of teacher training.
         teacher_batch_size: (logical) batch size of teacher training.
         teacher_privacy: privacy of a ``"private_dp"`` teacher; default: half the student's target
-            epsilon, the rest of its settings.
+            epsilon, a noise seed derived from the student's (:func:`teacher_noise_seed`), the rest of its
+            settings. It must be private, and outside secure mode its ``seed`` must differ from the
+            student's (modulo ``2**32``).
+
+    Raises:
+        ValueError: for a bad argument; for ``teacher="private_dp"`` with a non-private ``teacher_privacy``
+            at once; at fit start, for a ``teacher_privacy`` that would draw the student's noise, or a
+            ``teacher="checkpoint"`` whose checkpoint holds another model than the student.
 
     Example::
 
@@ -80,6 +109,12 @@ class TeacherDistillation(Callback):
         for name, value in (("weight", weight), ("logit_weight", logit_weight)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}.")
+        if teacher == "private_dp" and teacher_privacy is not None and not teacher_privacy.enabled:
+            raise ValueError(
+                f"teacher='private_dp' trains the teacher on the private data, so teacher_privacy must be private, got "
+                f"{teacher_privacy!r}. Give a private PrivacyConfig (or None: half the student's budget), or use "
+                "teacher='private_nonprivate', which the report records as unaccounted (no formal guarantee)."
+            )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}.")
         if teacher_epochs < 1 or teacher_batch_size < 1 or teacher_lr <= 0:
@@ -122,6 +157,10 @@ class TeacherDistillation(Callback):
         }
         if ledger is not None and privacy_engine(pl_module) is not None:
             ledger.record(name, *details[self.source])
+        if self.source == "private_dp":  # refused before anything trains
+            if privacy_engine(pl_module) is None:
+                raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
+            self._teacher_privacy(pl_module)
         # Lightning restores a checkpoint after setup: whether this fit resumes is known only then.
         self._restored = False
         if self._obtain_teacher not in pl_module.before_optimizers:
@@ -138,9 +177,10 @@ class TeacherDistillation(Callback):
                 "callbacks, or use teacher='public'."
             )
         if self.source == "checkpoint":
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)["state_dict"]
-            self.teacher_state = {k[len("model."):]: v for k, v in state.items()
-                                  if k.startswith(("model.prefix.", "model.classifier."))}
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            check_checkpoint_matches(pl_module, checkpoint, f"TeacherDistillation(checkpoint_path={self.checkpoint_path!r})")
+            self.teacher_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                                  if k.startswith(TRAINED_PREFIXES)}
         else:
             # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
@@ -150,19 +190,29 @@ class TeacherDistillation(Callback):
     def _teacher_privacy(self, pl_module: pl.LightningModule) -> PrivacyConfig:
         if self.source != "private_dp":
             return PrivacyConfig(enabled=False)
-        if self.teacher_privacy is not None:
-            return self.teacher_privacy
         student = pl_module.privacy
+        if self.teacher_privacy is not None:
+            teacher = self.teacher_privacy
+            # In secure mode a stream comes from the OS's generator, independent of any seed.
+            if (not teacher.secure_mode and not student.secure_mode
+                    and teacher.seed % SEED_MODULUS == student.seed % SEED_MODULUS):
+                raise ValueError(
+                    f"teacher_privacy.seed={teacher.seed} gives the teacher the student's noise stream (the student's "
+                    f"seed is {student.seed}; seeds equal modulo 2**32 draw the same noise): both would add the same "
+                    "noise, which cancels in a difference of their releases, and the accountant's composition of the "
+                    f"two would not hold. Give teacher_privacy a seed that differs from {student.seed} modulo 2**32 "
+                    f"(e.g. {teacher_noise_seed(student.seed)}), secure_mode=True, or teacher_privacy=None."
+                )
+            return teacher
         if student.target_epsilon is None:
             raise ValueError("teacher='private_dp' needs teacher_privacy when the student has no target_epsilon.")
-        return PrivacyConfig(**{**student.__dict__, "target_epsilon": student.target_epsilon / 2})
+        return dataclasses.replace(student, target_epsilon=student.target_epsilon / 2,
+                                   seed=teacher_noise_seed(student.seed))
 
     def _train_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(f"TeacherDistillation(teacher={self.source!r}) needs the trainer's datamodule.")
-        if self.source == "private_dp" and privacy_engine(pl_module) is None:
-            raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
         accepted = inspect.signature(type(pl_module).__init__).parameters
         hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
         hparams["privacy"] = self._teacher_privacy(pl_module)
