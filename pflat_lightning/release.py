@@ -8,7 +8,8 @@ full state), so whoever holds it can regenerate every noise draw of a seeded run
   ``layer_mask``, and the linear head if any), nothing of the frozen backbone;
 - ``release.json``: the task module's class and the arguments that rebuild its architecture onto the
   public backbone (:attr:`DPPrefixModule.RELEASE_ARGS`), and the tokenisation settings of the run's
-  datamodule that a user needs to predict the same (template, lengths, column names, label names);
+  datamodule that a user needs to predict the same (template, lengths, column names, and the label names
+  of a datamodule already set up: the export never reads the data);
 - ``privacy_report.json`` and ``.md``: the run's report reduced to an allowlist of accountant, guarantee,
   ledger and metric keys, with the noise generator named without its seed.
 
@@ -16,14 +17,13 @@ full state), so whoever holds it can regenerate every noise draw of a seeded run
 
 Example::
 
-    folder = export_release(model, "release/")          # after trainer.fit(model, datamodule=data)
-    model = load_release("release/")                     # eval mode, no privacy engine
+    folder = export_release(model, "release/", datamodule=data)   # after trainer.fit(model, datamodule=data)
+    model = load_release("release/")                               # eval mode, no privacy engine
     logits = model(**batch)
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import load_file, save_file
 
+from pflat_lightning import __version__
 from pflat_lightning.cli import load_run, split_overrides
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.privacy.config import PrivacyConfig
@@ -81,7 +82,7 @@ def export_release(
     _check_empty(folder)
     cls = type(module)
     if not isinstance(module, DPPrefixModule) or not cls.RELEASE_ARGS:
-        raise ValueError(f"{cls.__module__}.{cls.__qualname__} cannot be released: export_release needs a "
+        raise ValueError(f"{_class_path(cls)} cannot be released: export_release needs a "
                          "DPPrefixModule subclass that names its architecture's arguments in RELEASE_ARGS.")
     if module.is_private and module.engine.noise_multiplier is None:
         raise ValueError(
@@ -102,10 +103,11 @@ def export_release(
     info = {
         "format": RELEASE_FORMAT,
         "format_version": RELEASE_VERSION,
-        "module": f"{cls.__module__}.{cls.__qualname__}",
+        "module": _class_path(cls),
         "init_args": {name: module.hparams[name] for name in cls.RELEASE_ARGS if name in module.hparams},
         "tokenisation": None if datamodule is None else _tokenisation(datamodule),
         "adapter": ADAPTER_FILE,
+        "pflat_lightning_version": __version__,
     }
     tensors = _trainable_state(module)
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,10 +138,12 @@ def load_release(folder: str | Path, **overrides: Any) -> DPPrefixModule:
     if info.get("format") != RELEASE_FORMAT or info.get("format_version") != RELEASE_VERSION:
         raise ValueError(f"{path} is not a {RELEASE_FORMAT} version {RELEASE_VERSION} file (format "
                          f"{info.get('format')!r}, version {info.get('format_version')!r}).")
-    module_path, _, name = info["module"].rpartition(".")
-    cls = getattr(importlib.import_module(module_path), name)
-    if not (isinstance(cls, type) and issubclass(cls, DPPrefixModule) and cls.RELEASE_ARGS):
-        raise ValueError(f"{path} names module {info['module']!r}, which is not a releasable DPPrefixModule.")
+    # Only classes already imported are candidates: a release file never makes this process import a module.
+    classes = _releasable_classes()
+    cls = classes.get(info["module"])
+    if cls is None:
+        raise ValueError(f"{path} names module {info['module']!r}, which is not a releasable DPPrefixModule subclass "
+                         f"imported in this process (known: {sorted(classes)}); import the module defining it first.")
     unknown = sorted(set(overrides) - set(cls.RELEASE_ARGS))
     if unknown:
         raise ValueError(f"load_release got {unknown}, which are not arguments of the release; allowed: "
@@ -206,6 +210,22 @@ def _check_empty(folder: Path) -> None:
                          "nothing of another run (a checkpoint, its seeds) ends up next to the release.")
 
 
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _releasable_classes() -> Dict[str, type]:
+    """The imported :class:`DPPrefixModule` subclasses that name their ``RELEASE_ARGS``, by class path."""
+    found: Dict[str, type] = {}
+    pending = [DPPrefixModule]
+    while pending:
+        for sub in pending.pop().__subclasses__():
+            pending.append(sub)
+            if sub.RELEASE_ARGS:
+                found[_class_path(sub)] = sub
+    return found
+
+
 def _trainable_names(module: DPPrefixModule) -> Dict[str, torch.nn.Module]:
     """The trainable modules by their name in ``module.model`` (``prefix``, ``classifier``)."""
     names = {id(part): name for name, part in module.model.named_modules()}
@@ -219,8 +239,7 @@ def _trainable_state(module: DPPrefixModule) -> Dict[str, torch.Tensor]:
 
 
 def _tokenisation(datamodule: pl.LightningDataModule) -> Dict[str, Any]:
-    cls = type(datamodule)
-    settings: Dict[str, Any] = {"datamodule": f"{cls.__module__}.{cls.__qualname__}"}
+    settings: Dict[str, Any] = {"datamodule": _class_path(type(datamodule))}
     settings.update({name: datamodule.hparams[name] for name in TOKENISATION_ARGS if name in datamodule.hparams})
     label_names = getattr(datamodule, "label_names", None)
     if label_names is not None:  # known once the datamodule is set up; export never reads the data for them

@@ -166,6 +166,11 @@ def test_export_and_load_refuse_what_would_leak_or_mislead(tiny_model_dir, tmp_p
         load_release(folder, seed=1)
     with pytest.raises(ValueError, match="does not fit the model built from"):
         load_release(folder, backbone=tiny_model_dir("llama"))  # 2 key/value heads instead of 4
+    info = json.loads((folder / "release.json").read_text())
+    (folder / "release.json").write_text(json.dumps({**info, "module": "antigravity.Module"}))
+    with pytest.raises(ValueError, match="'antigravity.Module', which is not a releasable DPPrefixModule"):
+        load_release(folder)  # a release file never makes the process import a module
+    assert "antigravity" not in sys.modules
 
 
 def pflat(*args, cwd):
