@@ -106,7 +106,6 @@ def export_release(
         "module": _class_path(cls),
         "init_args": {name: module.hparams[name] for name in cls.RELEASE_ARGS if name in module.hparams},
         "tokenisation": None if datamodule is None else _tokenisation(datamodule),
-        "adapter": ADAPTER_FILE,
         "pflat_lightning_version": __version__,
     }
     tensors = _trainable_state(module)
@@ -149,18 +148,19 @@ def load_release(folder: str | Path, **overrides: Any) -> DPPrefixModule:
         raise ValueError(f"load_release got {unknown}, which are not arguments of the release; allowed: "
                          f"{list(cls.RELEASE_ARGS)}.")
     module = cls(**{**info["init_args"], **overrides}, privacy=PrivacyConfig(enabled=False))
-    tensors = load_file(str(folder / info["adapter"]))
+    adapter = folder / ADAPTER_FILE
+    tensors = load_file(str(adapter))
     names = _trainable_names(module)
     for prefix, part in names.items():
         own = {key[len(prefix) + 1:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
         try:
             part.load_state_dict(own, strict=True)
         except RuntimeError as error:
-            raise ValueError(f"{folder / info['adapter']} does not fit the model built from {path} with "
+            raise ValueError(f"{adapter} does not fit the model built from {path} with "
                              f"{overrides or 'its init_args'}: {error}") from error
     stray = sorted(key for key in tensors if key.split(".")[0] not in names)
     if stray:
-        raise ValueError(f"{folder / info['adapter']} holds tensors {stray} that no trainable module of "
+        raise ValueError(f"{adapter} holds tensors {stray} that no trainable module of "
                          f"{info['module']} has.")
     return module.eval()
 
