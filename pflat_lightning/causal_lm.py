@@ -79,6 +79,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
         out = model.generate(prompt_ids, prompt_mask, max_new_tokens=20)   # prompts + continuations
     """
 
+    RELEASE_ARGS = ("backbone", "num_virtual_tokens", "prefix_hidden", "generate_max_new_tokens")
+
     def __init__(
         self,
         backbone: str = "bundled-smollm2",

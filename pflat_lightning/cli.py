@@ -67,6 +67,7 @@ RESULT_METRICS = {
 #: ``pflat NAME ...`` besides LightningCLI's subcommands: NAME -> "module:function(argv)".
 COMMANDS = {
     "audit": "pflat_lightning.attacks.cli:main",
+    "export": "pflat_lightning.release:main",
     "landscape": "pflat_lightning.landscape.cli:main",
     "reproduce": "pflat_lightning.reproduce:main",
     "serve-scorer": "pflat_lightning.black_box.server:main",

@@ -81,6 +81,10 @@ class DPPrefixModule(pl.LightningModule):
                                        batch["labels"], reduction="none")
     """
 
+    #: The ``__init__`` arguments that rebuild a trained module's architecture onto its public backbone,
+    #: what a release keeps (:mod:`pflat_lightning.release`); empty: the class cannot be released.
+    RELEASE_ARGS: Tuple[str, ...] = ()
+
     def __init__(
         self,
         *,
