@@ -116,7 +116,7 @@ def main() -> None:
           f"{tuned:.4f} ({eps}, "
           f"{tuner.steps_taken} steps on {data.num_train_examples} training examples, {result['eval_examples']} "
           f"{args.split} examples); wall time {result['wall_seconds']:.0f} s (tuning {fit_seconds:.0f} s).\n"
-          f"Results: {out}/results.json; privacy report: {out}/tuned/privacy_report.md", flush=True)
+          f"Results: {out}/results.json; privacy report: {tuner.report_dir}/privacy_report.md", flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     trainer.fit(model, datamodule=data)
     tuned = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     tested = trainer.test(model, datamodule=data, verbose=False)[0]
-    report = json.loads((Path(trainer.log_dir or trainer.default_root_dir) / "privacy_report.json").read_text())
+    report = json.loads((model.report_dir / "privacy_report.json").read_text())
     summary = {
         "command": " ".join(["python", "examples/generate_movie_dialog.py", "--config", args.config, *overrides]),
         "train_pairs": data.num_train_examples,

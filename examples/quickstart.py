@@ -38,4 +38,4 @@ trainer.test(model, datamodule=data)
 report = model.privacy_report()
 print(f"test accuracy {report['metrics']['test_acc']:.4f} at epsilon {report['epsilon']:.3f}, "
       f"delta {report['delta']:.2g}; formal guarantee: {report['formal_guarantee']}")
-print(f"report: {trainer.log_dir}/privacy_report.md")
+print(f"report: {model.report_dir}/privacy_report.md")

@@ -25,7 +25,7 @@ class PrefixTunedClassifier(DPPrefixModule):
     With the default :class:`PrivacyConfig` every fit is DP-SGD through Opacus: Poisson-sampled
     logical batches (split into physical chunks of ``max_physical_batch_size``), per-example clipping,
     Gaussian noise calibrated so that the planned steps end at ``target_epsilon``, epsilon in the
-    progress bar, and a privacy report (``privacy_report.json``/``.md`` in ``trainer.log_dir``); all of it
+    progress bar, and a privacy report (``privacy_report.json``/``.md`` in ``report_dir``); all of it
     comes from :class:`~pflat_lightning.module.DPPrefixModule`. ``PrivacyConfig(enabled=False)`` trains
     the identical model without privacy. Validation and test log the loss and the accuracy.
 

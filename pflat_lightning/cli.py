@@ -38,7 +38,7 @@ class PflatCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         report = self.model.privacy_report()
         epsilon = "none (non-private)" if report["epsilon"] is None else f"{report['epsilon']:.3f}"
-        folder = self.trainer.log_dir or self.trainer.default_root_dir
+        folder = self.model.report_dir
         metrics = report["metrics"]
         shown = ", ".join(f"{label} {metrics[key]:.4f}" for key, label in RESULT_METRICS.items() if key in metrics)
         if report["formal_guarantee"]:

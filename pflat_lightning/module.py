@@ -9,6 +9,8 @@ module builds ``self.model`` and says what one example's loss is (:meth:`DPPrefi
 from __future__ import annotations
 
 import math
+import uuid
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
@@ -23,7 +25,7 @@ from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.ledger import PrivacyLedger
-from pflat_lightning.privacy.report import build_report, write_report
+from pflat_lightning.privacy.report import build_report, report_folder, write_report
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 
@@ -34,6 +36,11 @@ DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 #: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
 AUTO_GHOST_MIN_BYTES = 256 * 2**20
 CHECKPOINT_KEY = "pflat_privacy"
+#: Checkpoint key of the run id: a resumed run is the same run and updates its own report.
+RUN_ID_KEY = "pflat_run_id"
+#: Metric names that a callback's ``monitor`` reads from the validation split (every pflat task logs its
+#: validation metrics as ``val_<name>``: ``val_loss``, ``val_acc``, ``val_ppl``...).
+VALIDATION_METRIC_PREFIXES = ("val_", "val/", "validation_", "validation/")
 
 
 class DPPrefixModule(pl.LightningModule):
@@ -42,7 +49,7 @@ class DPPrefixModule(pl.LightningModule):
     With the default :class:`PrivacyConfig` every fit is DP-SGD through Opacus: Poisson-sampled logical
     batches (split into physical chunks of ``max_physical_batch_size``), per-example clipping, Gaussian
     noise calibrated so that the planned steps end at ``target_epsilon``, epsilon in the progress bar, and
-    a privacy report (``privacy_report.json``/``.md`` in ``trainer.log_dir``) after fit and after test.
+    a privacy report (``privacy_report.json``/``.md``, in ``report_dir``) after fit and after test.
     ``PrivacyConfig(enabled=False)`` trains the identical model without privacy.
 
     A subclass sets ``self.model``, a module with a ``prefix`` (:class:`PrefixEncoder`),
@@ -112,6 +119,11 @@ class DPPrefixModule(pl.LightningModule):
         self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
         self._resumed = False
         self._final_metrics: Dict[str, float] = {}
+        #: Names this run in its report (kept in checkpoints: a resumed run is the same run).
+        self.run_id = uuid.uuid4().hex
+        #: Where this run's report is, chosen at its first write (:func:`~pflat_lightning.privacy.report.report_folder`):
+        #: ``trainer.log_dir``, or ``privacy_reports/version_N`` under it when it holds another run's report.
+        self.report_dir: Optional[Path] = None
         #: What the callbacks want in the privacy report (their settings and measurements).
         self.report_sections: Dict[str, Any] = {}
         #: Per-example terms ``fn(batch, logits, prefix) -> Tensor`` added to each example's loss (callbacks).
@@ -167,6 +179,7 @@ class DPPrefixModule(pl.LightningModule):
                 "batch_size to the logical batch; max_physical_batch_size bounds the memory."
             )
         configure_sampling(trainer.datamodule, self.privacy)
+        record_validation_monitors(self)
 
     def configure_optimizers(self) -> Any:
         queued, self.before_optimizers[:] = list(self.before_optimizers), []
@@ -316,13 +329,15 @@ class DPPrefixModule(pl.LightningModule):
             steps=trainer.global_step,
             metrics=self._final_metrics,
             sections=self.report_sections,
+            run_id=self.run_id,
         )
 
     def _write_report(self) -> None:
-        folder = self.trainer.log_dir or self.trainer.default_root_dir  # a collective call: every rank
+        if self.report_dir is None:
+            self.report_dir = report_folder(self.trainer, self.run_id)  # a collective call: every rank
         report = self.privacy_report()
         if self.trainer.is_global_zero:
-            path = write_report(report, folder)
+            path = write_report(report, self.report_dir)
             rank_zero_info(f"Privacy report written to {path}")
 
     def on_fit_end(self) -> None:
@@ -332,11 +347,13 @@ class DPPrefixModule(pl.LightningModule):
         self._write_report()
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint[RUN_ID_KEY] = self.run_id
         if self.is_private and self.engine.optimizer is not None:
             checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         check_checkpoint_matches(self, checkpoint)  # Lightning and `load_run` call this before loading the weights
+        self.run_id = checkpoint.get(RUN_ID_KEY, self.run_id)
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is not None and self.is_private:
             self.engine.load_state_dict(state["engine"])
@@ -398,6 +415,21 @@ def configure_sampling(datamodule: Any, privacy: PrivacyConfig) -> None:
         datamodule.poisson_sampling = privacy.poisson_sampling
     if hasattr(datamodule, "secure_sampling"):
         datamodule.secure_sampling = privacy.secure_mode
+
+
+def record_validation_monitors(module: pl.LightningModule) -> None:
+    """Record in ``module.ledger`` each callback of the fit that selects on a validation metric
+    (``ModelCheckpoint``/``EarlyStopping`` with ``monitor="val_loss"``..., any callback whose ``monitor``
+    starts with one of :data:`VALIDATION_METRIC_PREFIXES`): it chooses the released model (the checkpoint
+    kept, the stopping epoch) with private data held out of training, without DP, a ``held_out`` entry. A
+    monitor on ``epsilon`` or a training metric reads no held-out data. A scheduler's ``monitor`` needs no
+    entry: under manual optimisation Lightning ignores it and the module steps its scheduler without a metric."""
+    for callback in module.trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith(VALIDATION_METRIC_PREFIXES):
+            module.ledger.record(type(callback).__name__, "held_out",
+                                 f"monitor={monitor!r}: selects on a metric of the validation split (private data "
+                                 "held out of training) without DP")
 
 
 def resume_poisson_epoch(module: pl.LightningModule, updates: int) -> None:

@@ -154,7 +154,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
     trainer.fit(model, datamodule=data)
     train_s = time.time() - start
     trainer.test(model, datamodule=data, verbose=False)
-    report = json.loads((Path(trainer.log_dir) / "privacy_report.json").read_text())
+    report = json.loads((model.report_dir / "privacy_report.json").read_text())
     audit = report["callbacks"]["MembershipInferenceAudit"]["attacks"]["loss"]
     landscape = report["callbacks"]["LossLandscape"]
     return {
@@ -172,7 +172,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         "reasons": report["reasons"],
         "train_s": train_s,
         "wall_s": time.time() - start,
-        "report": str(Path(trainer.log_dir) / "privacy_report.md"),
+        "report": str(model.report_dir / "privacy_report.md"),
         "method_recipe": method_recipe(method, args.quick),
     }
 

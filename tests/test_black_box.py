@@ -388,6 +388,22 @@ def test_nonprivate_baseline_reports_no_guarantee(scorers, tiny_model_dir, revie
     assert "test_acc" in report["metrics"]
 
 
+def test_a_second_run_in_the_same_folder_gets_its_own_report(scorers, tiny_model_dir, reviews, tmp_path):
+    """logger=False: both runs report under default_root_dir; the second must not overwrite the first."""
+    tuners = []
+    for _ in range(2):
+        tuner = tuner_for(scorers("gpt2"), PrivacyConfig(enabled=False))
+        trainer = quiet_trainer(tmp_path, max_steps=1)
+        trainer.fit(tuner, datamodule=data_for(reviews, tiny_model_dir("gpt2")))
+        trainer.test(tuner, datamodule=data_for(reviews, tiny_model_dir("gpt2")))
+        tuners.append(tuner)
+    assert [t.report_dir for t in tuners] == [tmp_path, tmp_path / "privacy_reports" / "version_0"]
+    assert sorted(tmp_path.rglob("privacy_report.json")) == sorted(t.report_dir / "privacy_report.json" for t in tuners)
+    for tuner in tuners:
+        report = json.loads((tuner.report_dir / "privacy_report.json").read_text())
+        assert report["run_id"] == tuner.run_id and "test_acc" in report["metrics"]
+
+
 def test_a_zero_shot_test_before_fit_reports_nothing_spent(scorers, tiny_model_dir, reviews, tmp_path):
     tuner = tuner_for(scorers("gpt2"), PrivacyConfig(target_epsilon=8.0))
     quiet_trainer(tmp_path).test(tuner, datamodule=data_for(reviews, tiny_model_dir("gpt2")))

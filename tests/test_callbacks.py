@@ -1,5 +1,6 @@
 """The three flattening callbacks: privacy accounting, exact perturbation, pruning, distillation."""
 import copy
+import json
 from functools import partial
 
 import pytest
@@ -251,6 +252,56 @@ def test_fixed_layers_and_state_survive_resume(tiny_model_dir, tmp_path):
     assert resumed.engine.updates == 16
 
 
+def test_validation_selection_is_held_out_and_keeps_the_guarantee(tiny_model_dir, tmp_path):
+    """The default data="validation" reads private examples held out of training: a held_out entry (not
+    public); the training set's (epsilon, delta) is still the accountant's for the DP-SGD steps alone."""
+    module = make(tiny_model_dir("bert"))
+    callback = SharpnessLayerSelection(keep_layers=1, alphas=[0.0, 1.0], num_batches=1)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert callback.data == "validation" and len(callback.selected) == 1
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert [(e["component"], e["status"]) for e in report["ledger"]] == [("SharpnessLayerSelection", "held_out")]
+    assert report["formal_guarantee"] is True and report["reasons"] == []
+    accountant = PRVAccountant()
+    accountant.history = [(report["noise_multiplier"], 8 / 64, 16)]
+    assert report["epsilon"] == pytest.approx(accountant.get_epsilon(64 ** -1.1), rel=1e-6)
+    assert "`held_out`: private data held out of training" in (tmp_path / "privacy_report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "kwargs, trainer_kwargs, message",
+    [
+        (dict(layers=[5]), dict(max_epochs=2), r"layers=\[5\] names a layer the model lacks: the prefix has 2 layers, "
+                                               r"indices in \[0, 2\)"),
+        (dict(keep_layers=3), dict(max_epochs=2), r"keep_layers=3 is more than the model's 2 prefix layers: a count "
+                                                  r"must be in \[1, 2\]"),
+        (dict(at_epoch=2), dict(max_epochs=2), r"at_epoch=2 is never reached: Trainer\(max_epochs=2\) runs epochs 0..1"),
+        (dict(at_epoch=3), dict(max_steps=3), r"at_epoch=3 is never reached: Trainer\(max_steps=3\) ends before epoch "
+                                              r"3 starts \(at least 3 steps"),
+        # 8 batches an epoch (64 examples, expected batch 8), known once the loader is built: before the first step.
+        (dict(at_epoch=1), dict(max_steps=8), r"at_epoch=1 is never reached: Trainer\(max_steps=8\) ends before epoch "
+                                              r"1 starts \(at least 8 steps"),
+        (dict(at_epoch=2), dict(max_steps=12, limit_train_batches=6), r"Trainer\(max_steps=12\) .*at least 12 steps"),
+    ],
+)
+def test_a_selection_that_cannot_happen_as_asked_is_refused_before_training(kwargs, trainer_kwargs, message,
+                                                                             tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"))
+    trainer = quiet_trainer(tmp_path, callbacks=[SharpnessLayerSelection(**kwargs)], **trainer_kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, datamodule=TokenDataModule())
+    assert trainer.global_step == 0 and module.engine.updates == 0
+    assert not (tmp_path / "privacy_report.json").exists()
+
+
+def test_a_selection_epoch_reached_within_max_steps_runs(tiny_model_dir, tmp_path):
+    """limit_train_batches=4 makes epoch 1 start after 4 steps, before max_steps=5."""
+    callback = SharpnessLayerSelection(layers=[1])
+    quiet_trainer(tmp_path, max_steps=5, limit_train_batches=4, callbacks=[callback]).fit(
+        make(tiny_model_dir("bert")), datamodule=TokenDataModule())
+    assert callback.selected == [1]
+
+
 # ---------------------------------------------------------------- teacher
 def test_distillation_term_gradient_matches_autograd(tiny_model_dir):
     from pflat_lightning.privacy import DPSGDEngine
@@ -451,6 +502,8 @@ def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
         (lambda: AdversarialWeightPerturbation(direction="up"), r"direction must be one of .*got 'up'"),
         (lambda: SharpnessLayerSelection(keep_layers=1.5), r"keep_layers as a fraction must be in \(0, 1\], got 1.5"),
         (lambda: SharpnessLayerSelection(data="test"), r"data must be one of .*got 'test'"),
+        (lambda: SharpnessLayerSelection(layers=[]), r"layers must be a non-empty list of distinct .*got \[\]"),
+        (lambda: SharpnessLayerSelection(layers=[1, 1]), r"layers must be a non-empty list of distinct .*got \[1, 1\]"),
         (lambda: TeacherDistillation("checkpoint"), r"teacher='checkpoint' needs checkpoint_path"),
         (lambda: TeacherDistillation(weight=-1.0), r"weight must be >= 0, got -1.0"),
         (lambda: TeacherDistillation("private_dp", teacher_privacy=PrivacyConfig(enabled=False)),

@@ -55,6 +55,8 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Result: test accuracy" in result.stdout and "formal guarantee yes." in result.stdout  # secure_mode: true
+    printed = result.stdout.split("Privacy report: ")[1].split(" (and .json)")[0]
+    assert [Path(printed).with_suffix(".json")] == list(tmp_path.rglob("privacy_report.json"))
     report = json.loads(next(tmp_path.rglob("privacy_report.json")).read_text())
     assert report["steps"] == 3 and report["formal_guarantee"] is True
     assert report["epsilon"] <= 8.0

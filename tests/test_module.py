@@ -105,3 +105,65 @@ def test_logging_the_training_loss_is_a_ledger_entry(tiny_model_dir, tmp_path):
     report = module.privacy_report()
     assert report["formal_guarantee"] is False
     assert [e["status"] for e in report["ledger"]] == ["unaccounted"]
+
+
+@pytest.mark.parametrize("monitor, recorded", [("val_loss", True), ("val_acc", True), (None, False), ("epsilon", False)])
+def test_selecting_on_a_validation_metric_is_a_held_out_ledger_entry(monitor, recorded, tiny_model_dir, tmp_path):
+    """ModelCheckpoint/EarlyStopping on a validation metric choose the released model with held-out private
+    data: recorded, the training set's guarantee unaffected. No monitor, or one on epsilon, reads none."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=monitor)]
+    if monitor is not None:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max" if monitor != "val_loss" else "min"))
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=1, enable_checkpointing=True, callbacks=callbacks)
+    trainer.fit(module, datamodule=TokenDataModule())
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    held_out = sorted(e["component"] for e in report["ledger"] if e["status"] == "held_out")
+    assert held_out == (["EarlyStopping", "ModelCheckpoint"] if recorded else [])
+    assert report["formal_guarantee"] is True and report["reasons"] == []
+    markdown = (tmp_path / "privacy_report.md").read_text()
+    assert ("`held_out`: private data held out of training" in markdown) == recorded
+    assert ("the held-out examples get no protection" in markdown) == recorded
+
+
+def test_a_dp_report_says_that_aborting_on_a_non_finite_loss_is_outside_the_accountant(tiny_model_dir, tmp_path):
+    private = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    quiet_trainer(tmp_path / "dp", max_steps=1).fit(private, datamodule=TokenDataModule())
+    report = json.loads((tmp_path / "dp" / "privacy_report.json").read_text())
+    assert len(report["caveats"]) == 1 and "non-finite loss" in report["caveats"][0]
+    assert "one-bit, data-dependent signal outside the accountant" in report["caveats"][0]
+    assert "Caveats:" in (tmp_path / "dp" / "privacy_report.md").read_text()
+    public = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    quiet_trainer(tmp_path / "plain", max_steps=1).fit(public, datamodule=TokenDataModule())
+    assert json.loads((tmp_path / "plain" / "privacy_report.json").read_text())["caveats"] == []
+
+
+def test_runs_without_a_logger_never_overwrite_each_others_report(tiny_model_dir, tmp_path):
+    """logger=False: the report folder is default_root_dir for both runs. The first keeps it; the second
+    gets privacy_reports/version_0; fit then test of one run, and a section added later, update its own."""
+    from pflat_lightning.privacy.report import add_section
+
+    def run(**kwargs):
+        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, **kwargs)
+        trainer = quiet_trainer(tmp_path, max_steps=2)
+        trainer.fit(module, datamodule=TokenDataModule())
+        trainer.test(module, datamodule=TokenDataModule())
+        return module
+
+    first = run()
+    assert first.report_dir == tmp_path and sorted(tmp_path.rglob("privacy_report.json")) == [tmp_path / "privacy_report.json"]
+    before = (tmp_path / "privacy_report.json").read_bytes()
+    second = run(privacy=PrivacyConfig(enabled=False))
+    assert (tmp_path / "privacy_report.json").read_bytes() == before, "the first run's report was overwritten"
+    assert second.report_dir == tmp_path / "privacy_reports" / "version_0"
+    reports = {p: json.loads(p.read_text()) for p in tmp_path.rglob("privacy_report.json")}
+    assert set(reports) == {tmp_path / "privacy_report.json", second.report_dir / "privacy_report.json"}
+    assert reports[second.report_dir / "privacy_report.json"]["run_id"] == second.run_id != first.run_id
+    assert reports[second.report_dir / "privacy_report.json"]["epsilon"] is None  # the second run's, tested too
+    assert "test_acc" in reports[second.report_dir / "privacy_report.json"]["metrics"]
+
+    assert add_section(tmp_path, "later", {"x": 1}, run_id=second.run_id) == second.report_dir / "privacy_report.json"
+    assert "later" not in json.loads((tmp_path / "privacy_report.json").read_text())["callbacks"]
+    assert add_section(tmp_path, "later", {"x": 1}, run_id="another run") is None

@@ -92,7 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out) if args.out is not None else run_folder(args.ckpt_path)
     files = write_audit(result, out)
     detail = record_evaluation(model, result.summary["attacks"])
-    report_path = add_section(out, SECTION, report_section(result, files), evaluation=detail)
+    report_path = add_section(out, SECTION, report_section(result, files), evaluation=detail,
+                              run_id=getattr(model, "run_id", None))
     print(f"Membership-inference audit of {args.ckpt_path} ({result.summary['num_members']} members / non-members)\n")
     print(format_table(result.summary))
     print(f"\n{result.summary['threshold_note']}.\nResults: {files['json']}\nROC plot: {files['roc']}"

@@ -11,6 +11,8 @@ DP-SGD.
 from __future__ import annotations
 
 import math
+import uuid
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -20,12 +22,19 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
-from pflat_lightning.module import CHECKPOINT_KEY, configure_sampling, plan_private_training, resume_poisson_epoch
+from pflat_lightning.module import (
+    CHECKPOINT_KEY,
+    RUN_ID_KEY,
+    configure_sampling,
+    plan_private_training,
+    record_validation_monitors,
+    resume_poisson_epoch,
+)
 from pflat_lightning.black_box.scorers import PromptScorer
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
-from pflat_lightning.privacy.report import build_report, write_report
+from pflat_lightning.privacy.report import build_report, report_folder, write_report
 
 #: Checkpoint key of the tuner's own training state (the released estimate AWP steps along).
 STATE_KEY = "pflat_black_box"
@@ -215,6 +224,10 @@ class BlackBoxPromptTuner(pl.LightningModule):
         self._final_metrics: Dict[str, float] = {}
         self._shown_epsilon: Optional[tuple] = None
         self._resumed = False
+        #: Names this run in its report (kept in checkpoints); ``report_dir``: where the report is, chosen at
+        #: its first write (see :attr:`pflat_lightning.module.DPPrefixModule.report_dir`).
+        self.run_id = uuid.uuid4().hex
+        self.report_dir: Optional[Path] = None
         self.val_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
 
@@ -284,6 +297,7 @@ class BlackBoxPromptTuner(pl.LightningModule):
         }
         if not self.is_private:
             return
+        record_validation_monitors(self)
         if self.awp_gamma > 0:
             self.ledger.record("prompt-space AWP", "accounted", "perturbation along the previous step's released noisy "
                                "estimate (post-processing, no extra cost)")
@@ -393,10 +407,13 @@ class BlackBoxPromptTuner(pl.LightningModule):
             steps=trainer.global_step,
             metrics=self._final_metrics,
             sections=self.report_sections,
+            run_id=self.run_id,
         )
 
     def _write_report(self) -> None:
-        path = write_report(self.privacy_report(), self.trainer.log_dir or self.trainer.default_root_dir)
+        if self.report_dir is None:
+            self.report_dir = report_folder(self.trainer, self.run_id)
+        path = write_report(self.privacy_report(), self.report_dir)
         rank_zero_info(f"Privacy report written to {path}")
 
     def on_fit_end(self) -> None:
@@ -407,10 +424,12 @@ class BlackBoxPromptTuner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         checkpoint[STATE_KEY] = {"steps_taken": self.steps_taken, "released_estimate": self.released_estimate}
+        checkpoint[RUN_ID_KEY] = self.run_id
         if self.is_private and self.engine.noise_multiplier is not None:
             checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.run_id = checkpoint.get(RUN_ID_KEY, self.run_id)
         state = checkpoint.get(STATE_KEY)
         if state is not None:
             self.steps_taken, self.released_estimate = state["steps_taken"], state["released_estimate"]

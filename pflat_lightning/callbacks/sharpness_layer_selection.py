@@ -1,6 +1,7 @@
 """Cross-layer flattening: keep the prefix layers whose removal would sharpen the loss the most."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -35,8 +36,9 @@ class SharpnessLayerSelection(Callback):
     logger and the privacy report.
 
     Which data it reads is explicit (``data``): the ``public`` split (no privacy cost), the
-    ``validation`` split (held out, not training data), or the ``private`` training data (a ledger
-    entry: the selection then depends on private data outside the accountant). The direction ``d`` is
+    ``validation`` split (private data held out of training: a ``held_out`` ledger entry, the training
+    set's guarantee holds but the validation examples get none), or the ``private`` training data (an
+    ``unaccounted`` entry: the selection then depends on private data outside the accountant). The direction ``d`` is
     the gradient of the selection data itself (``"data"``, the default; on private data under DP this is
     the paper's code, a raw gradient of private batches, recorded as such) or the last released
     (noised) DP gradient (``"released"``, post-processing). Measured on the bundled MiniLM (epsilon 8,
@@ -54,6 +56,12 @@ class SharpnessLayerSelection(Callback):
         alphas: steps along ``d`` (default 0, 0.1, ..., 1.0, as in the paper's curves).
         radius: length of the step at ``alpha = 1`` (``d`` has unit norm).
         num_batches: batches of the selection data evaluated per point of each curve.
+
+    Raises:
+        ValueError: for a bad argument; at fit setup for ``layers`` outside ``[0, num_layers)``, a
+            ``keep_layers`` count above the prefix's layers, or an ``at_epoch`` the run cannot reach
+            (``max_epochs``, or ``max_steps`` with the training batches per epoch, checked again before the
+            first step once the loader's length is known).
 
     Example::
 
@@ -78,6 +86,8 @@ class SharpnessLayerSelection(Callback):
             raise ValueError(f"keep_layers as a count must be >= 1, got {keep_layers}.")
         if at_epoch < 0:
             raise ValueError(f"at_epoch must be >= 0, got {at_epoch}.")
+        if layers is not None and (not layers or len(set(layers)) != len(layers)):
+            raise ValueError(f"layers must be a non-empty list of distinct prefix layer indices, got {layers}.")
         if data not in DATA_SOURCES:
             raise ValueError(f"data must be one of {DATA_SOURCES}, got {data!r}.")
         if direction is not None and direction not in DIRECTIONS:
@@ -102,6 +112,9 @@ class SharpnessLayerSelection(Callback):
         if stage != "fit":
             return
         require(pl_module, "prefix", type(self).__name__)
+        self._check_layers(pl_module.prefix.geometry.num_layers)
+        # Every epoch takes at least one step: a plan of max_steps <= at_epoch ends before the selection.
+        self._check_reached(trainer, steps_per_epoch=1)
         if self.fixed_layers is not None:
             return
         require(pl_module, "example_losses", type(self).__name__)
@@ -122,7 +135,38 @@ class SharpnessLayerSelection(Callback):
         elif self.data == "public":
             ledger.record(name, "public", "layer scores measured on the public split")
         else:
-            ledger.record(name, "public", "layer scores measured on the held-out validation split (not training data)")
+            ledger.record(name, "held_out", "layer scores measured on the validation split (private data held out of "
+                                            "training) without DP: the layers kept depend on those examples")
+
+    def _check_layers(self, num_layers: int) -> None:
+        if self.fixed_layers is not None and not all(0 <= layer < num_layers for layer in self.fixed_layers):
+            raise ValueError(f"layers={self.fixed_layers} names a layer the model lacks: the prefix has {num_layers} "
+                             f"layers, indices in [0, {num_layers}).")
+        if isinstance(self.keep_layers, int) and self.keep_layers > num_layers:
+            raise ValueError(f"keep_layers={self.keep_layers} is more than the model's {num_layers} prefix layers: a "
+                             f"count must be in [1, {num_layers}] (or a fraction in (0, 1]).")
+
+    def _check_reached(self, trainer: pl.Trainer, steps_per_epoch: float) -> None:
+        """Refuse a plan that ends before the start of epoch ``at_epoch`` (the selection would never run).
+        Lightning starts epoch ``k`` only if ``k < max_epochs`` and fewer than ``max_steps`` optimizer steps
+        came before it: ``k * steps_per_epoch``, counting one step per training batch (DP-SGD steps on every
+        batch, an empty one too; a non-private fit skips an empty Poisson batch, so there the count is an
+        upper bound; ``limit_train_batches`` applied)."""
+        if self.selected is not None:
+            return
+        max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+        if max_epochs is not None and max_epochs >= 0 and self.at_epoch >= max_epochs:
+            raise ValueError(f"at_epoch={self.at_epoch} is never reached: Trainer(max_epochs={max_epochs}) runs "
+                             f"epochs 0..{max_epochs - 1}; at_epoch must be < max_epochs.")
+        if max_steps >= 0 and self.at_epoch > 0 and self.at_epoch * steps_per_epoch >= max_steps:
+            raise ValueError(
+                f"at_epoch={self.at_epoch} is never reached: Trainer(max_steps={max_steps}) ends before epoch "
+                f"{self.at_epoch} starts (at least {self.at_epoch * steps_per_epoch:g} steps come before it); "
+                "at_epoch * training batches per epoch must be < max_steps."
+            )
+        if trainer.current_epoch > self.at_epoch:
+            raise ValueError(f"at_epoch={self.at_epoch} is never reached: this fit resumes at epoch "
+                             f"{trainer.current_epoch} and no selection was made before it.")
 
     def _direction_kind(self, pl_module: pl.LightningModule) -> str:
         return self.direction or "data"
@@ -224,3 +268,5 @@ class SharpnessLayerSelection(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.selected is not None:
             self._publish(pl_module)
+        elif math.isfinite(trainer.num_training_batches):  # known now, before the first step
+            self._check_reached(trainer, steps_per_epoch=trainer.num_training_batches)

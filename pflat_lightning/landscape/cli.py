@@ -79,7 +79,8 @@ def main(argv: Sequence[str]) -> int:
     out = Path(args.out) if args.out is not None else folder / "landscape"
     files = write_landscape(result, out)
     section = {**landscape_section(result), "folder": str(out), "checkpoint": str(Path(args.ckpt_path).resolve())}
-    report = add_section(folder, SECTION, section, evaluation=PRIVATE_EVALUATION if args.data == "private" else None)
+    report = add_section(folder, SECTION, section, evaluation=PRIVATE_EVALUATION if args.data == "private" else None,
+                         run_id=getattr(model, "run_id", None))
 
     print(f"Loss landscape of {args.ckpt_path} on {result['examples']} {args.data} examples:")
     print(f"  loss at w                    {result['loss']:.6g}")

@@ -4,8 +4,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Literal
 
-Status = Literal["accounted", "public", "unaccounted", "evaluation"]
-STATUSES = ("accounted", "public", "unaccounted", "evaluation")
+Status = Literal["accounted", "public", "unaccounted", "evaluation", "held_out"]
+#: One line per status: what it means for the guarantee (the report's markdown prints it under the ledger).
+STATUS_MEANINGS = {
+    "accounted": "in the accountant's epsilon",
+    "public": "no private data",
+    "unaccounted": "private data outside the accountant: no formal guarantee",
+    "evaluation": "private data read only to measure the trained model; the guarantee is unaffected, the measured "
+                  "numbers are not private",
+    "held_out": "private data held out of training (the validation split) read without DP to choose the model (layers "
+                "kept, checkpoint, stopping epoch); the training set's guarantee holds, the held-out examples get no "
+                "protection",
+}
+STATUSES = tuple(STATUS_MEANINGS)
 
 
 @dataclass(frozen=True)
@@ -17,7 +28,13 @@ class LedgerEntry:
         status: ``"accounted"`` (in the accountant's epsilon), ``"public"`` (no private data),
             ``"unaccounted"`` (private data outside the accountant: no formal guarantee),
             ``"evaluation"`` (private data read only to measure the trained model, e.g. a membership
-            audit: the model's guarantee is unaffected, but the measured numbers are not private).
+            audit: the model's guarantee is unaffected, but the measured numbers are not private),
+            ``"held_out"`` (private examples held out of training, the validation split, read without DP to
+            choose something the run releases: the layers kept, the checkpoint, the stopping epoch). The
+            training set's (epsilon, delta) guarantee still holds: the held-out examples are disjoint from
+            the training set, so the choice is post-processing of the DP outputs with data independent of
+            the training set. The held-out examples themselves get no protection: what is released may
+            reveal them.
         detail: what was done and, for ``unaccounted``, why it breaks the guarantee.
     """
 
