@@ -474,7 +474,7 @@ def test_unreadable_files_are_refused(tmp_path, smollm2_dir):
         (dict(separator=" "), r"separator=' ' gives no token before the target"),
         (dict(max_source_length=3), r"max_source_length=3 leaves no room for the source: .* take 3 tokens"),
         (dict(max_source_length=500, max_target_length=100),
-         r"max_length=600 exceeds what tokenizer=.* allows: at most 512 tokens"),
+         r"max_source_length \+ max_target_length = 500 \+ 100 = 600 exceeds what tokenizer=.* allows: at most 512 tokens"),
     ],
 )
 def test_bad_arguments_are_refused_at_once(kwargs, message, tiny_model_dir):
