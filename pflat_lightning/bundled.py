@@ -69,8 +69,10 @@ def dequantised(name: str) -> Path:
 
     package, requirement, file = BUNDLED_GGUF_MODELS[name]
     folder = package_folder(package, requirement)
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"Loading {name!r} needs the gguf package: pip install 'pflat-lightning[gguf]'.")
+    missing = [package for package in ("gguf", "accelerate") if importlib.util.find_spec(package) is None]
+    if missing:
+        raise ImportError(f"Loading {name!r} needs the packages {missing} (transformers reads GGUF files with gguf "
+                          "and accelerate): pip install 'pflat-lightning[gguf]'.")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     config = loaded.config

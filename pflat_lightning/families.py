@@ -1,8 +1,9 @@
 """Model families: the one place that knows how each architecture takes a prefix.
 
 A family says how to read the key/value geometry from a config (grouped-query attention included),
-which position ids to give the real tokens when a prefix sits in the cache, how to pool a sequence
-for a classification head, and where the language-model head lives for label-word prompting.
+which position ids to give the real tokens when a prefix sits in the cache (and so how many real
+tokens fit the position table), how to pool a sequence for a classification head, and where the
+language-model head lives for label-word prompting.
 """
 from __future__ import annotations
 
@@ -66,6 +67,28 @@ def _after_prefix_positions(attention_mask: torch.Tensor, prefix_length: int, co
     return prefix_length + (torch.cumsum(attention_mask.long(), dim=1) - 1).clamp(min=0)
 
 
+# How many real tokens fit the position table, and why: (limit, reason), or ``None`` without a table (rotary
+# positions). Each matches the position-id rule above it in this file.
+
+
+def _absolute_limit(config: PretrainedConfig, prefix_length: int) -> Tuple[int, str]:
+    table = config.max_position_embeddings
+    return table, (f"its position table holds {table} positions (max_position_embeddings) and the real tokens start "
+                   "at position 0, after the prefix as before it")
+
+
+def _roberta_limit(config: PretrainedConfig, prefix_length: int) -> Tuple[int, str]:
+    table, first = config.max_position_embeddings, config.pad_token_id + 1
+    return table - first, (f"its position table holds {table} positions (max_position_embeddings) and numbers the "
+                           f"real tokens from padding_idx + 1 = {first}")
+
+
+def _after_prefix_limit(config: PretrainedConfig, prefix_length: int) -> Tuple[int, str]:
+    table = config.max_position_embeddings
+    return table - prefix_length, (f"its position table holds {table} positions (max_position_embeddings) and the "
+                                   f"prefix's {prefix_length} virtual tokens take the first {prefix_length}")
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How one architecture family receives a prefix and exposes features for classification."""
@@ -75,6 +98,9 @@ class ModelFamily:
     bidirectional: bool
     position_ids: Callable[[torch.Tensor, int, PretrainedConfig], torch.Tensor]
     lm_head_attribute: str
+    #: ``(config, prefix_length) -> (limit, reason)``: the most real tokens the position table takes; ``None`` for
+    #: rotary positions, which have no table.
+    position_limit: Optional[Callable[[PretrainedConfig, int], Tuple[int, str]]]
     #: Label words of BPE vocabularies are words that follow a space.
     label_word_prefix: str = ""
 
@@ -90,10 +116,10 @@ class ModelFamily:
 FAMILIES: Dict[str, ModelFamily] = {
     family.name: family
     for family in (
-        ModelFamily("bert", ("bert",), True, _absolute_positions, "cls"),
-        ModelFamily("roberta", ("roberta", "xlm-roberta"), True, _roberta_positions, "lm_head", " "),
-        ModelFamily("gpt2", ("gpt2",), False, _after_prefix_positions, "lm_head", " "),
-        ModelFamily("llama", ("llama", "mistral", "qwen2"), False, _after_prefix_positions, "lm_head", " "),
+        ModelFamily("bert", ("bert",), True, _absolute_positions, "cls", _absolute_limit),
+        ModelFamily("roberta", ("roberta", "xlm-roberta"), True, _roberta_positions, "lm_head", _roberta_limit, " "),
+        ModelFamily("gpt2", ("gpt2",), False, _after_prefix_positions, "lm_head", _after_prefix_limit, " "),
+        ModelFamily("llama", ("llama", "mistral", "qwen2"), False, _after_prefix_positions, "lm_head", None, " "),
     )
 }
 

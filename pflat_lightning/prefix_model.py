@@ -69,6 +69,12 @@ class PrefixedBackbone(nn.Module):
         """What training updates: the prefix and the head, if any (everything else is frozen)."""
         return [m for m in (self.prefix, self.classifier) if m is not None]
 
+    def position_limit(self) -> Optional[Tuple[int, str]]:
+        """``(limit, reason)``: the most real tokens (after the prefix) whose positions the backbone's position
+        table holds, or ``None`` for a backbone without one (rotary positions)."""
+        limit = self.family.position_limit
+        return None if limit is None else limit(self.backbone.config, self.prefix.num_virtual_tokens)
+
     def per_example_gradient_bytes(self, batch_size: int) -> Dict[str, int]:
         """Estimated memory that clipping ``batch_size`` examples needs for their trainable gradients:
         ``hooks`` materialises one gradient per example and parameter; ``ghost`` only the (virtual-token x

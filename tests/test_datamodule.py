@@ -18,10 +18,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.bundled import corpus_file, resolve_model
 from pflat_lightning.datamodules import TextClassificationDataModule
 from pflat_lightning.datamodules import text_classification as module
 from pflat_lightning.privacy.sampling import PoissonDataLoader
+
+from conftest import tiny_config
+from helpers import quiet_trainer
 
 
 def write_csv(path, rows, header=("text", "label")):
@@ -35,6 +39,7 @@ def write_csv(path, rows, header=("text", "label")):
 def from_csv(tmp_path, rows, header=("text", "label"), **kwargs):
     """A datamodule over ``rows`` written to a CSV file, with its own ``datasets`` cache."""
     kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("tokenizer", "bundled-minilm")
     return TextClassificationDataModule(
         "csv", data_files=write_csv(tmp_path / "data.csv", rows, header), cache_dir=str(tmp_path / "cache"), **kwargs
     )
@@ -55,7 +60,7 @@ def rows_of(data):
 
 @pytest.fixture(scope="module")
 def movie_reviews():
-    data = TextClassificationDataModule("movie_reviews", max_length=32)
+    data = TextClassificationDataModule("movie_reviews", tokenizer="bundled-minilm", max_length=32)
     data.setup()
     return data
 
@@ -97,7 +102,7 @@ def test_movie_reviews_loads_offline_as_the_binary_sentence_corpus_split_80_10_1
 
 
 def test_sms_spam_labels_are_the_spam_column():
-    data = TextClassificationDataModule("sms_spam", max_length=16)
+    data = TextClassificationDataModule("sms_spam", tokenizer="bundled-minilm", max_length=16)
     data.setup()
     labels = torch.cat([column(split, "labels") for split in (data.train_dataset, data.val_dataset, data.test_dataset)])
     assert len(labels) == 4_837 and labels.sum().item() == 638
@@ -108,7 +113,8 @@ def test_splits_are_seeded(tmp_path):
     rows = numbered(300)
 
     def split(seed, name):
-        data = TextClassificationDataModule("csv", data_files=write_csv(tmp_path / f"{name}.csv", rows),
+        data = TextClassificationDataModule("csv", tokenizer="bundled-minilm",
+                                            data_files=write_csv(tmp_path / f"{name}.csv", rows),
                                             cache_dir=str(tmp_path / "cache"), seed=seed, batch_size=2)
         data.setup()
         return rows_of(data.train_dataset), rows_of(data.val_dataset), rows_of(data.test_dataset)
@@ -160,8 +166,8 @@ def test_json_files_with_named_columns_and_string_labels(tmp_path):
     path = tmp_path / "reviews.json"
     names = ["bad", "good", "meh"]
     path.write_text("\n".join(json.dumps({"review": f"review {i}", "y": names[i % 3]}) for i in range(30)))
-    data = TextClassificationDataModule("json", data_files=str(path), text_column="review", label_column="y",
-                                        batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data = TextClassificationDataModule("json", tokenizer="bundled-minilm", data_files=str(path), text_column="review",
+                                        label_column="y", batch_size=4, cache_dir=str(tmp_path / "cache"))
     data.setup()
     assert data.label_names == ["bad", "good", "meh"] and data.num_labels == 3
     tokenizer = data.tokenizer
@@ -173,7 +179,8 @@ def test_json_files_with_named_columns_and_string_labels(tmp_path):
 def test_csv_split_files_are_used_as_given(tmp_path):
     files = {"train": write_csv(tmp_path / "train.csv", numbered(50)),
              "validation": write_csv(tmp_path / "dev.csv", numbered(7))}
-    data = TextClassificationDataModule("csv", data_files=files, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    data = TextClassificationDataModule("csv", tokenizer="bundled-minilm", data_files=files, batch_size=4,
+                                        cache_dir=str(tmp_path / "cache"))
     data.setup()
     assert len(data.val_dataset) == 7, "the file's validation split is kept, not carved"
     assert len(data.test_dataset) == 5 and len(data.train_dataset) == 45
@@ -364,7 +371,8 @@ def hub(monkeypatch):
 
 
 def test_hub_dataset_with_unlabelled_test_split(hub):
-    data = TextClassificationDataModule("glue", subset="sst2", text_column="sentence", batch_size=8)
+    data = TextClassificationDataModule("glue", tokenizer="bundled-minilm", subset="sst2", text_column="sentence",
+                                        batch_size=8)
     data.setup()
     assert hub[-1] == ("glue", "sst2")
     assert len(data.val_dataset) == 10, "the hub's validation split is used as is"
@@ -378,7 +386,7 @@ def test_empty_training_split_is_refused(monkeypatch):
                                                                    "label": datasets.Value("int64")}))
     monkeypatch.setattr(module.datasets, "load_dataset", lambda *args, **kwargs: datasets.DatasetDict(train=empty))
     with pytest.raises(ValueError, match=r"training split of source='someone/data' is empty"):
-        TextClassificationDataModule("someone/data").setup()
+        TextClassificationDataModule("someone/data", tokenizer="bundled-minilm").setup()
 
 
 # ---------------------------------------------------------------------------------------------- bad data and arguments
@@ -408,7 +416,8 @@ def test_bad_data_is_refused(rows, kwargs, message, tmp_path):
 def test_validation_labels_must_be_training_labels(tmp_path):
     files = {"train": write_csv(tmp_path / "train.csv", [("a", "good"), ("b", "bad")] * 5),
              "validation": write_csv(tmp_path / "dev.csv", [("c", "great")])}
-    data = TextClassificationDataModule("csv", data_files=files, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    data = TextClassificationDataModule("csv", tokenizer="bundled-minilm", data_files=files, batch_size=2,
+                                        cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"holds 'great' at row 0 of the validation split.*\['bad', 'good'\]"):
         data.prepare_data()
 
@@ -416,7 +425,8 @@ def test_validation_labels_must_be_training_labels(tmp_path):
 def test_unreadable_files_are_refused(tmp_path):
     path = write_csv(tmp_path / "empty.csv", [])
     with pytest.raises(ValueError, match=r"data_files=.*empty.csv' could not be read as csv"):
-        TextClassificationDataModule("csv", data_files=path, cache_dir=str(tmp_path / "cache")).setup()
+        TextClassificationDataModule("csv", tokenizer="bundled-minilm", data_files=path,
+                                     cache_dir=str(tmp_path / "cache")).setup()
 
 
 @pytest.mark.parametrize(
@@ -447,7 +457,7 @@ def test_unreadable_files_are_refused(tmp_path):
 )
 def test_bad_arguments_are_refused_at_once(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TextClassificationDataModule(**kwargs)
+        TextClassificationDataModule(**{"tokenizer": "bundled-minilm", **kwargs})
 
 
 def test_public_api_is_typed_for_lightning_cli():
@@ -463,3 +473,111 @@ def test_an_inferred_num_labels_is_not_logged_against_the_models(tmp_path):
     # Lightning refuses to log hparams that the module and the datamodule both have with different values.
     assert "num_labels" not in from_csv(tmp_path, numbered(20)).hparams
     assert from_csv(tmp_path, numbered(20), num_labels=3).hparams["num_labels"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- following the model
+
+
+@pytest.fixture(scope="module")
+def bpe_llama_dir(bpe_tokenizer_dir, tmp_path_factory):
+    """A tiny random Llama whose folder holds the byte-level BPE tokenizer (not the bundled MiniLM one)."""
+    torch.manual_seed(0)
+    cls, config = tiny_config("llama")
+    folder = tmp_path_factory.mktemp("tiny-llama-bpe")
+    cls(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bpe_tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def classifier(path, num_labels=2, **kwargs):
+    return PrefixTunedClassifier(path, num_labels=num_labels, privacy=PrivacyConfig(enabled=False), **kwargs)
+
+
+def test_without_a_tokenizer_the_datamodule_tokenises_with_the_models(tmp_path, bpe_llama_dir):
+    rows = [("a fine film, it was great", 1), ("a dull film. It was terrible", 0)] * 10
+    data = from_csv(tmp_path, rows, tokenizer=None, keep_text=True, max_length=32)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(classifier(bpe_llama_dir), datamodule=data)
+    assert trainer.global_step == 1
+    reference = AutoTokenizer.from_pretrained(bpe_llama_dir)
+    for example in data.train_dataset:
+        assert example["input_ids"].tolist() == reference(example["text"])["input_ids"]
+    minilm = AutoTokenizer.from_pretrained(resolve_model("bundled-minilm"))
+    assert minilm(rows[0][0])["input_ids"] != reference(rows[0][0])["input_ids"], "the old default differs"
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, bpe_llama_dir):
+    rows = numbered(20)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    data = from_csv(tmp_path, rows, tokenizer="bundled-minilm")
+    with pytest.raises(ValueError, match=r"tokenizer='bundled-minilm' is not the tokenizer of PrefixTunedClassifier "
+                                         r"\(its tokenizer is '.*tiny-llama-bpe.*'\): their vocabularies differ"):
+        trainer.fit(classifier(bpe_llama_dir), datamodule=data)
+    assert trainer.global_step == 0
+    # The model's own tokenizer named explicitly (what the CLI links) is accepted.
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(classifier(bpe_llama_dir), datamodule=from_csv(tmp_path, rows, tokenizer=bpe_llama_dir, max_length=32))
+    assert trainer.global_step == 1
+
+
+def test_without_a_tokenizer_or_a_model_setup_says_what_to_pass(tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer=None means the model's own tokenizer.*no trainer is attached: "
+                                         r"pass tokenizer="):
+        from_csv(tmp_path, numbered(20), tokenizer=None).setup()
+
+
+@pytest.mark.parametrize("rows, model_labels, shown", [
+    ([(f"text {i}", ["bad", "good", "meh"][i % 3]) for i in range(30)], 2, r"3 classes \(label_names \['bad', "
+                                                                            r"'good', 'meh'\]\)"),
+    (numbered(20), 5, r"2 classes \(integer labels 0..1 in label_column='label'\)"),
+])
+@pytest.mark.parametrize("stage", ["fit", "validate", "test"])
+def test_a_model_with_another_number_of_classes_is_refused_before_training(rows, model_labels, shown, stage, tmp_path,
+                                                                           tiny_model_dir):
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=1, limit_test_batches=1)
+    with pytest.raises(ValueError, match=rf"PrefixTunedClassifier has num_labels={model_labels} but the data has "
+                                         rf"{shown}"):
+        getattr(trainer, stage)(classifier(tiny_model_dir("bert"), model_labels), datamodule=from_csv(tmp_path, rows))
+    assert trainer.global_step == 0
+
+
+def test_a_num_labels_other_than_the_datas_is_refused_without_a_model(tmp_path):
+    # The CLI links the model's num_labels into the datamodule: the datamodule refuses it on its own too.
+    with pytest.raises(ValueError, match=r"num_labels=5 but the data has 2 classes \(integer labels up to 1"):
+        from_csv(tmp_path, numbered(20), num_labels=5).setup()
+    with pytest.raises(ValueError, match=r"num_labels=3 but the data has 2 classes \(label_names "
+                                         r"\['negative', 'positive'\]\)"):
+        TextClassificationDataModule("movie_reviews", tokenizer="bundled-minilm", num_labels=3,
+                                     max_train_examples=10).setup()
+
+
+#: family -> the most real tokens a 10-token prefix leaves in the tiny models' 128-position table.
+POSITION_LIMITS = {"gpt2": 118, "bert": 128, "roberta": 127}
+
+
+@pytest.mark.parametrize("family, limit", POSITION_LIMITS.items())
+def test_max_length_must_fit_the_position_table_after_the_prefix(family, limit, tmp_path, tiny_model_dir):
+    model = classifier(tiny_model_dir(family), num_virtual_tokens=10)
+    # The rule itself, from the backbone: `limit` real tokens run, one more indexes past the position table (the
+    # encoders get explicit token types, else their token-type buffer, as long as the table, fails first).
+    ids = torch.randint(2000, 3000, (1, limit + 1))
+    inputs = lambda n: dict(input_ids=ids[:, :n], attention_mask=torch.ones(1, n, dtype=torch.long),  # noqa: E731
+                            token_type_ids=None if family == "gpt2" else torch.zeros(1, n, dtype=torch.long))
+    model(**inputs(limit))
+    with pytest.raises(IndexError, match="index out of range in self"):
+        model(**inputs(limit + 1))
+    with pytest.raises(ValueError, match=rf"max_length={limit + 1} does not fit PrefixTunedClassifier's backbone: its "
+                                         rf"position table holds 128 positions .* at most {limit} real tokens"):
+        quiet_trainer(tmp_path, max_steps=1).fit(model, datamodule=from_csv(tmp_path, numbered(20),
+                                                                            max_length=limit + 1))
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, datamodule=from_csv(tmp_path, numbered(20), max_length=limit))
+    assert trainer.global_step == 1
+
+
+def test_rotary_models_have_no_position_table_limit(tmp_path, tiny_model_dir):
+    model = classifier(tiny_model_dir("llama"), num_virtual_tokens=10)
+    assert model.model.position_limit() is None
+    ids = torch.randint(2000, 3000, (1, 140))  # past max_position_embeddings=128 with the prefix
+    assert torch.isfinite(model(ids, torch.ones_like(ids))).all()
+    quiet_trainer(tmp_path, max_steps=1).fit(model, datamodule=from_csv(tmp_path, numbered(20), max_length=140))

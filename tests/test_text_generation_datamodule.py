@@ -14,11 +14,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from pflat_lightning import PrefixTunedCausalLM, PrivacyConfig
 from pflat_lightning.bundled import BUNDLED_GGUF_MODELS, corpus_file, package_folder
 from pflat_lightning.datamodules import TextGenerationDataModule
 from pflat_lightning.datamodules import text_generation as module
 from pflat_lightning.datamodules.text_generation import linearise_meaning_representation, linearise_triples
 from pflat_lightning.privacy.sampling import PoissonDataLoader
+
+from conftest import tiny_config
+from helpers import quiet_trainer
 
 
 def write_csv(path, rows, header=("source", "target")):
@@ -474,7 +478,7 @@ def test_unreadable_files_are_refused(tmp_path, smollm2_dir):
         (dict(separator=" "), r"separator=' ' gives no token before the target"),
         (dict(max_source_length=3), r"max_source_length=3 leaves no room for the source: .* take 3 tokens"),
         (dict(max_source_length=500, max_target_length=100),
-         r"max_length=600 exceeds what tokenizer=.* allows: at most 512 tokens"),
+         r"max_source_length \+ max_target_length = 500 \+ 100 = 600 exceeds what tokenizer=.* allows: at most 512 tokens"),
     ],
 )
 def test_bad_arguments_are_refused_at_once(kwargs, message, tiny_model_dir):
@@ -489,3 +493,54 @@ def test_public_api_is_typed_for_lightning_cli():
                           "max_source_length", "max_target_length", "batch_size", "eval_batch_size", "val_fraction",
                           "test_fraction", "public_fraction", "max_train_examples", "max_eval_examples",
                           "poisson_sampling", "seed", "num_workers", "cache_dir"}
+
+
+# ---------------------------------------------------------------------------------------------- following the model
+
+
+@pytest.fixture(scope="module")
+def smollm2_llama_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random Llama over SmolLM2's vocabulary, its folder holding SmolLM2's tokenizer."""
+    torch.manual_seed(0)
+    cls, config = tiny_config("llama")
+    config.vocab_size = 49152
+    folder = tmp_path_factory.mktemp("tiny-llama-smollm2")
+    cls(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(folder)
+    return str(folder)
+
+
+def causal_lm(path, **kwargs):
+    return PrefixTunedCausalLM(path, num_virtual_tokens=10, privacy=PrivacyConfig(enabled=False), **kwargs)
+
+
+def test_without_a_tokenizer_the_datamodule_tokenises_with_the_models(tmp_path, smollm2_llama_dir, tiny_model_dir):
+    rows = [(f"statement number {i}", f"the reply {i}") for i in range(20)]
+    data = from_csv(tmp_path, rows, None, val_fraction=0, test_fraction=0)
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(causal_lm(smollm2_llama_dir), datamodule=data)
+    assert trainer.global_step == 1
+    reference = AutoTokenizer.from_pretrained(smollm2_llama_dir)
+    encode = lambda text: reference(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    expected = {tuple(encode(source) + encode(" =>") + encode(" " + target) + [reference.eos_token_id])
+                for source, target in rows}
+    assert {tuple(row["input_ids"]) for row in data.train_dataset} == expected
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    with pytest.raises(ValueError, match=r"tokenizer='.*tiny-gpt2.*' is not the tokenizer of PrefixTunedCausalLM"):
+        trainer.fit(causal_lm(smollm2_llama_dir), datamodule=from_csv(tmp_path, rows, tiny_model_dir("gpt2")))
+    with pytest.raises(ValueError, match=r"tokenizer=None means the model's own tokenizer.*no trainer is attached"):
+        from_csv(tmp_path, rows, None).setup()
+
+
+def test_source_and_target_lengths_must_fit_gpt2s_position_table_after_the_prefix(tmp_path, tiny_model_dir):
+    rows = [(f"statement number {i}", f"the reply {i}") for i in range(20)]
+    with pytest.raises(ValueError, match=r"max_source_length \+ max_target_length = 64 \+ 64 = 128 does not fit "
+                                         r"PrefixTunedCausalLM's backbone: its position table holds 128 positions .* "
+                                         r"the prefix's 10 virtual tokens take the first 10, so an input holds at most "
+                                         r"118 real tokens"):
+        quiet_trainer(tmp_path, max_steps=1).fit(causal_lm(tiny_model_dir("gpt2")), datamodule=from_csv(
+            tmp_path, rows, None, max_source_length=64, max_target_length=64))
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(causal_lm(tiny_model_dir("gpt2")),
+                datamodule=from_csv(tmp_path, rows, None, max_source_length=64, max_target_length=54))
+    assert trainer.global_step == 1

@@ -147,7 +147,8 @@ class BlackBoxPromptTuner(pl.LightningModule):
         scorer = HuggingFaceScorer("bundled-smollm2", ["terrible", "great"], template="{text} It was")
         tuner = BlackBoxPromptTuner(scorer, privacy=PrivacyConfig(target_epsilon=8.0),
                                     optimizer=partial(torch.optim.SGD, lr=0.5))
-        data = TextClassificationDataModule("movie_reviews", keep_text=True, batch_size=32)
+        data = TextClassificationDataModule("movie_reviews", tokenizer="bundled-smollm2", keep_text=True,
+                                            batch_size=32)  # the tuner has no tokenizer of its own
         pl.Trainer(max_steps=100).fit(tuner, datamodule=data)
     """
 

@@ -1,14 +1,24 @@
 """What every pflat datamodule serves the same way: the private training split (Poisson-sampled under DP),
-the held-out validation/test splits and the optional public split."""
+the held-out validation/test splits and the optional public split, tokenised with the model's own tokenizer."""
 from __future__ import annotations
 
-from typing import List, Optional, Union
+import copy
+from typing import Any, List, Optional, Tuple, Union
 
 import datasets
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pflat_lightning.bundled import resolve_model
 from pflat_lightning.privacy.sampling import PoissonDataLoader
+
+# A tokenizer whose ``model_max_length`` is at least this has no real limit (transformers' "very large" sentinel).
+_NO_LENGTH_LIMIT = 1_000_000
+# Two tokenizers that encode this alike (case, punctuation, digits, special tokens) over the same vocabulary give
+# the model the same ids.
+_PROBE_TEXT = "Hello, World! It's 2024: naïve CAFÉ."
 
 
 class PrivateSplitsDataModule(LightningDataModule):
@@ -21,7 +31,17 @@ class PrivateSplitsDataModule(LightningDataModule):
     training module from ``PrivacyConfig.secure_mode``) its draws come from the OS's CSPRNG and ignore
     ``seed``. Subclasses set ``batch_size``,
     ``eval_batch_size``, ``public_fraction``, ``poisson_sampling``, ``seed``, ``num_workers``.
+
+    The tokenizer follows the model: :meth:`_follow_model` (called by the subclass' ``prepare_data`` and
+    ``setup``, before anything is tokenised) takes the trainer's LightningModule's own ``tokenizer`` when none
+    was named, refuses a named one that is not the model's, and refuses inputs longer than the model's
+    position table holds. Subclasses implement ``_use_tokenizer`` and ``_input_length``.
     """
+
+    #: The tokenizer the splits are tokenised with; ``None`` until the model's is taken.
+    tokenizer: Optional[PreTrainedTokenizerBase] = None
+    #: The tokenizer's name as given (its ``name_or_path`` when taken from the model), for messages.
+    tokenizer_name: Optional[str] = None
 
     train_dataset: Optional[datasets.Dataset] = None
     val_dataset: Optional[datasets.Dataset] = None
@@ -33,6 +53,54 @@ class PrivateSplitsDataModule(LightningDataModule):
     def num_train_examples(self) -> int:
         """Size of the (private) training split, the ``N`` of the sampling rate ``batch_size / N``."""
         return len(self._require(self.train_dataset, "train_dataset"))
+
+    def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Adopt ``tokenizer`` and check what depends on it (the template, the separator...)."""
+        raise NotImplementedError
+
+    def _input_length(self) -> Tuple[int, str]:
+        """The most tokens of one input and the arguments that set it (``"max_length=128"``)."""
+        raise NotImplementedError
+
+    def _follow_model(self) -> Optional[Any]:
+        """Take or check the tokenizer against the trainer's LightningModule and check the input length
+        against its position table; returns that module (``None`` without a trainer).
+
+        Raises:
+            ValueError: without a tokenizer and without a model that has one; for a tokenizer that is not
+                the model's; for inputs longer than the model's position table (plus prefix) holds.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        own = getattr(module, "tokenizer", None)
+        if self.tokenizer is None:
+            if own is None:
+                where = "no trainer is attached" if module is None else f"{type(module).__name__} has no `tokenizer`"
+                raise ValueError(
+                    f"tokenizer=None means the model's own tokenizer, taken at setup from the trainer's "
+                    f"LightningModule, but {where}: pass tokenizer= (the backbone's bundled name, hub id or folder, "
+                    "e.g. 'bundled-minilm'), or let trainer.fit/validate/test call setup."
+                )
+            self.tokenizer_name = own.name_or_path
+            self._use_tokenizer(prepared_tokenizer(copy.deepcopy(own), own.name_or_path, self._input_length()))
+        elif own is not None:
+            difference = tokenizer_difference(self.tokenizer, own)
+            if difference:
+                raise ValueError(
+                    f"tokenizer={self.tokenizer_name!r} is not the tokenizer of {type(module).__name__} (its tokenizer "
+                    f"is {own.name_or_path!r}): {difference}, so the model would read other tokens than the text's. "
+                    "Leave tokenizer=None to tokenise with the model's own tokenizer."
+                )
+        position_limit = getattr(getattr(module, "model", None), "position_limit", None)
+        found = position_limit() if callable(position_limit) else None
+        if found is not None:
+            limit, reason = found
+            length, arguments = self._input_length()
+            if length > limit:
+                raise ValueError(
+                    f"{arguments} does not fit {type(module).__name__}'s backbone: {reason}, so an input holds at most "
+                    f"{limit} real tokens; use at most {limit} (the position of token {limit + 1} would not exist)."
+                )
+        return module
 
     def train_dataloader(self) -> DataLoader:
         train = self._require(self.train_dataset, "train_dataset")
@@ -77,3 +145,43 @@ class PrivateSplitsDataModule(LightningDataModule):
         if data is None:
             raise RuntimeError(f"{name} is not built yet: call setup() first.")
         return data
+
+
+def load_tokenizer(name: str, max_length: Tuple[int, str]) -> PreTrainedTokenizerBase:
+    """The tokenizer of bundled name, hub id or folder ``name``, prepared by :func:`prepared_tokenizer`."""
+    return prepared_tokenizer(AutoTokenizer.from_pretrained(resolve_model(name)), name, max_length)
+
+
+def prepared_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, name: str, max_length: Tuple[int, str]
+) -> PreTrainedTokenizerBase:
+    """``tokenizer`` (called ``name`` in messages) padding with its eos token when it has no pad token, checked to
+    allow ``max_length`` = (tokens, the arguments that set them) tokens."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer={name!r} has neither a pad nor an eos token to pad batches with.")
+        tokenizer.pad_token = tokenizer.eos_token
+        rank_zero_info(f"tokenizer={name!r} has no pad token; padding with its eos token {tokenizer.eos_token!r}.")
+    limit = tokenizer.model_max_length
+    length, arguments = max_length
+    if limit < _NO_LENGTH_LIMIT and length > limit:
+        raise ValueError(f"{arguments} exceeds what tokenizer={name!r} allows: at most {limit} tokens.")
+    return tokenizer
+
+
+def tokenizer_difference(ours: PreTrainedTokenizerBase, theirs: PreTrainedTokenizerBase) -> Optional[str]:
+    """How two tokenizers would give a model different ids, or ``None`` when they give the same.
+
+    What the model reads are ids, so the vocabularies (token -> id) must be equal and a probe text must encode
+    alike (normalisation, special tokens); the names may differ (a hub id and a local copy of it). The pad token
+    is not compared: padding is masked out."""
+    vocabulary, other = ours.get_vocab(), theirs.get_vocab()
+    if vocabulary != other:
+        shared = sum(other.get(token) == index for token, index in vocabulary.items())
+        return (f"their vocabularies differ ({len(vocabulary)} and {len(other)} tokens, {shared} with the same id in "
+                "both)")
+    if ours(_PROBE_TEXT)["input_ids"] != theirs(_PROBE_TEXT)["input_ids"]:
+        return f"they encode {_PROBE_TEXT!r} differently"
+    if ours.mask_token_id != theirs.mask_token_id:
+        return f"their mask tokens differ ({ours.mask_token!r} and {theirs.mask_token!r})"
+    return None

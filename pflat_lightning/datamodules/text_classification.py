@@ -5,11 +5,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from pflat_lightning.bundled import corpus_file, resolve_model
+from pflat_lightning.bundled import corpus_file
 from pflat_lightning.prefix_model import MODEL_INPUTS
-from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule
+from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule, load_tokenizer
 
 #: ``source`` values that read local files given by ``data_files``.
 FILE_FORMATS = ("csv", "json", "parquet")
@@ -18,8 +18,6 @@ VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "validation_matched")
 TEST_SPLITS = ("test", "test_matched")
 #: The fields a ``template`` may use.
 TEMPLATE_FIELDS = ("text", "text_pair", "mask")
-# A tokenizer whose ``model_max_length`` is at least this has no real limit (transformers' "very large" sentinel).
-_NO_LENGTH_LIMIT = 1_000_000
 
 # Built-in corpora. The map/filter functions live at module level so that ``datasets`` can fingerprint them
 # and reuse its cache.
@@ -184,9 +182,16 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         text_column: column holding the text.
         text_pair_column: second text column of sentence-pair tasks (QNLI, MNLI), tokenised as a pair.
         label_column: column holding the labels (integers, or strings mapped to ids).
-        num_labels: number of classes; inferred from the training labels when ``None``.
-        tokenizer: bundled model name, hub id or folder of the tokenizer (the backbone's).
-        max_length: maximum tokens per example; at most the tokenizer's ``model_max_length``.
+        num_labels: number of classes; inferred from the training labels when ``None``. Either way it must
+            equal the data's (the number of label names, or the largest integer label + 1) and, at setup
+            under a trainer, the model's ``num_labels``.
+        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's
+            own, taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer
+            must be the model's (same vocabulary and encoding).
+        max_length: maximum tokens per example; at most the tokenizer's ``model_max_length`` and, at setup,
+            what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the prefix
+            length; BERT: ``max_position_embeddings``; RoBERTa: ``max_position_embeddings - padding_idx - 1``;
+            rotary models such as Llama have no such limit).
         template: LM-BFF prompt such as ``"{text} It was {mask}."`` (``{text_pair}`` is allowed too).
             ``{mask}`` becomes the mask token of masked LMs; a tokenizer without mask token (causal LMs)
             gets the prompt cut at ``{mask}``, so the sequence ends right before the label word.
@@ -210,12 +215,18 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     Raises:
         ValueError: at construction for a bad argument; in ``prepare_data``/``setup`` for bad data (a
             missing column, a null or non-string text, a non-integer or out-of-range label, an empty or
-            single-class training split, a ``batch_size`` larger than the training split).
+            single-class training split, a ``batch_size`` larger than the training split), for a
+            ``num_labels`` (the datamodule's or the model's) other than the data's number of classes, for a
+            tokenizer that is not the model's (or none at all), and for a ``max_length`` that the model's
+            position table cannot hold.
 
     Example::
 
         data = TextClassificationDataModule("csv", data_files="reviews.csv", text_column="review",
                                             template="{text} It was {mask}.", batch_size=64)
+        trainer.fit(PrefixTunedClassifier("bundled-minilm", num_labels=2), datamodule=data)  # its tokenizer
+
+        data = TextClassificationDataModule("movie_reviews", tokenizer="bundled-minilm")  # on its own
         data.setup()
         batch = next(iter(data.train_dataloader()))  # input_ids, attention_mask, token_type_ids, labels
     """
@@ -230,7 +241,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         text_pair_column: Optional[str] = None,
         label_column: str = "label",
         num_labels: Optional[int] = None,
-        tokenizer: str = "bundled-minilm",
+        tokenizer: Optional[str] = None,
         max_length: int = 128,
         template: Optional[str] = None,
         batch_size: int = 256,
@@ -293,9 +304,9 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         self.poisson_sampling = poisson_sampling
         self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
 
-        self.tokenizer = _load_tokenizer(tokenizer, max_length)
-        if template is not None:
-            self._template_parts()  # a template too long for max_length fails now, not in setup
+        self.tokenizer = None
+        if tokenizer is not None:
+            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
 
         self.label_names: Optional[List[str]] = None
         self.train_dataset: Optional[datasets.Dataset] = None
@@ -308,21 +319,42 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
 
     def prepare_data(self) -> None:
         """Download, validate and tokenise once (rank 0); ``setup`` on every rank then reads the cache."""
+        self._follow_model()
         self._build()
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build every split at once (idempotent): ``train_dataset``, ``val_dataset``, ``test_dataset``,
-        ``public_dataset``, ``num_labels``, ``label_names`` and ``collate_fn``."""
-        if self.train_dataset is not None:
-            return
-        splits, num_labels, label_names = self._build()
-        self.num_labels, self.label_names = num_labels, label_names
-        self.train_dataset = splits["train"]
-        self.val_dataset = splits.get("validation")
-        self.test_dataset = splits.get("test")
-        self.public_dataset = splits.get("public")
-        keys = [key for key in MODEL_INPUTS if key in self.train_dataset.column_names]
-        self.collate_fn = PaddingCollator(self.tokenizer, keys, self._text_columns)
+        ``public_dataset``, ``num_labels``, ``label_names`` and ``collate_fn``; under a trainer, check them
+        against its model on every call (a datamodule set up on its own may then meet a model)."""
+        module = self._follow_model()
+        if self.train_dataset is None:
+            splits, num_labels, label_names = self._build()
+            self.num_labels, self.label_names = num_labels, label_names
+            self.train_dataset = splits["train"]
+            self.val_dataset = splits.get("validation")
+            self.test_dataset = splits.get("test")
+            self.public_dataset = splits.get("public")
+            keys = [key for key in MODEL_INPUTS if key in self.train_dataset.column_names]
+            self.collate_fn = PaddingCollator(self.tokenizer, keys, self._text_columns)
+        model_labels = getattr(module, "hparams", {}).get("num_labels", getattr(module, "num_labels", None))
+        if model_labels is not None and model_labels != self.num_labels:
+            raise ValueError(
+                f"{type(module).__name__} has num_labels={model_labels} but the data has {self.num_labels} classes "
+                f"({self._classes_shown()}); build the model with num_labels={self.num_labels}."
+            )
+
+    def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        if self.template is not None:
+            self._template_parts()  # a template too long for max_length fails now, not while tokenising
+
+    def _input_length(self) -> Tuple[int, str]:
+        return self.max_length, f"max_length={self.max_length}"
+
+    def _classes_shown(self) -> str:
+        if self.label_names is not None:
+            return f"label_names {self.label_names}"
+        return f"integer labels 0..{self.num_labels - 1} in label_column={self.label_column!r}"
 
     @property
     def _text_columns(self) -> Tuple[str, ...]:
@@ -424,9 +456,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             mapping = {name: i for i, name in enumerate(names)}
         values = {role: _values(data, "label") for role, data in splits.items()}
         ids = {role: self._label_ids(role, column, mapping) for role, column in values.items()}
-        num_labels = self.num_labels
-        if num_labels is None:
-            num_labels = len(names) if names is not None else max(ids["train"]) + 1
+        classes = len(names) if names is not None else max(ids["train"]) + 1
+        num_labels = classes if self.num_labels is None else self.num_labels
         for role, column in ids.items():
             for row, label in enumerate(column):
                 if not 0 <= label < num_labels:
@@ -434,8 +465,14 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
                         f"label_column={self.label_column!r} holds {values[role][row]!r} at row {row} of the {role} "
                         f"split, outside the allowed range [0, {num_labels}) (num_labels={num_labels})."
                     )
-        classes = sorted(set(ids["train"]))
-        if len(classes) < 2:
+        if num_labels != classes:
+            shown = f"label_names {names}" if names is not None else \
+                f"integer labels up to {classes - 1} in label_column={self.label_column!r}"
+            raise ValueError(
+                f"num_labels={num_labels} but the data has {classes} classes ({shown}); use num_labels={classes} "
+                "(or None, inferred) and a model with as many."
+            )
+        if len(set(ids["train"])) < 2:
             raise ValueError(
                 f"The training split has a single class ({values['train'][0]!r} in label_column="
                 f"{self.label_column!r}); classification needs at least two classes."
@@ -598,19 +635,6 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase, name: str) -> Tuple[List[
     if start is None:
         raise ValueError(f"Cannot locate the special tokens that tokenizer={name!r} adds.")
     return full[:start], full[start + len(word) :]
-
-
-def _load_tokenizer(name: str, max_length: int) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer={name!r} has neither a pad nor an eos token to pad batches with.")
-        tokenizer.pad_token = tokenizer.eos_token
-        rank_zero_info(f"tokenizer={name!r} has no pad token; padding with its eos token {tokenizer.eos_token!r}.")
-    limit = tokenizer.model_max_length
-    if limit < _NO_LENGTH_LIMIT and max_length > limit:
-        raise ValueError(f"max_length={max_length} exceeds what tokenizer={name!r} allows: at most {limit} tokens.")
-    return tokenizer
 
 
 def _values(data: datasets.Dataset, column: str) -> List[Any]:

@@ -6,14 +6,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import datasets
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file
-from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule
+from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule, load_tokenizer
 from pflat_lightning.datamodules.text_classification import (
     FILE_FORMATS,
     TEST_SPLITS,
     VALIDATION_SPLITS,
-    _load_tokenizer,
     _values,
     special_tokens,
 )
@@ -202,13 +202,17 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             (``None``: ``"source"``).
         target_column: column of the target texts (a string, or a list of reference strings per row) for files
             and hub datasets without a known layout (``None``: ``"target"``).
-        tokenizer: bundled model name, hub id or folder of the tokenizer (the backbone's).
+        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's own,
+            taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer must be the
+            model's (same vocabulary and encoding).
         separator: text between source and target (default ``" => "``); it must give at least one token, so
             that the model sees where the source ends.
         max_source_length: maximum tokens of the prompt (start tokens + source + separator); longer sources are
             cut at the end, the separator is kept.
         max_target_length: maximum tokens of the target including its eos; longer targets are cut, the eos kept.
-            ``max_source_length + max_target_length`` is checked against the tokenizer's limit as ``max_length``.
+            ``max_source_length + max_target_length`` is checked against the tokenizer's limit and, at setup,
+            against what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the
+            prefix length; rotary models such as Llama have no such limit).
         batch_size: the logical training batch size (the expected size under Poisson sampling).
         eval_batch_size: batch size of the validation, test and public loaders.
         val_fraction: fraction of the training split's distinct sources held out for validation when the source
@@ -227,13 +231,14 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
     Raises:
         ValueError: at construction for a bad argument; in ``setup`` for bad data (a missing column, a
             non-string text, an unparsable meaning representation or tripleset, an empty training split, a
-            ``batch_size`` larger than the training split).
+            ``batch_size`` larger than the training split), for a tokenizer that is not the model's (or none at
+            all), and for lengths that the model's position table cannot hold.
 
     Example::
 
         data = TextGenerationDataModule("movie_dialog", tokenizer="bundled-smollm2", batch_size=64,
                                         max_train_examples=5000, max_eval_examples=200)
-        data.setup()
+        data.setup()  # on its own; under trainer.fit, tokenizer=None takes the model's
         batch = next(iter(data.val_dataloader()))
         prompts = batch["source_input_ids"], batch["source_attention_mask"]  # generate from these
         batch["references"][0]  # every reply to the first statement
@@ -247,7 +252,7 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         data_files: Optional[Union[str, Dict[str, str]]] = None,
         source_column: Optional[str] = None,
         target_column: Optional[str] = None,
-        tokenizer: str = "bundled-smollm2",
+        tokenizer: Optional[str] = None,
         separator: str = " => ",
         max_source_length: int = 128,
         max_target_length: int = 64,
@@ -300,33 +305,43 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         self.poisson_sampling = poisson_sampling
         self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
 
-        self.tokenizer = _load_tokenizer(tokenizer, max_source_length + max_target_length)
-        self._start, self._end = self._edge_tokens()
-        head = separator.rstrip(" ")
-        self._target_lead = separator[len(head) :]
-        self._separator_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
-        if not self._separator_ids:
-            raise ValueError(
-                f"separator={separator!r} gives no token before the target under tokenizer={tokenizer!r}, so the model "
-                "could not see where the source ends; use a visible separator such as ' => '."
-            )
-        fixed = len(self._start) + len(self._separator_ids)
-        if max_source_length <= fixed:
-            raise ValueError(
-                f"max_source_length={max_source_length} leaves no room for the source: the start tokens and "
-                f"separator={separator!r} take {fixed} tokens; use max_source_length > {fixed}."
-            )
-        if max_target_length <= len(self._end):
-            raise ValueError(
-                f"max_target_length={max_target_length} leaves no room for the target next to its end token; use "
-                f"max_target_length > {len(self._end)}."
-            )
-
         self.train_dataset: Optional[datasets.Dataset] = None
         self.val_dataset: Optional[datasets.Dataset] = None
         self.test_dataset: Optional[datasets.Dataset] = None
         self.public_dataset: Optional[datasets.Dataset] = None
+        self.tokenizer, self.collate_fn = None, None
+        if tokenizer is not None:
+            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
+
+    def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self._start, self._end = self._edge_tokens()
+        head = self.separator.rstrip(" ")
+        self._target_lead = self.separator[len(head) :]
+        self._separator_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+        if not self._separator_ids:
+            raise ValueError(
+                f"separator={self.separator!r} gives no token before the target under tokenizer="
+                f"{self.tokenizer_name!r}, so the model could not see where the source ends; use a visible separator "
+                "such as ' => '."
+            )
+        fixed = len(self._start) + len(self._separator_ids)
+        if self.max_source_length <= fixed:
+            raise ValueError(
+                f"max_source_length={self.max_source_length} leaves no room for the source: the start tokens and "
+                f"separator={self.separator!r} take {fixed} tokens; use max_source_length > {fixed}."
+            )
+        if self.max_target_length <= len(self._end):
+            raise ValueError(
+                f"max_target_length={self.max_target_length} leaves no room for the target next to its end token; "
+                f"use max_target_length > {len(self._end)}."
+            )
         self.collate_fn = GenerationCollator(self.tokenizer.pad_token_id)
+
+    def _input_length(self) -> Tuple[int, str]:
+        total = self.max_source_length + self.max_target_length
+        return total, (f"max_source_length + max_target_length = {self.max_source_length} + "
+                       f"{self.max_target_length} = {total}")
 
     # ------------------------------------------------------------------ hooks
 
@@ -336,7 +351,8 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build every split at once (idempotent): ``train_dataset``, ``val_dataset``, ``test_dataset`` and
-        ``public_dataset``."""
+        ``public_dataset``; under a trainer, check the tokenizer and lengths against its model on every call."""
+        self._follow_model()
         if self.train_dataset is not None:
             return
         groups = self._carve(self._group(self._load()))
