@@ -229,8 +229,10 @@ class AdversarialWeightPerturbation(Callback):
         The draws come from a generator of their own. ``PoissonBatchSampler`` seeds an epoch's generator with
         ``seed * 1_000_003 + epoch``: the training loader's are ``s * 1_000_003 + e`` and the DP teacher's
         (datamodule seed ``s + 1``) larger still, for every epoch ``e >= 0``; the noise generator's is
-        ``PrivacyConfig.seed``. All ascent draws are one epoch of a sampler whose generator seed is one below
-        the smallest of ``s * 1_000_003`` and ``PrivacyConfig.seed``, so it equals none of them.
+        ``PrivacyConfig.seed`` (a DP teacher's too, unless its own config sets another). All ascent draws are
+        one epoch of a sampler whose generator seed is one below the smallest of ``s * 1_000_003`` and
+        ``PrivacyConfig.seed``, so it equals none of them (torch maps a negative seed ``g`` to
+        ``2**64 - 1 + g``, above them all).
         """
         sampler = train.batch_sampler
         seed, epoch = divmod(min(sampler.seed * 1_000_003, engine.config.seed) - 1, 1_000_003)
