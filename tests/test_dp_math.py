@@ -313,6 +313,31 @@ def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_pat
     assert module.privacy_report()["formal_guarantee"]
 
 
+def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The resumed run hooks the module with the layer already pruned, the uninterrupted one before the
+    pruning: both must clip the same tensors."""
+    from pflat_lightning.callbacks import SharpnessLayerSelection
+
+    path = tiny_model_dir("gpt2")
+
+    def make():
+        torch.manual_seed(0)
+        return PrefixTunedClassifier(path, 2, num_virtual_tokens=2,
+                                     privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost"))
+
+    select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
+    whole = make()
+    quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[select()]).fit(whole, datamodule=TokenDataModule())
+    ckpt = tmp_path / "pruned.ckpt"
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[select(), StopAfter(10, ckpt)]).fit(
+        make(), datamodule=TokenDataModule())
+    resumed = make()
+    quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[select()]).fit(resumed, datamodule=TokenDataModule(),
+                                                                          ckpt_path=ckpt)
+    assert resumed.prefix.active_layers == [0] and resumed.engine.history == whole.engine.history
+    assert_same_trained_weights(resumed, whole)
+
+
 @pytest.mark.parametrize("prefix_hidden", [None, 2048])
 def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
     module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,
