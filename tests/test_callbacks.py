@@ -1,13 +1,15 @@
 """The three flattening callbacks: privacy accounting, exact perturbation, pruning, distillation."""
 import copy
 import json
+import math
 from functools import partial
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from opacus.accountants import PRVAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
@@ -151,31 +153,135 @@ def test_update_uses_the_gradient_at_the_perturbed_point_and_restores_exactly(ti
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
 
 
-def test_awp_on_a_plain_lightning_module(tmp_path):
-    import lightning.pytorch as pl
+class Plain(pl.LightningModule):
+    """A plain LightningModule (automatic optimization) with two layers."""
 
-    class Plain(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.encoder, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+    def __init__(self, lr=0.1):
+        super().__init__()
+        self.encoder, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        self.lr = lr
 
-        def example_losses(self, batch):
-            return F.cross_entropy(self.head(torch.tanh(self.encoder(batch["x"]))), batch["labels"], reduction="none")
+    def example_losses(self, batch):
+        return F.cross_entropy(self.head(torch.tanh(self.encoder(batch["x"]))), batch["labels"], reduction="none")
 
-        def training_step(self, batch, batch_idx):
-            return self.example_losses(batch).mean()
+    def training_step(self, batch, batch_idx):
+        return self.example_losses(batch).mean()
 
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
+
+def plain_loader():
+    torch.manual_seed(0)
     data = [{"x": torch.randn(4), "labels": torch.tensor(i % 2)} for i in range(32)]
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def test_awp_on_a_plain_lightning_module(tmp_path):
+    loader = plain_loader()
     spy = PerturbationSpy()
     model = Plain()
     assert set(layer_groups(model)) == {"encoder", "head"}
     quiet_trainer(tmp_path, max_epochs=1, callbacks=[AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0), spy]
                   ).fit(model, train_dataloaders=loader)
     assert spy.ratios == pytest.approx([0.1] * 6, rel=1e-4)
+
+
+@pytest.mark.parametrize("direction", ["previous_private", "fresh_private", "raw"])
+def test_awp_leaves_no_perturbation_in_a_plain_modules_weights(direction, tmp_path):
+    """lr=0: the update changes nothing, so every weight must end exactly where it started."""
+    model = Plain(lr=0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    callback = AdversarialWeightPerturbation(gamma=0.1, direction=direction, until_fraction=1.0)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(model, train_dataloaders=plain_loader())
+    assert callback.perturbed_steps == (7 if direction == "previous_private" else 8)
+    assert max(float((p - w).abs().max()) for p, w in zip(model.parameters(), start)) == 0.0
+
+
+@pytest.mark.parametrize("direction", ["previous_private", "fresh_private", "raw"])
+def test_awp_refuses_gradient_accumulation_before_any_weight_changes(direction, tmp_path):
+    model = Plain(lr=0.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    callback = AdversarialWeightPerturbation(gamma=0.1, direction=direction, until_fraction=1.0)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\).*Allowed: accumulate_grad_batches=1"):
+        quiet_trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, callbacks=[callback]).fit(
+            model, train_dataloaders=plain_loader())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), start))
+
+
+class Recording(PrefixTunedClassifier):
+    """Keeps the input ids of every batch its per-example losses are computed on."""
+
+    def example_losses(self, batch):
+        self.seen.append(batch["input_ids"])
+        return super().example_losses(batch)
+
+
+class AscentAndUpdateExamples(Callback):
+    """After AWP in the callback list: at batch start the module has computed losses only for the ascent
+    pass (none for an empty draw), and the update trains on ``batch``. Records both as dataset indices."""
+
+    def __init__(self, dataset):
+        self.index = {tuple(row.tolist()): i for i, row in enumerate(dataset.input_ids)}
+        self.ascent, self.update = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.ascent.append([self.index[tuple(r.tolist())] for ids in pl_module.seen for r in ids])
+        self.update.append([self.index[tuple(r.tolist())] for r in batch["input_ids"]])
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        pl_module.seen = []
+
+
+def test_fresh_private_ascent_is_an_independent_poisson_draw(tiny_model_dir, tmp_path):
+    """Each ascent pass uses a Poisson sample of its own, not the update's batch: over 16 perturbed steps
+    on N=64 at q=1/8, an independent draw has Binomial(16*64, q) examples and Binomial(16*64, q**2)
+    examples shared with the update's batch (the same batch would share all of them, about 128)."""
+    path = tiny_model_dir("bert")
+    torch.manual_seed(0)
+    module = Recording(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
+    module.seen = []
+    data = TokenDataModule()
+    spy = AscentAndUpdateExamples(data.dataset)
+    callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=1.0)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback, spy]).fit(module, datamodule=data)
+    assert callback.perturbed_steps == len(spy.ascent) == 16
+    trials, q = 16 * 64, 1 / 8
+    drawn = sum(len(a) for a in spy.ascent)
+    shared = sum(len(set(a) & set(u)) for a, u in zip(spy.ascent, spy.update))
+    assert all(len(set(a)) == len(a) for a in spy.ascent), "a Poisson sample holds each example at most once"
+    assert abs(drawn - trials * q) <= 5 * math.sqrt(trials * q * (1 - q))
+    assert abs(shared - trials * q**2) <= 5 * math.sqrt(trials * q**2 * (1 - q**2))
+    assert sum(a == u for a, u in zip(spy.ascent, spy.update)) <= 1
+
+
+@pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
+def test_fresh_private_epsilon_is_that_of_independent_releases(accountant, reference, tiny_model_dir, tmp_path):
+    """With its own Poisson draw every ascent release is one more (sigma, q) subsampled Gaussian release.
+    Had it reused the update's batch, the two releases of each perturbed step would be one mechanism of
+    noise sigma / sqrt(2), subsampled once: far past the target."""
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, seed=1, accountant=accountant))
+    callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=0.5)
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    sigma, q, updates, perturbed = module.engine.noise_multiplier, 8 / 64, 16, 8
+    assert module.engine.updates == updates and callback.perturbed_steps == perturbed
+    delta = 64 ** -1.1
+    independent = reference()
+    independent.history = [(sigma, q, updates + perturbed)]
+    report = module.privacy_report()
+    assert report["epsilon"] == pytest.approx(independent.get_epsilon(delta=delta), rel=1e-9)
+    assert report["epsilon"] <= 3.0 and report["formal_guarantee"]
+    assert report["callbacks"]["AdversarialWeightPerturbation"]["ascent_sampling"] == "independent Poisson draw"
+    same_batch = reference()
+    same_batch.history = [(sigma, q, updates - perturbed), (sigma / math.sqrt(2), q, perturbed)]
+    assert same_batch.get_epsilon(delta=delta) > 1.3 * report["epsilon"]
+
+
+def test_fresh_private_needs_poisson_sampling(tiny_model_dir, tmp_path):
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, poisson_sampling=False))
+    with pytest.raises(ValueError, match=r"direction='fresh_private'.*poisson_sampling=True\), got False"):
+        quiet_trainer(tmp_path, max_epochs=1, callbacks=[AdversarialWeightPerturbation(direction="fresh_private")]).fit(
+            module, datamodule=TokenDataModule(poisson=False))
 
 
 # ---------------------------------------------------------------- layer selection

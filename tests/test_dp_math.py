@@ -265,6 +265,79 @@ def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_pa
     assert not torch.equal(module.model.prefix.layers[1].weight, kept)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, tiny_model_dir):
+    """A layer pruned after a step (so Opacus has seen it trained) is no part of any later clip: with noise 0
+    each update is the mean of the remaining parameters' per-example gradients, each clipped to C by hand,
+    over Poisson-like batches of different sizes (physical chunks of 4: virtual steps too)."""
+    clip, expected_batch = 0.05, 6
+    model, tokenizer = tiny_prefix_model(tiny_model_dir("bert"), "linear")
+    model.prefix.train()
+    engine = DPSGDEngine(PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip,
+                                       grad_sample_mode=mode))
+    optimizer = engine.attach(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+                              dataset_size=100, expected_batch_size=expected_batch, planned_steps=4)
+
+    def losses(batch):
+        return F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], reduction="none")
+
+    pruned = list(model.prefix.layers[1].parameters())
+    for step, size in enumerate([6, 6, 4, 7]):
+        if step == 1:
+            model.prefix.set_layer_mask([True, False])
+            frozen = [p.detach().clone() for p in pruned]
+        batch = batch_for(tokenizer, size=size, seed=step + 1)
+        engine.hooks.disable_hooks()
+        params, grads = per_example_gradients(model, batch)
+        engine.hooks.enable_hooks()
+        norms = [torch.cat([g.flatten() for g in gs]).norm() for gs in grads]
+        assert sum(n > clip for n in norms) >= 2, "the test must exercise clipping"
+        before = torch.cat([p.detach().flatten().clone() for p in params])
+        engine.backward_batch(batch, losses, 4)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        after = torch.cat([p.detach().flatten() for p in params])
+        torch.testing.assert_close(before - after, clipped_mean(grads, clip, expected_batch), atol=1e-6, rtol=1e-4)
+    assert all(torch.equal(p, w) for p, w in zip(pruned, frozen))
+    engine.detach()
+
+
+def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_path):
+    from pflat_lightning.callbacks import SharpnessLayerSelection
+
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+                                   privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost"))
+    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
+        module, datamodule=TokenDataModule())
+    assert module.engine.updates == 16 and module.prefix.active_layers == [0]
+    assert module.privacy_report()["formal_guarantee"]
+
+
+def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The resumed run hooks the module with the layer already pruned, the uninterrupted one before the
+    pruning: both must clip the same tensors."""
+    from pflat_lightning.callbacks import SharpnessLayerSelection
+
+    path = tiny_model_dir("gpt2")
+
+    def make():
+        torch.manual_seed(0)
+        return PrefixTunedClassifier(path, 2, num_virtual_tokens=2,
+                                     privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost"))
+
+    select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
+    whole = make()
+    quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[select()]).fit(whole, datamodule=TokenDataModule())
+    ckpt = tmp_path / "pruned.ckpt"
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[select(), StopAfter(10, ckpt)]).fit(
+        make(), datamodule=TokenDataModule())
+    resumed = make()
+    quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[select()]).fit(resumed, datamodule=TokenDataModule(),
+                                                                          ckpt_path=ckpt)
+    assert resumed.prefix.active_layers == [0] and resumed.engine.history == whole.engine.history
+    assert_same_trained_weights(resumed, whole)
+
+
 @pytest.mark.parametrize("prefix_hidden", [None, 2048])
 def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
     module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,

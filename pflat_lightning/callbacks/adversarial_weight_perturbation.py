@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, Iterator, List, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.privacy.engine import DPSGDEngine
+from pflat_lightning.privacy.sampling import PoissonDataLoader
 from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
 
 DIRECTIONS = ("previous_private", "fresh_private", "raw")
@@ -26,12 +28,17 @@ class AdversarialWeightPerturbation(Callback):
 
     - ``"previous_private"`` (default, DP-SAT): the previous update's already-noised DP gradient. Pure
       post-processing: no extra privacy cost and no extra pass. The first step is not perturbed.
-    - ``"fresh_private"``: a second pass on the current batch, clipped and noised like an update; the
-      accountant counts one extra release per perturbed step and the noise is calibrated for it.
+    - ``"fresh_private"``: a second pass, clipped and noised like an update, on a Poisson sample of its
+      own: each perturbed step draws a new sample of the training set at the training loader's rate,
+      independent of the update's batch (so each release is one Poisson-subsampled Gaussian release of
+      rate ``q``), and an empty draw releases noise only. The accountant counts one extra ``(sigma, q)``
+      release per perturbed step and the noise is calibrated for it. (The update's own batch would not
+      do: two releases of one subsample are a single mechanism of noise ``sigma / sqrt(2)``, amplified
+      by subsampling once.) Needs ``PrivacyConfig(poisson_sampling=True)``.
     - ``"raw"`` (the paper's code): the raw gradient of the private batch. Recorded in the ledger as
       unaccounted: the report then says no formal guarantee holds.
 
-    On a non-private module every mode uses ordinary gradients. Layers are the module's
+    On a non-private module every mode uses ordinary gradients of the current batch. Layers are the module's
     ``layer_groups()`` (each prefix layer for ``PrefixTunedClassifier``) or, for a plain
     LightningModule, its trainable parameters grouped by submodule.
 
@@ -44,7 +51,9 @@ class AdversarialWeightPerturbation(Callback):
             ``until_epoch`` is ``None``; default 0.5, the paper's half).
 
     Raises:
-        ValueError: for a bad ``gamma``, ``direction`` or schedule.
+        ValueError: for a bad ``gamma``, ``direction`` or schedule; at fit start for
+            ``Trainer(accumulate_grad_batches > 1)`` (each micro-batch would perturb the weights again
+            before the restore) and for ``"fresh_private"`` under ``PrivacyConfig(poisson_sampling=False)``.
 
     Example::
 
@@ -75,6 +84,7 @@ class AdversarialWeightPerturbation(Callback):
         self._backup: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None
         self._previous: Optional[Dict[torch.nn.Parameter, torch.Tensor]] = None
         self._pending_previous: Optional[List[torch.Tensor]] = None
+        self._ascent_batches: Optional[Iterator[Any]] = None
 
     @property
     def state_key(self) -> str:
@@ -99,6 +109,12 @@ class AdversarialWeightPerturbation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"AdversarialWeightPerturbation cannot be used with Trainer(accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}): every micro-batch would perturb the weights again before the "
+                "restore at the optimizer step, leaving a perturbation in them. Allowed: accumulate_grad_batches=1."
+            )
         engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
         if self.direction != "previous_private":
             require(pl_module, "example_losses", f"AdversarialWeightPerturbation(direction={self.direction!r})")
@@ -109,9 +125,16 @@ class AdversarialWeightPerturbation(Callback):
             ledger.record(type(self).__name__, "accounted",
                           "ascent direction = previous update's noised gradient (post-processing, no extra cost)")
         elif self.direction == "fresh_private":
+            if not engine.config.poisson_sampling:
+                raise ValueError(
+                    "AdversarialWeightPerturbation(direction='fresh_private') draws its ascent batches by Poisson "
+                    "sampling at the training loader's rate: it needs PrivacyConfig(poisson_sampling=True), got False."
+                )
             engine.extra_releases.append(lambda planned: self._active_steps(trainer, planned))
             ledger.record(type(self).__name__, "accounted",
-                          "one extra clipped and noised ascent gradient per perturbed step, counted by the accountant")
+                          "one extra clipped and noised ascent gradient per perturbed step, on its own Poisson sample "
+                          "of the training set (independent of the update's batch, same sample rate), counted by the "
+                          "accountant as one more (noise_multiplier, sample_rate) release")
         else:
             ledger.record(type(self).__name__, "unaccounted",
                           "ascent direction = raw (unclipped, un-noised) gradient of private batches, as in the "
@@ -162,8 +185,11 @@ class AdversarialWeightPerturbation(Callback):
         if sections is not None:
             schedule = (f"epochs < {self.until_epoch}" if self.until_epoch is not None
                         else f"first {self.until_fraction:g} of the planned steps")
-            sections[type(self).__name__] = {"gamma": self.gamma, "direction": self.direction,
-                                             "perturbed_steps": self.perturbed_steps, "schedule": schedule}
+            section = {"gamma": self.gamma, "direction": self.direction, "perturbed_steps": self.perturbed_steps,
+                       "schedule": schedule}
+            if self.direction == "fresh_private" and privacy_engine(pl_module) is not None:
+                section["ascent_sampling"] = "independent Poisson draw"
+            sections[type(self).__name__] = section
 
     # ------------------------------------------------------------------ directions
     def _direction(self, pl_module: pl.LightningModule, batch: Any, groups: Dict[str, List[torch.nn.Parameter]]):
@@ -172,8 +198,9 @@ class AdversarialWeightPerturbation(Callback):
         params = [p for ps in groups.values() for p in ps]
         engine = privacy_engine(pl_module)
         if self.direction == "fresh_private" and engine is not None:
-            chunk = getattr(pl_module, "max_physical_batch_size", batch["labels"].shape[0] or 1)
-            engine.backward_batch(batch, pl_module.example_losses, chunk)
+            ascent = pl_module.trainer.strategy.batch_to_device(next(self._ascent_batches))
+            chunk = getattr(pl_module, "max_physical_batch_size", ascent["labels"].shape[0] or 1)
+            engine.backward_batch(ascent, pl_module.example_losses, chunk)
             return dict(zip(engine.optimizer.params, engine.release_gradient()))
         # raw (or any mode without DP): the plain gradient of the batch, without per-example hooks.
         grads = [None] * len(params)
@@ -194,6 +221,28 @@ class AdversarialWeightPerturbation(Callback):
             grads = [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in params]), params)]
         return {p: g for p, g in zip(params, grads) if bool(g.any())} or None
 
+    def _ascent_loader(self, train: PoissonDataLoader, engine: DPSGDEngine) -> PoissonDataLoader:
+        """The ascent passes' Poisson draws: one per perturbed step, of the training dataset at the training
+        loader's expected batch size, each rank keeping its share of one global draw as the training loader
+        does; a resumed run skips the draws of the ``perturbed_steps`` already done.
+
+        Under ``secure_mode`` the draws come from the OS's CSPRNG, as the training loader's do. Otherwise from
+        a seeded generator of their own. ``PoissonBatchSampler`` seeds an epoch's generator with
+        ``seed * 1_000_003 + epoch``: the training loader's are ``s * 1_000_003 + e`` and the DP teacher's
+        (datamodule seed ``s + 1``) larger still, for every epoch ``e >= 0``; the noise generator's is
+        ``PrivacyConfig.seed``. All ascent draws are one epoch of a sampler whose generator seed is one below
+        the smallest of ``s * 1_000_003`` and ``PrivacyConfig.seed``, so it equals none of them (torch maps a
+        negative seed ``g`` to ``2**64 - 1 + g``, above them all).
+        """
+        sampler = train.batch_sampler
+        seed, epoch = divmod(min(sampler.seed * 1_000_003, engine.config.seed) - 1, 1_000_003)
+        loader = PoissonDataLoader(train.dataset, expected_batch_size=train.expected_batch_size,
+                                   collate_fn=train.collate_fn, seed=seed, num_batches=engine.planned_steps,
+                                   num_replicas=sampler.num_replicas, rank=sampler.rank, secure=sampler.secure)
+        loader.batch_sampler.set_epoch(epoch)
+        loader.batch_sampler.fast_forward(self.perturbed_steps)
+        return loader
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         return {"perturbed_steps": self.perturbed_steps,
@@ -211,4 +260,7 @@ class AdversarialWeightPerturbation(Callback):
                 p for ps in layer_groups(pl_module).values() for p in ps]
             self._previous = dict(zip(params, pending))
             self._pending_previous = None
+        engine = privacy_engine(pl_module)
+        if engine is not None and self.direction == "fresh_private":
+            self._ascent_batches = iter(self._ascent_loader(trainer.train_dataloader, engine))
         rank_zero_info(f"AWP: gamma={self.gamma}, direction={self.direction}")

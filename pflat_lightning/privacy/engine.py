@@ -418,6 +418,10 @@ class DPSGDEngine(PrivacyAccounting):
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
         with torch.autocast(loss_per_example.device.type, enabled=False):
             if self.grad_sample_mode == "ghost":
+                # Opacus fixes the tensors whose per-example norms it combines when it hooks the module; a
+                # prefix layer pruned since (frozen, no longer in the optimizer's params) would keep adding its
+                # stale norms. Clip exactly the tensors the optimizer trains now.
+                self.hooks.trainable_parameters = self.optimizer.params
                 DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
             else:
                 loss_per_example.sum().backward()
