@@ -37,7 +37,7 @@ from pflat_lightning import __version__
 from pflat_lightning.cli import load_run, split_overrides
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.privacy.config import PrivacyConfig
-from pflat_lightning.privacy.report import build_report, write_report
+from pflat_lightning.privacy.report import build_report, noise_generator, write_report
 
 RELEASE_FORMAT = "pflat-release"
 RELEASE_VERSION = 1
@@ -46,8 +46,8 @@ ADAPTER_FILE = "adapter.safetensors"
 #: The report keys a release keeps: what the accountant spent, whether the guarantee holds and why, the
 #: ledger and the metrics. Anything else a report may hold (callback sections with file paths or private
 #: samples, seeds, keys added later) stays out until it is added here.
-REPORT_KEYS = ("formal_guarantee", "reasons", "epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate",
-               "steps", "epochs", "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling",
+REPORT_KEYS = ("formal_guarantee", "reasons", "caveats", "epsilon", "delta", "target_epsilon", "noise_multiplier",
+               "sample_rate", "steps", "epochs", "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling",
                "grad_sample_mode", "dataset_size", "accountant_history", "ledger", "metrics")
 LEDGER_KEYS = ("component", "status", "detail")
 #: The datamodule arguments a release keeps: how text becomes the model's input (never data files, splits
@@ -255,7 +255,7 @@ def _released_report(report: Dict[str, Any], config: PrivacyConfig) -> Dict[str,
     released["ledger"] = [{key: str(entry.get(key)) for key in LEDGER_KEYS} for entry in report.get("ledger", [])]
     released["metrics"] = {str(k): float(v) for k, v in (report.get("metrics") or {}).items()
                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    released["noise_generator"] = ("secure" if config.secure_mode else "seeded pseudo-random") if config.enabled else None
+    released["noise_generator"] = noise_generator(config)
     released["callbacks"] = {}
     return released
 

@@ -30,6 +30,13 @@ DP_CAVEATS = (
 )
 
 
+def noise_generator(config: PrivacyConfig) -> Optional[str]:
+    """Where a run's noise comes from, in words, never with a seed value (``None`` without DP)."""
+    if not config.enabled:
+        return None
+    return "os.urandom (CSPRNG)" if config.secure_mode else "seeded pseudo-random (PrivacyConfig.seed)"
+
+
 def guarantee_reasons(config: PrivacyConfig, engine: Optional[PrivacyAccounting],
                       ledger: Optional[PrivacyLedger]) -> List[str]:
     """Why no formal (epsilon, delta) guarantee holds (empty when one does): the one place that decides."""
@@ -93,8 +100,7 @@ def build_report(
         "prefix_clip_share": config.prefix_clip_share if config.enabled and config.clipping == "split" else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
-        "noise_generator": (("os.urandom (CSPRNG)" if config.secure_mode else "seeded pseudo-random (PrivacyConfig.seed)")
-                            if config.enabled else None),
+        "noise_generator": noise_generator(config),
         "grad_sample_mode": (getattr(engine, "grad_sample_mode", None) or config.grad_sample_mode) if config.enabled else None,
         "dataset_size": dataset_size,
         "accountant_history": history,
