@@ -145,6 +145,10 @@ class TeacherDistillation(Callback):
             return
         for attribute in ("model", "loss_terms", "before_optimizers", "hparams"):
             require(pl_module, attribute, type(self).__name__)
+        if self.source == "private_dp":  # refused before anything is trained or recorded
+            if privacy_engine(pl_module) is None:
+                raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
+            self._teacher_privacy(pl_module)
         ledger = privacy_ledger(pl_module)
         name = type(self).__name__
         details = {
@@ -157,10 +161,6 @@ class TeacherDistillation(Callback):
         }
         if ledger is not None and privacy_engine(pl_module) is not None:
             ledger.record(name, *details[self.source])
-        if self.source == "private_dp":  # refused before anything trains
-            if privacy_engine(pl_module) is None:
-                raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
-            self._teacher_privacy(pl_module)
         # Lightning restores a checkpoint after setup: whether this fit resumes is known only then.
         self._restored = False
         if self._obtain_teacher not in pl_module.before_optimizers:
