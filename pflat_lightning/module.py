@@ -66,7 +66,8 @@ class DPPrefixModule(pl.LightningModule):
     Raises:
         ValueError: for a ``max_physical_batch_size`` or ``epsilon_every_n_steps`` below 1; at fit start
             for a setting that breaks DP (precision, plain DDP, gradient accumulation, a trainable
-            backbone, a non-Poisson loader, an unbounded schedule, a resume without privacy state).
+            backbone, a non-Poisson loader, a seeded loader under ``secure_mode``, an unbounded schedule, a
+            resume without privacy state).
 
     Example::
 
