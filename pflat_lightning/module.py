@@ -346,8 +346,9 @@ class DPPrefixModule(pl.LightningModule):
 def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
     """``(dataset_size, expected_batch_size, planned_steps)`` of a DP fit about to start, from its training
     loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a loader that is
-    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True`` (a shuffled loader otherwise is recorded as unaccounted) and a
-    resume from a checkpoint that carries no privacy state (``module._resumed`` false)."""
+    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True``
+    (a shuffled loader otherwise is recorded as unaccounted) and a resume from a checkpoint that carries no
+    privacy state (``module._resumed`` false)."""
     trainer = module.trainer
     trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
     planned = trainer.estimated_stepping_batches
