@@ -73,8 +73,9 @@ class DPPrefixModule(pl.LightningModule):
     Raises:
         ValueError: for a ``max_physical_batch_size`` or ``epsilon_every_n_steps`` below 1; at fit start
             for a setting that breaks DP (precision, plain DDP, gradient accumulation, a trainable
-            backbone, a non-Poisson loader, an unbounded schedule, a resume without privacy state); before
-            loading a checkpoint of another model (:func:`~pflat_lightning.checkpointing.check_checkpoint_matches`).
+            backbone, a non-Poisson loader, a seeded loader under ``secure_mode``, an unbounded schedule, a
+            resume without privacy state); before loading a checkpoint of another model
+            (:func:`~pflat_lightning.checkpointing.check_checkpoint_matches`).
 
     Example::
 
@@ -368,8 +369,9 @@ class DPPrefixModule(pl.LightningModule):
 def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
     """``(dataset_size, expected_batch_size, planned_steps)`` of a DP fit about to start, from its training
     loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a loader that is
-    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True`` (a shuffled loader otherwise is recorded as unaccounted) and a
-    resume from a checkpoint that carries no privacy state (``module._resumed`` false)."""
+    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True``
+    (a shuffled loader otherwise is recorded as unaccounted) and a resume from a checkpoint that carries no
+    privacy state (``module._resumed`` false)."""
     trainer = module.trainer
     trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
     planned = trainer.estimated_stepping_batches

@@ -27,7 +27,9 @@ def uniform(count: int) -> torch.Tensor:
     """``count`` independent uniform draws in ``[0, 1)`` (float64 multiples of ``2**-53``) from ``os.urandom``."""
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}.")
-    words = torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64) if count else torch.zeros(0, dtype=torch.int64)
+    if count == 0:  # torch.frombuffer refuses an empty buffer
+        return torch.zeros(0, dtype=torch.float64)
+    words = torch.frombuffer(bytearray(os.urandom(8 * count)), dtype=torch.int64)
     return (words & ((1 << _MANTISSA) - 1)).to(torch.float64) * 2.0**-_MANTISSA
 
 
