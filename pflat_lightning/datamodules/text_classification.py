@@ -349,7 +349,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if self.template is not None:
             self._template_parts()  # a template too long for max_length fails now, not while tokenising
 
-    def _input_length(self) -> Tuple[int, str]:
+    def _input_length(self, module: Optional[Any] = None) -> Tuple[int, str]:
         return self.max_length, f"max_length={self.max_length}"
 
     @property
