@@ -543,7 +543,7 @@ def test_a_model_with_another_number_of_classes_is_refused_before_training(rows,
 
 def test_a_num_labels_other_than_the_datas_is_refused_without_a_model(tmp_path):
     # The CLI links the model's num_labels into the datamodule: the datamodule refuses it on its own too.
-    with pytest.raises(ValueError, match=r"num_labels=5 but the data has 2 classes \(integer labels up to 1"):
+    with pytest.raises(ValueError, match=r"num_labels=5 but the data has 2 classes \(integer labels 0..1 in label_column='label'\)"):
         from_csv(tmp_path, numbered(20), num_labels=5).setup()
     with pytest.raises(ValueError, match=r"num_labels=3 but the data has 2 classes \(label_names "
                                          r"\['negative', 'positive'\]\)"):

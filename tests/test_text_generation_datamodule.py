@@ -544,3 +544,24 @@ def test_source_and_target_lengths_must_fit_gpt2s_position_table_after_the_prefi
     trainer.fit(causal_lm(tiny_model_dir("gpt2")),
                 datamodule=from_csv(tmp_path, rows, None, max_source_length=64, max_target_length=54))
     assert trainer.global_step == 1
+
+
+def test_generation_after_the_longest_prompt_must_fit_gpt2s_position_table(tmp_path, tiny_model_dir):
+    model = causal_lm(tiny_model_dir("gpt2"), generate_max_new_tokens=20)
+    # The rule, from the backbone: after a 100-token prompt (and the 10-token prefix) 19 new tokens fit, 20 do not;
+    # the last new token is never fed back.
+    prompt = torch.randint(2000, 3000, (1, 100))
+    generate = lambda new: model.generate(prompt, torch.ones_like(prompt), max_new_tokens=new,  # noqa: E731
+                                          min_new_tokens=new, do_sample=False)
+    assert generate(19).shape == (1, 119)
+    with pytest.raises(IndexError, match="index out of range in self"):
+        generate(20)
+    rows = [(f"statement number {i}", f"the reply {i}") for i in range(20)]
+    with pytest.raises(ValueError, match=r"max_source_length \+ generate_max_new_tokens - 1 = 100 \+ 20 - 1 = 119 "
+                                         r"\(the longest sequence that generation feeds the model\) does not fit .* at "
+                                         r"most 118 real tokens"):
+        quiet_trainer(tmp_path, max_steps=1).validate(model, datamodule=from_csv(
+            tmp_path, rows, None, max_source_length=100, max_target_length=18))
+    no_generation = causal_lm(tiny_model_dir("gpt2"), generate_max_new_tokens=20, num_generation_batches=0)
+    quiet_trainer(tmp_path, limit_val_batches=1).validate(no_generation, datamodule=from_csv(
+        tmp_path, rows, None, max_source_length=100, max_target_length=18))

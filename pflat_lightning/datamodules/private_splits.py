@@ -58,8 +58,9 @@ class PrivateSplitsDataModule(LightningDataModule):
         """Adopt ``tokenizer`` and check what depends on it (the template, the separator...)."""
         raise NotImplementedError
 
-    def _input_length(self) -> Tuple[int, str]:
-        """The most tokens of one input and the arguments that set it (``"max_length=128"``)."""
+    def _input_length(self, module: Optional[Any] = None) -> Tuple[int, str]:
+        """The most tokens the model reads in one sequence (when training, or evaluating ``module``) and the
+        arguments that set it (``"max_length=128"``)."""
         raise NotImplementedError
 
     def _follow_model(self) -> Optional[Any]:
@@ -94,7 +95,7 @@ class PrivateSplitsDataModule(LightningDataModule):
         found = position_limit() if callable(position_limit) else None
         if found is not None:
             limit, reason = found
-            length, arguments = self._input_length()
+            length, arguments = self._input_length(module)
             if length > limit:
                 raise ValueError(
                     f"{arguments} does not fit {type(module).__name__}'s backbone: {reason}, so an input holds at most "

@@ -340,7 +340,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if model_labels is not None and model_labels != self.num_labels:
             raise ValueError(
                 f"{type(module).__name__} has num_labels={model_labels} but the data has {self.num_labels} classes "
-                f"({self._classes_shown()}); build the model with num_labels={self.num_labels}."
+                f"({_classes_shown(self.label_names, self.num_labels, self.label_column)}); build the model with "
+                f"num_labels={self.num_labels}."
             )
 
     def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -348,13 +349,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if self.template is not None:
             self._template_parts()  # a template too long for max_length fails now, not while tokenising
 
-    def _input_length(self) -> Tuple[int, str]:
+    def _input_length(self, module: Optional[Any] = None) -> Tuple[int, str]:
         return self.max_length, f"max_length={self.max_length}"
-
-    def _classes_shown(self) -> str:
-        if self.label_names is not None:
-            return f"label_names {self.label_names}"
-        return f"integer labels 0..{self.num_labels - 1} in label_column={self.label_column!r}"
 
     @property
     def _text_columns(self) -> Tuple[str, ...]:
@@ -466,11 +462,10 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
                         f"split, outside the allowed range [0, {num_labels}) (num_labels={num_labels})."
                     )
         if num_labels != classes:
-            shown = f"label_names {names}" if names is not None else \
-                f"integer labels up to {classes - 1} in label_column={self.label_column!r}"
             raise ValueError(
-                f"num_labels={num_labels} but the data has {classes} classes ({shown}); use num_labels={classes} "
-                "(or None, inferred) and a model with as many."
+                f"num_labels={num_labels} but the data has {classes} classes "
+                f"({_classes_shown(names, classes, self.label_column)}); use num_labels={classes} (or None, inferred) "
+                "and a model with as many."
             )
         if len(set(ids["train"])) < 2:
             raise ValueError(
@@ -635,6 +630,13 @@ def special_tokens(tokenizer: PreTrainedTokenizerBase, name: str) -> Tuple[List[
     if start is None:
         raise ValueError(f"Cannot locate the special tokens that tokenizer={name!r} adds.")
     return full[:start], full[start + len(word) :]
+
+
+def _classes_shown(names: Optional[List[str]], classes: int, label_column: str) -> str:
+    """The classes of the data, for messages: their names, or the range of the integer labels."""
+    if names is not None:
+        return f"label_names {names}"
+    return f"integer labels 0..{classes - 1} in label_column={label_column!r}"
 
 
 def _values(data: datasets.Dataset, column: str) -> List[Any]:

@@ -212,7 +212,8 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         max_target_length: maximum tokens of the target including its eos; longer targets are cut, the eos kept.
             ``max_source_length + max_target_length`` is checked against the tokenizer's limit and, at setup,
             against what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the
-            prefix length; rotary models such as Llama have no such limit).
+            prefix length; rotary models such as Llama have no such limit), as is
+            ``max_source_length + generate_max_new_tokens - 1`` when the model generates during evaluation.
         batch_size: the logical training batch size (the expected size under Poisson sampling).
         eval_batch_size: batch size of the validation, test and public loaders.
         val_fraction: fraction of the training split's distinct sources held out for validation when the source
@@ -338,8 +339,15 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             )
         self.collate_fn = GenerationCollator(self.tokenizer.pad_token_id)
 
-    def _input_length(self) -> Tuple[int, str]:
+    def _input_length(self, module: Optional[Any] = None) -> Tuple[int, str]:
         total = self.max_source_length + self.max_target_length
+        new = getattr(module, "generate_max_new_tokens", 0) if getattr(module, "num_generation_batches", 0) else 0
+        # Evaluation generates after prompts of up to max_source_length tokens and feeds back every new token but
+        # the last.
+        generated = self.max_source_length + new - 1
+        if generated > total:
+            return generated, (f"max_source_length + generate_max_new_tokens - 1 = {self.max_source_length} + {new} - "
+                               f"1 = {generated} (the longest sequence that generation feeds the model)")
         return total, (f"max_source_length + max_target_length = {self.max_source_length} + "
                        f"{self.max_target_length} = {total}")
 
