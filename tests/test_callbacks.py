@@ -43,10 +43,21 @@ def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
     assert not torch.equal(awp.prefix.layers[0].weight, plain.prefix.layers[0].weight), "AWP changed training"
 
 
-def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path):
+def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path, monkeypatch):
+    from pflat_lightning.privacy import PoissonDataLoader
+
+    secure = []  # whether each Poisson loader of the run (the update's, then the ascent's) draws from the CSPRNG
+    build = PoissonDataLoader.__init__
+
+    def recording(self, *args, **kwargs):
+        secure.append(kwargs.get("secure"))
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
     module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=0.5)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    assert secure == [True, True], "under secure_mode the ascent draws come from the CSPRNG too"
     engine = module.engine
     assert engine.updates == 16 and callback.perturbed_steps == 8
     assert engine.compositions == 16 + 8
