@@ -143,7 +143,7 @@ def test_a_dp_report_says_that_aborting_on_a_non_finite_loss_is_outside_the_acco
 def test_runs_without_a_logger_never_overwrite_each_others_report(tiny_model_dir, tmp_path):
     """logger=False: the report folder is default_root_dir for both runs. The first keeps it; the second
     gets privacy_reports/version_0; fit then test of one run, and a section added later, update its own."""
-    from pflat_lightning.privacy.report import add_section
+    from pflat_lightning.privacy.report import add_section, write_report
 
     def run(**kwargs):
         module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, **kwargs)
@@ -167,3 +167,6 @@ def test_runs_without_a_logger_never_overwrite_each_others_report(tiny_model_dir
     assert add_section(tmp_path, "later", {"x": 1}, run_id=second.run_id) == second.report_dir / "privacy_report.json"
     assert "later" not in json.loads((tmp_path / "privacy_report.json").read_text())["callbacks"]
     assert add_section(tmp_path, "later", {"x": 1}, run_id="another run") is None
+    with pytest.raises(FileExistsError, match="is the report of another run"):
+        write_report({**reports[second.report_dir / "privacy_report.json"], "run_id": "another run"}, tmp_path)
+    assert (tmp_path / "privacy_report.json").read_bytes() == before
