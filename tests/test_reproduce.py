@@ -53,7 +53,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     paper = by_method["Privacy-Flat (paper)"]
     assert not paper["formal_guarantee"], "the paper's variant uses raw private gradients and a private teacher"
     assert {r.split(":")[0] for r in paper["reasons"]} == {
-        "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"}
+        "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation", "noise", "sampling"}
     paper_report = json.loads(Path(paper["report"]).with_suffix(".json").read_text())
     assert paper_report["max_grad_norm"] == 0.1, "the paper's clip comes from privacy_flat_paper.yaml"
 
