@@ -18,7 +18,8 @@ from safetensors import safe_open
 from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.datamodules import TextClassificationDataModule
 from pflat_lightning.prefix_model import MODEL_INPUTS
-from pflat_lightning.release import export_release, load_release
+from pflat_lightning import release
+from pflat_lightning.release import export_checkpoint, export_release, load_release
 
 from helpers import quiet_trainer
 from test_causal_lm import GenerationData
@@ -179,7 +180,7 @@ def pflat(*args, cwd):
                           timeout=600, env=env)
 
 
-def test_pflat_export_writes_the_release_of_a_fit_run(tiny_model_dir, tmp_path):
+def test_pflat_export_writes_the_release_of_a_fit_run(tiny_model_dir, tmp_path, capsys):
     path = tiny_model_dir("bert")
     corpus = write_corpus(tmp_path / "private_corpus.csv")
     fit = pflat("fit", "--config", str(ROOT / "examples/configs/movie_reviews_dp.yaml"),
@@ -215,9 +216,14 @@ def test_pflat_export_writes_the_release_of_a_fit_run(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask), checkpoint_module(ids, mask))
 
-    again = pflat("export", "--config", str(config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "release"),
-                  cwd=tmp_path)
-    assert again.returncode != 0 and "Refusing to export into" in again.stderr
+    stripped = {k: v for k, v in checkpoint.items() if k != "pflat_privacy"}
+    torch.save(stripped, tmp_path / "stripped.ckpt")
+    with pytest.raises(ValueError, match="stripped.ckpt' holds no privacy state .* but the run's config is private"):
+        export_checkpoint([str(config)], tmp_path / "stripped.ckpt", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit) as again:  # in process: the refusal comes before the run is loaded
+        release.main(["--config", str(config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "release")])
+    assert again.value.code == 2 and f"Refusing to export into {tmp_path / 'release'}" in capsys.readouterr().err
 
 
 def test_causal_lm_release_keeps_no_generated_samples_and_predicts_as_the_checkpoint(tiny_model_dir, tmp_path):
