@@ -306,7 +306,7 @@ def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_pat
     from pflat_lightning.callbacks import SharpnessLayerSelection
 
     module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
-                                   privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost"))
+                                   privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost", secure_mode=True))
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
         module, datamodule=TokenDataModule())
     assert module.engine.updates == 16 and module.prefix.active_layers == [0]

@@ -113,7 +113,8 @@ def test_selecting_on_a_validation_metric_is_a_held_out_ledger_entry(monitor, re
     data: recorded, the training set's guarantee unaffected. No monitor, or one on epsilon, reads none."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+                                   privacy=PrivacyConfig(secure_mode=True))
     callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=monitor)]
     if monitor is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max" if monitor != "val_loss" else "min"))

@@ -21,7 +21,7 @@ from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning import release
 from pflat_lightning.release import export_checkpoint, export_release, load_release
 
-from helpers import quiet_trainer
+from helpers import SEEDED_REASONS, quiet_trainer
 from test_causal_lm import GenerationData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,8 +132,8 @@ def test_release_holds_prefix_head_and_report_and_predicts_as_the_checkpoint(tin
     accountant.history = [tuple(h) for h in engine["history"]]
     report = json.loads((folder / "privacy_report.json").read_text())
     assert report["epsilon"] == pytest.approx(accountant.get_epsilon(delta=engine["delta"]), rel=1e-9)
-    assert report["steps"] == engine["updates"] and report["formal_guarantee"] is True
-    assert report["noise_generator"] == "seeded pseudo-random" and report["callbacks"] == {}
+    assert report["steps"] == engine["updates"] and report["reasons"] == SEEDED_REASONS
+    assert report["noise_generator"] == "seeded pseudo-random (PrivacyConfig.seed)" and report["callbacks"] == {}
 
     loaded = load_release(folder)
     assert not loaded.training and not loaded.is_private

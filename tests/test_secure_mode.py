@@ -13,7 +13,7 @@ from pflat_lightning.black_box.tuner import ZerothOrderMechanism
 from pflat_lightning.privacy import DPSGDEngine, PoissonBatchSampler, PoissonDataLoader
 from pflat_lightning.privacy.report import SEEDED_NOISE, SEEDED_SAMPLING
 
-from helpers import StopAfter, TokenDataModule, TokenDataset, collate, quiet_trainer
+from helpers import StopAfter, TokenDataModule, collate, quiet_trainer
 
 SIGMA, CLIP, BATCH = 1.3, 0.7, 4
 MT_STATE_BYTES = torch.Generator().get_state().numel()  # torch's CPU Mersenne Twister state
