@@ -43,10 +43,12 @@ def test_previous_private_awp_costs_no_privacy(tiny_model_dir, tmp_path):
     assert not torch.equal(awp.prefix.layers[0].weight, plain.prefix.layers[0].weight), "AWP changed training"
 
 
-def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def loaders_secure(monkeypatch):
+    """Whether each Poisson loader built during the test draws from the CSPRNG, in the order they are built."""
     from pflat_lightning.privacy import PoissonDataLoader
 
-    secure = []  # whether each Poisson loader of the run (the update's, then the ascent's) draws from the CSPRNG
+    secure = []
     build = PoissonDataLoader.__init__
 
     def recording(self, *args, **kwargs):
@@ -54,10 +56,14 @@ def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, t
         build(self, *args, **kwargs)
 
     monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
+    return secure
+
+
+def test_fresh_private_awp_adds_one_release_per_perturbed_step(tiny_model_dir, tmp_path, loaders_secure):
     module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = AdversarialWeightPerturbation(gamma=0.05, direction="fresh_private", until_fraction=0.5)
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
-    assert secure == [True, True], "under secure_mode the ascent draws come from the CSPRNG too"
+    assert loaders_secure == [True, True], "under secure_mode the ascent draws (second loader) come from the CSPRNG too"
     engine = module.engine
     assert engine.updates == 16 and callback.perturbed_steps == 8
     assert engine.compositions == 16 + 8
@@ -512,21 +518,11 @@ def test_dp_teacher_is_composed_into_the_students_accountant(dp_teacher_run):
     assert report["reasons"] == SEEDED_REASONS, "only the seeded randomness voids the guarantee"
 
 
-def test_a_secure_dp_teacher_samples_and_noises_from_the_csprng(tiny_model_dir, tmp_path, monkeypatch):
-    from pflat_lightning.privacy import PoissonDataLoader
-
-    secure = []  # whether each Poisson loader of the run (teacher's, then student's) draws from the CSPRNG
-    build = PoissonDataLoader.__init__
-
-    def recording(self, *args, **kwargs):
-        secure.append(kwargs.get("secure"))
-        build(self, *args, **kwargs)
-
-    monkeypatch.setattr(PoissonDataLoader, "__init__", recording)
+def test_a_secure_dp_teacher_samples_and_noises_from_the_csprng(tiny_model_dir, tmp_path, loaders_secure):
     module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
     callback = TeacherDistillation("private_dp", teacher_epochs=1, teacher_batch_size=16)
     quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
-    assert secure == [True, True]
+    assert loaders_secure == [True, True], "the teacher's and the student's batches"
     assert len(module.engine.history) == 2 and module.privacy_report()["formal_guarantee"] is True
 
 

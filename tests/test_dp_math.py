@@ -143,17 +143,13 @@ def test_split_clipping_keeps_each_bound_with_its_tensor_after_pruning(tiny_mode
     assert module.privacy_report()["reasons"] == SEEDED_REASONS, "nothing but the seeded randomness voids the guarantee"
 
 
-def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    """The pruned layer is frozen when the resumed run builds its optimizer: the bounds must still be the
-    shares of all prefix tensors (C * sqrt(share / 2 layers' tensors)), not of the one layer left."""
+def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_tokens):
+    """The same DP run with layer 1 pruned at epoch 1, whole and resumed from a checkpoint after the pruning."""
     from pflat_lightning.callbacks import SharpnessLayerSelection
-
-    path = tiny_model_dir("bert")  # before seeding: the first call draws the tiny model's weights
 
     def make():
         torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, num_virtual_tokens=3,
-                                     privacy=PrivacyConfig(target_epsilon=3.0, clipping="split", prefix_clip_share=0.5))
+        return PrefixTunedClassifier(path, 2, num_virtual_tokens=num_virtual_tokens, privacy=privacy)
 
     select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
     whole = make()
@@ -164,6 +160,14 @@ def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(t
     resumed = make()
     quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[select()]).fit(resumed, datamodule=TokenDataModule(),
                                                                           ckpt_path=ckpt)
+    return whole, resumed
+
+
+def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The pruned layer is frozen when the resumed run builds its optimizer: the bounds must still be the
+    shares of all prefix tensors (C * sqrt(share / 2 layers' tensors)), not of the one layer left."""
+    privacy = PrivacyConfig(target_epsilon=3.0, clipping="split", prefix_clip_share=0.5)
+    whole, resumed = whole_and_resumed_after_a_pruning(tiny_model_dir("bert"), privacy, tmp_path, 3)
     prefix_tensors = len(list(resumed.prefix.parameters()))
     kept = list(resumed.prefix.layers[0].parameters())
     assert len(kept) < prefix_tensors and all(p.requires_grad for p in kept)
@@ -316,24 +320,8 @@ def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_pat
 def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
     """The resumed run hooks the module with the layer already pruned, the uninterrupted one before the
     pruning: both must clip the same tensors."""
-    from pflat_lightning.callbacks import SharpnessLayerSelection
-
-    path = tiny_model_dir("gpt2")
-
-    def make():
-        torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, num_virtual_tokens=2,
-                                     privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost"))
-
-    select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
-    whole = make()
-    quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[select()]).fit(whole, datamodule=TokenDataModule())
-    ckpt = tmp_path / "pruned.ckpt"
-    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[select(), StopAfter(10, ckpt)]).fit(
-        make(), datamodule=TokenDataModule())
-    resumed = make()
-    quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[select()]).fit(resumed, datamodule=TokenDataModule(),
-                                                                          ckpt_path=ckpt)
+    privacy = PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost")
+    whole, resumed = whole_and_resumed_after_a_pruning(tiny_model_dir("gpt2"), privacy, tmp_path, 2)
     assert resumed.prefix.active_layers == [0] and resumed.engine.history == whole.engine.history
     assert_same_trained_weights(resumed, whole)
 
