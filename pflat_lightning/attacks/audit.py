@@ -291,7 +291,8 @@ def run_audit(
             "shadow_training_examples": (keep.sum(1)).tolist(),
             "shadow_epochs": shadow_epochs,
             "shadow_batch_size": shadow_batch_size,
-            "shadow_privacy": None if privacy is None else dict(privacy.__dict__),
+            # The shadows are always seeded (see train_shadows), whatever the audited run's secure_mode.
+            "shadow_privacy": None if privacy is None else dict(privacy.__dict__, secure_mode=False),
             "confidence": kind,
             "examples_with_fixed_variance": fixed,
             "wall_seconds_per_shadow": [round(s, 2) for s in seconds],
