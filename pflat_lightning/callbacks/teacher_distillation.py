@@ -31,12 +31,13 @@ def teacher_noise_seed(student_seed: int) -> int:
     """The noise seed of the default ``private_dp`` teacher: a hash of the student's, never equal to it.
 
     The accountant composes the teacher's and the student's releases as independent Gaussian mechanisms.
-    Outside secure mode both noises come from seeded Mersenne Twister generators, and each run's guarantee
-    already rests on its stream being indistinguishable from true Gaussian draws by whoever does not hold
-    the seed. Two generators seeded differently (the seed hashed, so that no simple relation such as
+    Outside secure mode both noises come from seeded Mersenne Twister generators (the report then claims no
+    formal guarantee: the seeds are reproducible), and the accounting models each stream as true Gaussian
+    draws. Two generators seeded differently (the seed hashed, so that no simple relation such as
     ``seed + 1`` links the two initial states) are independent to that same standard: no known test on
     their outputs tells them from independent draws. One seed for both makes the two noises equal, and
-    ``Y_teacher / sigma_T - Y_student / sigma_S`` a noise-free function of the private data.
+    ``Y_teacher / sigma_T - Y_student / sigma_S`` a noise-free function of the private data. Under
+    ``secure_mode`` both streams come from the OS's CSPRNG.
     """
     own = student_seed % SEED_MODULUS
     digest = hashlib.sha256(f"pflat_lightning teacher noise {own}".encode()).digest()
