@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from pflat_lightning.cli import load_run
+from pflat_lightning.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,35 +1,30 @@
 """``pflat``: the command line of pflat-lightning.
 
-``pflat fit|validate|test --config FILE`` is a LightningCLI; the commands in :data:`COMMANDS` work on a
-trained run (``--config`` + ``--ckpt_path``) or serve a model, each implemented next to what it runs.
+``pflat fit|validate|test|predict --config FILE`` is a LightningCLI (:class:`~pflat_lightning.runs.RunCLI`);
+the commands in :data:`COMMANDS` work on a trained run (``--config`` + ``--ckpt_path``) or serve a model,
+each implemented next to what it runs. ``pflat --help`` lists both.
 """
 from __future__ import annotations
 
+import argparse
+import difflib
 import importlib
+import re
 import signal
 import sys
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import lightning.pytorch as pl
-import torch
-import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from pflat_lightning.privacy.report import seeded_only
+from pflat_lightning.runs import RunCLI
 
 
-class PflatCLI(LightningCLI):
-    """LightningCLI over every pflat task: the YAML (or ``--model``/``--data``) picks the module and the
-    datamodule by ``class_path`` (``PrefixTunedClassifier`` + ``TextClassificationDataModule``,
-    ``PrefixTunedCausalLM`` + ``TextGenerationDataModule``), and the datamodule tokenises with the model's
-    own tokenizer (``model.init_args.backbone`` -> ``data.init_args.tokenizer``; the classifier's
-    ``num_labels`` likewise). A link whose argument a chosen class lacks is skipped."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.init_args.backbone", "data.init_args.tokenizer")
-        parser.link_arguments("model.init_args.num_labels", "data.init_args.num_labels")
+class PflatCLI(RunCLI):
+    """``pflat fit|validate|test|predict``: a :class:`~pflat_lightning.runs.RunCLI` that, after ``fit``,
+    tests the model and says where the privacy report is."""
 
     def after_fit(self) -> None:
         """Evaluate on the test split and say where the privacy report is."""
@@ -64,85 +59,89 @@ RESULT_METRICS = {
 }
 
 
-#: ``pflat NAME ...`` besides LightningCLI's subcommands: NAME -> "module:function(argv)".
+#: ``pflat NAME ...`` besides LightningCLI's subcommands: NAME -> ("module:function(argv)", what it does).
 COMMANDS = {
-    "audit": "pflat_lightning.attacks.cli:main",
-    "export": "pflat_lightning.release:main",
-    "landscape": "pflat_lightning.landscape.cli:main",
-    "reproduce": "pflat_lightning.reproduce:main",
-    "serve-scorer": "pflat_lightning.black_box.server:main",
+    "audit": ("pflat_lightning.attacks.cli:main", "Membership-inference audit of a trained run."),
+    "export": ("pflat_lightning.release:main", "A shareable release of a trained run: prefix and head, no seeds."),
+    "landscape": ("pflat_lightning.landscape.cli:main", "Loss landscape and sharpness of a trained run."),
+    "reproduce": ("pflat_lightning.reproduce:main", "The paper's comparison: non-private, DP-SGD, Privacy-Flat."),
+    "serve-scorer": ("pflat_lightning.black_box.server:main", "A causal LM's scores behind a JSON API (black box)."),
 }
 
 
-def _cli(args: Optional[Sequence[str]], run: bool = True) -> PflatCLI:
-    return PflatCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=None if args is None else list(args),
-        run=run,
-    )
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the epilog's lines (the other commands) kept as written."""
 
 
-#: Keys of a saved ``pflat fit`` config that belong to the fit command, not to the run's objects.
-FIT_ONLY_KEYS = ("ckpt_path", "weights_only")
+def _other_commands() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(["other commands (`pflat NAME --help` for their options):", *lines])
 
 
-def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """A command's own arguments and, after ``--``, the ``pflat fit`` overrides of the run it works on."""
-    argv = list(argv)
-    if "--" not in argv:
-        return argv, []
-    at = argv.index("--")
-    return argv[:at], argv[at + 1:]
+def _allowed_keys(class_path: str) -> List[str]:
+    """The arguments jsonargparse accepts for ``class_path`` (only its first level: ``optimizer``, not
+    ``optimizer.init_args.lr``)."""
+    module, _, name = class_path.rpartition(".")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(getattr(importlib.import_module(module), name))
+    return list(dict.fromkeys(key.split(".")[0] for key in parser.get_defaults().keys()))
 
 
-def run_folder(ckpt_path: str | Path) -> Path:
-    """The run folder of a checkpoint: the folder holding ``checkpoints/``, else the checkpoint's folder."""
-    folder = Path(ckpt_path).resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
+def _parse_error_summary(message: str) -> List[str]:
+    """The first lines of a config error: the key at fault, where it is and, for an unknown key, the keys
+    allowed there.
 
-
-def load_run(
-    config: Sequence[str], ckpt_path: Optional[str] = None, overrides: Sequence[str] = ()
-) -> Tuple[pl.LightningModule, pl.LightningDataModule, pl.Trainer]:
-    """The model, datamodule and trainer that ``pflat fit --config ...`` built, with the weights and the
-    privacy state (accountant history, ledger) of ``ckpt_path`` when given.
-
-    Args:
-        config: the run's YAML config files, in order.
-        ckpt_path: a checkpoint written by that run.
-        overrides: further ``--key value`` arguments, as on the ``pflat fit`` command line.
-
-    Raises:
-        ValueError: when ``ckpt_path`` holds another model than the config builds, naming what differs.
+    jsonargparse nests the fault at the bottom of one indented block per enclosing key (``Parser key
+    "model":`` ... ``Problem with given class_path 'X':`` ... ``Option 'k' is not accepted``); this follows
+    that nesting to the innermost key. Empty when the message has no such nesting (it is one line then).
     """
-    args: List[str] = []
-    for path in config:
-        content = yaml.safe_load(Path(path).read_text()) or {}
-        # The config.yaml that `pflat fit` saves also holds the fit command's own arguments.
-        fit_only = [key for key in FIT_ONLY_KEYS if key in content]
-        for key in fit_only:
-            del content[key]
-        args += ["--config", yaml.safe_dump(content) if fit_only else str(path)]
-    cli = _cli([*args, *overrides], run=False)
-    model, datamodule = cli.model, cli.datamodule
-    if ckpt_path is not None:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.on_load_checkpoint(checkpoint)
-        model.load_state_dict(checkpoint["state_dict"])
-    return model, datamodule, cli.trainer
+    stack: List[Tuple[int, str, Optional[str]]] = []  # (indent, key, class_path when the key is init_args)
+    deepest: List[str] = []
+    for line in message.splitlines():
+        text = line.lstrip(" -")
+        indent = len(line) - len(text)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if match := re.fullmatch(r'Parser key "(.+)":', text):
+            stack.append((indent, match[1], None))
+            if len(stack) > len(deepest):
+                deepest = [key for _, key, _ in stack]
+        elif match := re.fullmatch(r"Problem with given class_path '(.+)':", text):
+            stack.append((indent, "init_args", match[1]))
+        elif match := re.fullmatch(r"Option '(.+)' is not accepted", text):
+            where = ".".join(key for _, key, _ in stack) or "the top level"
+            class_path = next((path for _, _, path in reversed(stack) if path), None)
+            summary = [f"pflat: unknown key '{match[1]}' in {where}" + (f" ({class_path})." if class_path else ".")]
+            if class_path:
+                try:
+                    allowed = _allowed_keys(class_path)
+                except Exception:  # a hint only: it must never hide the error it explains
+                    return summary
+                close = difflib.get_close_matches(match[1], allowed, n=1)
+                summary.append(f"  {f'Did you mean {close[0]!r}? ' if close else ''}Allowed there: {', '.join(allowed)}.")
+            return summary
+    return [f"pflat: invalid value of {'.'.join(deepest)} (details below)."] if deepest else []
 
 
 def main(args: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         if argv and argv[0] in COMMANDS:
-            module, _, function = COMMANDS[argv[0]].partition(":")
+            module, _, function = COMMANDS[argv[0]][0].partition(":")
             raise SystemExit(getattr(importlib.import_module(module), function)(argv[1:]))
-        _cli(args)
+        PflatCLI(args if argv else ["--help"], parser_kwargs={
+            "prog": "pflat", "description": "Differentially private prefix tuning of frozen transformers.",
+            "epilog": _other_commands(), "formatter_class": _HelpFormatter})
+    except argparse.ArgumentError as error:
+        # A config error (also from the run a command rebuilds): what to fix first, jsonargparse's nested
+        # message after it, and no usage (50 lines of every Trainer option).
+        # The commands in COMMANDS take the run's config and overrides of `pflat fit`.
+        command = "fit" if argv and argv[0] in COMMANDS else next(
+            (arg for arg in argv if arg in LightningCLI.subcommands()), None)
+        tip = f"`pflat {command} --help` lists the options" if command else "`pflat --help` lists the commands"
+        print(*_parse_error_summary(str(error)), f"error: {error}", f"tip: {tip}.", sep="\n", file=sys.stderr)
+        raise SystemExit(2) from None
     except SIGTERMException:
         # Lightning stops the loops with a SystemExit that carries no code, so a killed run would exit 0
         # and look finished to a shell, a scheduler or `&&`.

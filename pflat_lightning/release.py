@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pflat_lightning import __version__
-from pflat_lightning.cli import load_run, split_overrides
+from pflat_lightning.runs import load_run, split_overrides
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import build_report, noise_generator, write_report

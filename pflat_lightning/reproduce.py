@@ -45,7 +45,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
-from pflat_lightning.cli import load_run, split_overrides
+from pflat_lightning.runs import load_run, split_overrides
 from pflat_lightning.privacy.report import seeded_only
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import TeacherDistillation
 from pflat_lightning.checkpointing import check_checkpoint_matches
-from pflat_lightning.cli import load_run
+from pflat_lightning.runs import load_run
 
 from conftest import tiny_config
 from helpers import TokenDataModule, quiet_trainer

@@ -1,4 +1,5 @@
 """`pflat fit|test --config`: the shipped YAML configs parse and run end to end."""
+import argparse
 import json
 import subprocess
 import sys
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier
-from pflat_lightning.cli import load_run
+from pflat_lightning import cli, runs
+from pflat_lightning.runs import load_run
 from pflat_lightning.datamodules import TextClassificationDataModule, TextGenerationDataModule
 
 from helpers import SEEDED_REASONS
@@ -29,6 +31,47 @@ def test_shipped_configs_parse(config, backbone, tmp_path):
     result = pflat("fit", "--config", str(ROOT / "examples/configs" / config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"backbone: {backbone}" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], []], ids=["--help", "no arguments"])
+def test_help_lists_every_command(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pflat"])
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    assert exit.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert any(line.split()[:1] == [subcommand] for line in lines), subcommand
+    for name, (_, summary) in cli.COMMANDS.items():
+        assert any(line.split()[:1] == [name] and line.endswith(summary) for line in lines), name
+
+
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_a_misspelt_key_is_named_first(where, tmp_path):
+    config = ROOT / "examples/configs/movie_reviews_dp.yaml"
+    if where == "yaml":
+        text = config.read_text()
+        assert "target_epsilon:" in text
+        config = tmp_path / "typo.yaml"
+        config.write_text(text.replace("target_epsilon:", "target_epsilom:"))
+        typo = []
+    else:
+        typo = ["--model.init_args.privacy.init_args.target_epsilom", "3"]
+    result = pflat("fit", "--config", str(config), *typo, "--trainer.max_steps", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    first, second = result.stderr.splitlines()[:2]
+    assert "unknown key 'target_epsilom'" in first and "model.init_args.privacy.init_args" in first
+    assert "Did you mean 'target_epsilon'?" in second and "max_grad_norm" in second
+    assert "usage:" not in result.stderr and not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_runs_module_rebuilds_runs_and_cli_is_only_the_command_line():
+    assert not hasattr(cli, "load_run") and not hasattr(cli, "split_overrides")
+    assert runs.split_overrides(["--config", "a", "--", "--trainer.max_steps", "1"]) == (
+        ["--config", "a"], ["--trainer.max_steps", "1"])
+    # A library call gets an exception to handle, not a SystemExit.
+    with pytest.raises(argparse.ArgumentError, match="target_epsilom"):
+        load_run([ROOT / "examples/configs/movie_reviews_dp.yaml"], None, ["--model.privacy.target_epsilom", "3"])
 
 
 def test_load_run_rebuilds_either_task_with_the_tokenizer_linked(tiny_model_dir):

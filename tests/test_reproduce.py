@@ -11,7 +11,7 @@ import yaml
 
 from pflat_lightning import PrivacyConfig, reproduce
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
-from pflat_lightning.cli import load_run
+from pflat_lightning.runs import load_run
 
 from helpers import SEEDED_REASONS
 

@@ -28,7 +28,7 @@ from pflat_lightning.attacks.audit import (
     trainable_state,
     write_audit,
 )
-from pflat_lightning.cli import load_run, run_folder, split_overrides
+from pflat_lightning.runs import load_run, run_folder, split_overrides
 from pflat_lightning.privacy.report import add_section
 
 

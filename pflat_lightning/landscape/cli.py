@@ -3,7 +3,7 @@
     pflat landscape --config RUN.yaml --ckpt_path CKPT [--data validation] [--out DIR] [options]
                     [-- extra pflat fit overrides]
 
-Rebuilds the run with :func:`pflat_lightning.cli.load_run`, measures as the
+Rebuilds the run with :func:`pflat_lightning.runs.load_run`, measures as the
 :class:`~pflat_lightning.callbacks.LossLandscape` callback does, writes ``landscape.json`` and the PNGs
 into ``--out`` (default: ``landscape/`` of the run folder, the folder holding ``checkpoints/``), adds
 the ``LossLandscape`` section (and, for ``--data private``, an ``evaluation`` ledger entry) to the run
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pflat_lightning.cli import load_run, run_folder, split_overrides
+from pflat_lightning.runs import load_run, run_folder, split_overrides
 from pflat_lightning.landscape.measures import (
     DATA_SPLITS,
     DEFAULT_ALPHAS,
