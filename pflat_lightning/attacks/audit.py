@@ -6,6 +6,9 @@ seed, every requested attack scores them, and the results go to ``membership_inf
 log-log ``roc.png``. The audit reads private training examples and its numbers are released outside
 the accountant: the module's guarantee is unaffected, but the numbers are not private (ledger status
 ``"evaluation"``).
+
+The attacks live in a registry (:func:`register_attack`, as Opacus' accountants do): each declares what it
+needs beyond the module's per-example losses and returns its scores and its entries of the summary.
 """
 from __future__ import annotations
 
@@ -208,6 +211,7 @@ class Attack:
 
 #: Attack name -> :class:`Attack`, in registration order: the order attacks are run and reported.
 ATTACK_REGISTRY: Dict[str, Attack] = {}
+#: What an attack may need beyond the audited module's losses (see :class:`Attack`).
 NEEDS = ("token_log_probs", "reference", "shadows")
 
 
