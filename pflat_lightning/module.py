@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
@@ -41,6 +43,8 @@ RUN_ID_KEY = "pflat_run_id"
 #: Metric names that a callback's ``monitor`` reads from the validation split (every pflat task logs its
 #: validation metrics as ``val_<name>``: ``val_loss``, ``val_acc``, ``val_ppl``...).
 VALIDATION_METRIC_PREFIXES = ("val_", "val/", "validation_", "validation/")
+#: Lightning's warning at the start of the fit loop about modules in eval mode.
+EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
 class DPPrefixModule(pl.LightningModule):
@@ -246,7 +250,24 @@ class DPPrefixModule(pl.LightningModule):
         return mode
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # Lightning warns at the start of the fit loop (after this hook, before on_train_start) about every
+        # module in eval mode. The frozen backbone is in eval mode by design (no dropout in the activations
+        # the prefix is trained on); silence exactly that warning, for that window, when the backbone is all
+        # it would name.
+        frozen = {id(m) for m in self.model.backbone.modules()}
+        if all(id(m) in frozen for m in self.modules() if not m.training):
+            self._eval_mode_silence = warnings.catch_warnings()
+            self._eval_mode_silence.__enter__()
+            warnings.filterwarnings("ignore", message=EVAL_MODE_WARNING, category=PossibleUserWarning)
+
+    def _end_eval_mode_silence(self) -> None:
+        silence, self._eval_mode_silence = getattr(self, "_eval_mode_silence", None), None
+        if silence is not None:
+            silence.__exit__(None, None, None)
+
     def on_train_start(self) -> None:
+        self._end_eval_mode_silence()
         if self.is_private:
             resume_poisson_epoch(self, self.engine.updates)
 
@@ -362,6 +383,7 @@ class DPPrefixModule(pl.LightningModule):
             self._resumed = True
 
     def teardown(self, stage: str) -> None:
+        self._end_eval_mode_silence()  # a fit that failed before training started
         if self.is_private:
             self.engine.detach()
 

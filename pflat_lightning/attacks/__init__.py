@@ -4,10 +4,14 @@ The ``MembershipInferenceAudit`` callback (``pflat_lightning.callbacks``) runs a
 ``pflat audit --config RUN.yaml --ckpt_path CKPT`` audits a finished run.
 """
 from pflat_lightning.attacks.audit import (
+    ATTACK_REGISTRY,
     ATTACKS,
+    Attack,
+    AuditInputs,
     AuditResult,
     balanced_subsets,
     datamodule_splits,
+    register_attack,
     run_audit,
     trainable_state,
     write_audit,
@@ -27,7 +31,10 @@ from pflat_lightning.attacks.scores import (
 )
 
 __all__ = [
+    "ATTACK_REGISTRY",
     "ATTACKS",
+    "Attack",
+    "AuditInputs",
     "AuditResult",
     "ExampleStatistics",
     "RocCurve",
@@ -43,6 +50,7 @@ __all__ = [
     "min_k_percent",
     "plot_roc",
     "reference_scores",
+    "register_attack",
     "roc_curve",
     "run_audit",
     "scaled_confidence",

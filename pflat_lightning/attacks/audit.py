@@ -6,6 +6,9 @@ seed, every requested attack scores them, and the results go to ``membership_inf
 log-log ``roc.png``. The audit reads private training examples and its numbers are released outside
 the accountant: the module's guarantee is unaffected, but the numbers are not private (ledger status
 ``"evaluation"``).
+
+The attacks live in a registry (:func:`register_attack`, as Opacus' accountants do): each declares what it
+needs beyond the module's per-example losses and returns its scores and its entries of the summary.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
@@ -35,10 +38,6 @@ from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import guarantee_reasons
 from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
 
-#: Attack names, in the order they are run and reported.
-ATTACKS = ("loss", "reference", "min_k", "zlib", "lira")
-#: Attacks that need per-token log-probabilities (causal LMs).
-TOKEN_ATTACKS = ("min_k", "zlib")
 SECTION = "MembershipInferenceAudit"
 RESULTS_JSON = "membership_inference.json"
 ROC_PNG = "roc.png"
@@ -62,21 +61,27 @@ def formal_guarantee(pl_module: pl.LightningModule) -> Optional[Tuple[float, flo
 
 
 def check_attacks(attacks: Sequence[str], pl_module: Optional[pl.LightningModule] = None) -> Tuple[str, ...]:
-    """``attacks`` as a tuple in :data:`ATTACKS` order, validated (and checked against ``pl_module``)."""
+    """``attacks`` as a tuple in registration order, validated (and checked against ``pl_module``)."""
     attacks = tuple(attacks)
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if not attacks or unknown:
-        raise ValueError(f"attacks must be a non-empty selection of {ATTACKS}, got {list(attacks)}.")
+    registered = tuple(ATTACK_REGISTRY)
+    if not attacks or any(a not in ATTACK_REGISTRY for a in attacks):
+        raise ValueError(f"attacks must be a non-empty selection of the registered attacks {registered}, got {list(attacks)}.")
     if pl_module is not None:
         require(pl_module, "example_losses", "MembershipInferenceAudit")
-        for attack in TOKEN_ATTACKS:
-            if attack in attacks and not hasattr(pl_module, "token_log_probs"):
+        for attack in _needing(attacks, "token_log_probs"):
+            if not hasattr(pl_module, "token_log_probs"):
+                others = [a for a in registered if "token_log_probs" not in ATTACK_REGISTRY[a].needs]
                 raise TypeError(
                     f"The {attack!r} attack scores the tokens of a causal LM: it needs `token_log_probs(batch)` and "
                     f"`tokenizer` on the module (PrefixTunedCausalLM has them); {type(pl_module).__name__} has no "
-                    "token_log_probs. Use the 'loss', 'reference' or 'lira' attacks."
+                    f"token_log_probs. Use one of the attacks {others}."
                 )
-    return tuple(a for a in ATTACKS if a in attacks)
+    return tuple(a for a in registered if a in attacks)
+
+
+def _needing(attacks: Sequence[str], need: str) -> List[str]:
+    """The attacks among ``attacks`` that need ``need``."""
+    return [a for a in attacks if need in ATTACK_REGISTRY[a].needs]
 
 
 def balanced_subsets(members: Dataset, non_members: Dataset, num_examples: Optional[int], seed: int) -> Tuple[Subset, Subset]:
@@ -185,6 +190,84 @@ class AuditResult:
     is_member: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Attack:
+    """A membership-inference attack as :func:`run_audit` runs it (registered with :func:`register_attack`).
+
+    Attributes:
+        name: how the attack is requested and reported.
+        needs: what it scores beyond the audited module's per-example losses: ``"token_log_probs"`` (per-token
+            log-probabilities and texts, from a causal LM's ``token_log_probs``), ``"reference"`` (a reference
+            model's losses, ``reference=``), ``"shadows"`` (LiRA shadow models trained on the pool,
+            ``shadow_models >= 2``).
+        score: :class:`AuditInputs` -> (a membership score per example, higher meaning member; the entries
+            the attack adds to the summary).
+    """
+
+    name: str
+    needs: FrozenSet[str]
+    score: Callable[["AuditInputs"], Tuple[torch.Tensor, Dict[str, Any]]]
+
+
+#: Attack name -> :class:`Attack`, in registration order: the order attacks are run and reported.
+ATTACK_REGISTRY: Dict[str, Attack] = {}
+#: What an attack may need beyond the audited module's losses (see :class:`Attack`).
+NEEDS = ("token_log_probs", "reference", "shadows")
+
+
+def register_attack(name: str, *, needs: Sequence[str] = ()) -> Callable:
+    """Register the decorated ``score(inputs) -> (scores, summary entries)`` as the attack ``name``."""
+    unknown = [need for need in needs if need not in NEEDS]
+    if name in ATTACK_REGISTRY or unknown:
+        raise ValueError(f"register_attack({name!r}, needs={list(needs)}): the name must be new (registered: "
+                         f"{tuple(ATTACK_REGISTRY)}) and each need one of {NEEDS}.")
+
+    def register(score: Callable[["AuditInputs"], Tuple[torch.Tensor, Dict[str, Any]]]) -> Callable:
+        ATTACK_REGISTRY[name] = Attack(name, frozenset(needs), score)
+        return score
+
+    return register
+
+
+@dataclass
+class AuditInputs:
+    """What an attack scores: the audited module and its statistics on the chosen members then non-members,
+    the loaders that give another module's statistics on them, and :func:`run_audit`'s settings."""
+
+    pl_module: pl.LightningModule
+    members: Subset
+    non_members: Subset
+    loaders: List[DataLoader]
+    stats: ExampleStatistics
+    collate_fn: Optional[Callable]
+    seed: int
+    reference: Optional[Reference]
+    reference_name: Optional[str]
+    min_k: float
+    shadow_models: int
+    shadow_epochs: int
+    shadow_batch_size: int
+    shadow_privacy: Optional[PrivacyConfig]
+    confidence: Optional[str]
+    min_out_for_variance: int
+    accelerator: Any
+    devices: Any
+
+    def statistics(self, module: pl.LightningModule) -> ExampleStatistics:
+        """``module``'s per-example losses on the members then the non-members."""
+        return pooled_statistics(module, self.loaders)
+
+
+def pooled_statistics(module: pl.LightningModule, loaders: Sequence[DataLoader], tokens: bool = False) -> ExampleStatistics:
+    """``module``'s statistics on each loader's examples, joined in order (members first)."""
+    parts = [example_statistics(module, loader, tokens=tokens) for loader in loaders]
+    joined = ExampleStatistics(torch.cat([p.losses for p in parts]))
+    if tokens:
+        joined.token_log_probs = [lp for p in parts for lp in p.token_log_probs]
+        joined.texts = [text for p in parts for text in p.texts]
+    return joined
+
+
 def run_audit(
     pl_module: pl.LightningModule,
     members: Dataset,
@@ -213,7 +296,8 @@ def run_audit(
         pl_module: the trained module (``example_losses``; ``token_log_probs``/``tokenizer`` for Min-K%/zlib).
         members: examples it trained on (a map-style dataset in the module's example format).
         non_members: examples of the same distribution it never trained on.
-        attacks: any of ``"loss"``, ``"reference"``, ``"min_k"``, ``"zlib"``, ``"lira"``.
+        attacks: names in :data:`ATTACK_REGISTRY`: ``"loss"``, ``"reference"``, ``"min_k"``, ``"zlib"``,
+            ``"lira"`` and any registered with :func:`register_attack`.
         reference: for ``"reference"``: trainable-parameter values (e.g. :func:`trainable_state` before
             training), a checkpoint path of the same architecture, or another module scored as it is.
         reference_name: how the report names the reference (default: derived from ``reference``).
@@ -239,10 +323,12 @@ def run_audit(
     """
     started = time.perf_counter()
     attacks = check_attacks(attacks, pl_module)
-    if "reference" in attacks and reference is None:
-        raise ValueError("The 'reference' attack needs reference= (initial trainable state, a checkpoint or a module).")
-    if "lira" in attacks and shadow_models < 2:
-        raise ValueError(f"The 'lira' attack needs shadow_models >= 2, got {shadow_models}.")
+    for attack in _needing(attacks, "reference"):
+        if reference is None:
+            raise ValueError(f"The {attack!r} attack needs reference= (initial trainable state, a checkpoint or a module).")
+    for attack in _needing(attacks, "shadows"):
+        if shadow_models < 2:
+            raise ValueError(f"The {attack!r} attack needs shadow_models >= 2, got {shadow_models}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     chosen_members, chosen_non_members = balanced_subsets(members, non_members, num_examples, seed)
@@ -251,53 +337,19 @@ def run_audit(
                           generator=torch.Generator().manual_seed(seed)) for data in (chosen_members, chosen_non_members)]
     count = len(chosen_members)
     is_member = torch.cat([torch.ones(count, dtype=torch.long), torch.zeros(count, dtype=torch.long)])
-
-    def statistics(module: pl.LightningModule, tokens: bool = False) -> ExampleStatistics:
-        parts = [example_statistics(module, loader, tokens=tokens) for loader in loaders]
-        joined = ExampleStatistics(torch.cat([p.losses for p in parts]))
-        if tokens:
-            joined.token_log_probs = parts[0].token_log_probs + parts[1].token_log_probs
-            joined.texts = parts[0].texts + parts[1].texts
-        return joined
-
-    stats = statistics(pl_module, tokens=any(a in TOKEN_ATTACKS for a in attacks))
+    inputs = AuditInputs(
+        pl_module=pl_module, members=chosen_members, non_members=chosen_non_members, loaders=loaders,
+        stats=pooled_statistics(pl_module, loaders, tokens=bool(_needing(attacks, "token_log_probs"))),
+        collate_fn=collate_fn, seed=seed, reference=reference, reference_name=reference_name, min_k=min_k,
+        shadow_models=shadow_models, shadow_epochs=shadow_epochs, shadow_batch_size=shadow_batch_size,
+        shadow_privacy=shadow_privacy, confidence=confidence, min_out_for_variance=min_out_for_variance,
+        accelerator=accelerator, devices=devices,
+    )
     scores: Dict[str, torch.Tensor] = {}
     summary: Dict[str, Any] = {"num_members": count, "num_non_members": count, "seed": seed}
-    if "loss" in attacks:
-        scores["loss"] = loss_scores(stats)
-    if "reference" in attacks:
-        scores["reference"] = reference_scores(stats, _reference_statistics(pl_module, reference, statistics))
-        summary["reference"] = reference_name or _describe(reference)
-    if "min_k" in attacks:
-        scores["min_k"] = min_k_percent(stats.token_log_probs, min_k)
-        summary["min_k_fraction"] = min_k
-    if "zlib" in attacks:
-        scores["zlib"] = zlib_scores(stats)
-    if "lira" in attacks:
-        kind = confidence or default_confidence(pl_module)
-        keep = keep_matrix(shadow_models, 2 * count, seed)
-        shadow_confidences, seconds = train_shadows(
-            pl_module, audit_pool(chosen_members, chosen_non_members), keep,
-            lambda shadow: scaled_confidence(statistics(shadow).losses, kind),
-            collate_fn=collate_fn, epochs=shadow_epochs, batch_size=shadow_batch_size, privacy=shadow_privacy,
-            seed=seed, accelerator=accelerator, devices=devices,
-        )
-        scores["lira"], fixed = lira_offline_scores(scaled_confidence(stats.losses, kind), shadow_confidences, keep,
-                                                    min_out_for_variance=min_out_for_variance)
-        privacy = shadow_privacy if shadow_privacy is not None else getattr(pl_module, "privacy", None)
-        summary["lira"] = {
-            "variant": "offline (OUT shadows only), one-sided z-score",
-            "shadow_models": shadow_models,
-            "shadow_training_examples": (keep.sum(1)).tolist(),
-            "shadow_epochs": shadow_epochs,
-            "shadow_batch_size": shadow_batch_size,
-            # The shadows are always seeded (see train_shadows), whatever the audited run's secure_mode.
-            "shadow_privacy": None if privacy is None else dict(privacy.__dict__, secure_mode=False),
-            "confidence": kind,
-            "examples_with_fixed_variance": fixed,
-            "wall_seconds_per_shadow": [round(s, 2) for s in seconds],
-            "mean_wall_seconds_per_shadow": round(sum(seconds) / len(seconds), 2),
-        }
+    for attack in attacks:
+        scores[attack], entries = ATTACK_REGISTRY[attack].score(inputs)
+        summary.update(entries)
     curves = {name: roc_curve(value, is_member) for name, value in scores.items()}
     summary["attacks"] = {name: attack_metrics(value, is_member) for name, value in scores.items()}
     summary["threshold_note"] = THRESHOLD_NOTE
@@ -315,14 +367,64 @@ def run_audit(
     return AuditResult(summary, curves, scores, is_member)
 
 
-def _reference_statistics(pl_module: pl.LightningModule, reference: Reference,
-                          statistics: Callable[[pl.LightningModule], ExampleStatistics]) -> ExampleStatistics:
+@register_attack("loss")
+def _loss_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    return loss_scores(inputs.stats), {}
+
+
+@register_attack("reference", needs=("reference",))
+def _reference_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    reference = inputs.reference
     if isinstance(reference, pl.LightningModule):
         require(reference, "example_losses", "The reference model")
-        return statistics(reference)
-    state = checkpoint_reference(pl_module, reference) if isinstance(reference, (str, Path)) else reference
-    with swapped_parameters(pl_module, state):
-        return statistics(pl_module)
+        reference_stats = inputs.statistics(reference)
+    else:
+        state = checkpoint_reference(inputs.pl_module, reference) if isinstance(reference, (str, Path)) else reference
+        with swapped_parameters(inputs.pl_module, state):
+            reference_stats = inputs.statistics(inputs.pl_module)
+    return reference_scores(inputs.stats, reference_stats), {"reference": inputs.reference_name or _describe(reference)}
+
+
+@register_attack("min_k", needs=("token_log_probs",))
+def _min_k_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    return min_k_percent(inputs.stats.token_log_probs, inputs.min_k), {"min_k_fraction": inputs.min_k}
+
+
+@register_attack("zlib", needs=("token_log_probs",))
+def _zlib_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    return zlib_scores(inputs.stats), {}
+
+
+@register_attack("lira", needs=("shadows",))
+def _lira_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    kind = inputs.confidence or default_confidence(inputs.pl_module)
+    keep = keep_matrix(inputs.shadow_models, len(inputs.members) + len(inputs.non_members), inputs.seed)
+    shadow_confidences, seconds = train_shadows(
+        inputs.pl_module, audit_pool(inputs.members, inputs.non_members), keep,
+        lambda shadow: scaled_confidence(inputs.statistics(shadow).losses, kind),
+        collate_fn=inputs.collate_fn, epochs=inputs.shadow_epochs, batch_size=inputs.shadow_batch_size,
+        privacy=inputs.shadow_privacy, seed=inputs.seed, accelerator=inputs.accelerator, devices=inputs.devices,
+    )
+    scores, fixed = lira_offline_scores(scaled_confidence(inputs.stats.losses, kind), shadow_confidences, keep,
+                                        min_out_for_variance=inputs.min_out_for_variance)
+    privacy = inputs.shadow_privacy if inputs.shadow_privacy is not None else getattr(inputs.pl_module, "privacy", None)
+    return scores, {"lira": {
+        "variant": "offline (OUT shadows only), one-sided z-score",
+        "shadow_models": inputs.shadow_models,
+        "shadow_training_examples": (keep.sum(1)).tolist(),
+        "shadow_epochs": inputs.shadow_epochs,
+        "shadow_batch_size": inputs.shadow_batch_size,
+        # The shadows are always seeded (see train_shadows), whatever the audited run's secure_mode.
+        "shadow_privacy": None if privacy is None else dict(privacy.__dict__, secure_mode=False),
+        "confidence": kind,
+        "examples_with_fixed_variance": fixed,
+        "wall_seconds_per_shadow": [round(s, 2) for s in seconds],
+        "mean_wall_seconds_per_shadow": round(sum(seconds) / len(seconds), 2),
+    }}
+
+
+#: The built-in attacks' names, in the order they are run and reported.
+ATTACKS = tuple(ATTACK_REGISTRY)
 
 
 def _describe(reference: Reference) -> str:

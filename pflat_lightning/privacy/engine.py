@@ -11,6 +11,7 @@ so every rank applies the same update and the accountant is the single-process o
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,9 @@ from torch import nn
 
 from pflat_lightning.privacy import secure_random
 from pflat_lightning.privacy.config import PrivacyConfig
+
+#: PyTorch's warning when a full backward hook fires on a module none of whose inputs requires a gradient.
+FULL_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 
 History = List[Tuple[float, float, int]]
 
@@ -416,7 +420,10 @@ class DPSGDEngine(PrivacyAccounting):
 
         Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
-        with torch.autocast(loss_per_example.device.type, enabled=False):
+        with torch.autocast(loss_per_example.device.type, enabled=False), warnings.catch_warnings():
+            # Opacus' full backward hooks see no input that requires a gradient: the frozen backbone feeds the
+            # trainable layers constants by design. Their gradients with respect to outputs are all it needs.
+            warnings.filterwarnings("ignore", message=FULL_HOOK_WARNING, category=UserWarning)
             if self.grad_sample_mode == "ghost":
                 # Opacus fixes the tensors whose per-example norms it combines when it hooks the module; a
                 # prefix layer pruned since (frozen, no longer in the optimizer's params) would keep adding its
