@@ -55,13 +55,13 @@ class PrivateSplitsDataModule(LightningDataModule):
         return len(self._require(self.train_dataset, "train_dataset"))
 
     def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Adopt ``tokenizer`` and check what depends on it (the template, the separator...)."""
-        raise NotImplementedError
+        """Adopt ``tokenizer`` and check what depends on it (the template, the separator...): the task's part."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _use_tokenizer(tokenizer).")
 
     def _input_length(self, module: Optional[Any] = None) -> Tuple[int, str]:
         """The most tokens the model reads in one sequence (when training, or evaluating ``module``) and the
-        arguments that set it (``"max_length=128"``)."""
-        raise NotImplementedError
+        arguments that set it (``"max_length=128"``): the task's part."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _input_length(module).")
 
     def _follow_model(self) -> Optional[Any]:
         """Take or check the tokenizer against the trainer's LightningModule and check the input length
