@@ -34,7 +34,7 @@ from pflat_lightning.attacks.scores import (
     reference_scores,
     zlib_scores,
 )
-from pflat_lightning.checkpointing import trainable_state
+from pflat_lightning.checkpointing import trainable_state  # noqa: F401  (the "initial" reference, kept importable here)
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import guarantee_reasons
 from pflat_lightning.protocol import PerExampleLosses, TokenScores, check_contract, privacy_engine, privacy_ledger

@@ -14,6 +14,8 @@ from pflat_lightning.landscape.measures import (
     PRIVATE_EVALUATION,
     SECTION,
     LandscapeSettings,
+    check_choice,
+    check_count,
     collect_batches,
     landscape_section,
     measure_landscape,
@@ -79,10 +81,8 @@ class LossLandscape(Callback):
         span: float = 1.0,
         seed: int = 0,
     ) -> None:
-        if data not in DATA_SPLITS:
-            raise ValueError(f"data must be one of {DATA_SPLITS}, got {data!r}.")
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be an integer >= 1, got {num_batches}.")
+        check_choice("data", data, DATA_SPLITS)
+        check_count("num_batches", num_batches, 1)
         self.settings = LandscapeSettings(
             alphas=DEFAULT_ALPHAS if alphas is None else alphas, radius=radius, direction=direction, sam_rho=sam_rho,
             sam_steps=sam_steps, slice_1d_points=slice_1d_points, slice_2d_points=slice_2d_points, span=span, seed=seed,

@@ -296,7 +296,7 @@ class TeacherDistillation(Callback):
 
     def _cloned_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         """The trained teacher: an untrained clone of the module with the teacher's trainable parameters."""
-        teacher = pl_module.clone_untrained()
+        teacher = pl_module.clone_untrained().to(pl_module.device)
         expected = {n for n, p in teacher.named_parameters() if p.requires_grad}
         loaded = teacher.load_state_dict(self.teacher_state, strict=False)
         wrong = sorted(expected - set(self.teacher_state)) + loaded.unexpected_keys

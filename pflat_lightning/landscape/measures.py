@@ -78,23 +78,24 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}.")
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Refuse a ``value`` of argument ``name`` outside ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
 
 
-def _check_steps(name: str, steps: int) -> None:
-    if steps < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {steps}.")
+def check_count(name: str, value: int, minimum: int) -> None:
+    """Refuse a count ``value`` of argument ``name`` below ``minimum``."""
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
 
 
 def _check_slice(dims: int, points: int, span: float, one_dim: str) -> None:
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}.")
-    if points < 2:
-        raise ValueError(f"points must be an integer >= 2, got {points}.")
+    check_count("points", points, 2)
     _check_positive("span", span)
-    _check_choice("one_dim", one_dim, ONE_DIM)
+    check_choice("one_dim", one_dim, ONE_DIM)
 
 
 # ---------------------------------------------------------------------- data
@@ -128,7 +129,7 @@ def split_loader(datamodule: Any, data: str, *, batch_size: Optional[int] = None
     with its collate function (never the Poisson sampler), in batches of ``batch_size`` (default: the
     datamodule's ``eval_batch_size``, else :data:`DEFAULT_EVAL_BATCH_SIZE`).
     """
-    _check_choice("data", data, DATA_SPLITS)
+    check_choice("data", data, DATA_SPLITS)
     if data == "private":
         train = datamodule.train_dataloader()
         size = batch_size or getattr(datamodule, "eval_batch_size", None) or DEFAULT_EVAL_BATCH_SIZE
@@ -274,7 +275,7 @@ def _direction(module: nn.Module, batches: Sequence[Batch], params: Sequence[nn.
                direction: Union[str, Sequence[Tensor]]) -> Tuple[str, List[Tensor], float]:
     """(label, unit direction, norm before normalising) for :func:`paper_curve`."""
     if isinstance(direction, str):
-        _check_choice("direction", direction, DIRECTIONS)
+        check_choice("direction", direction, DIRECTIONS)
         if direction == "gradient":
             return (direction, *_unit(_loss_and_gradient(module, batches, params)[1]))
         released = _released(module, params)
@@ -371,7 +372,7 @@ def sam_perturbation(
     """
     check_contract(module, PerExampleLosses, who="sam_sharpness")
     _check_positive("rho", rho)
-    _check_steps("steps", steps)
+    check_count("steps", steps, 0)
     _check_positive("step_size", step_size)
     groups = landscape_groups(module, groups)
     params = _flat(groups)
@@ -472,7 +473,7 @@ def filter_normalized_direction(params: Sequence[nn.Parameter], generator: torch
     (``one_dim="zero"``, as Li et al. do for biases and batch-norm parameters) or treated as one filter
     (``one_dim="filter"``: ``d = z / ||z|| * ||w||``).
     """
-    _check_choice("one_dim", one_dim, ONE_DIM)
+    check_choice("one_dim", one_dim, ONE_DIM)
     direction = []
     for p in params:
         z = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype)
@@ -580,9 +581,9 @@ class LandscapeSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "alphas", check_alphas(self.alphas))
         _check_positive("radius", self.radius)
-        _check_choice("direction", self.direction, DIRECTIONS)
+        check_choice("direction", self.direction, DIRECTIONS)
         _check_positive("sam_rho", self.sam_rho)
-        _check_steps("sam_steps", self.sam_steps)
+        check_count("sam_steps", self.sam_steps, 0)
         for name in ("slice_1d_points", "slice_2d_points"):
             value = getattr(self, name)
             if value != 0 and value < 2:
