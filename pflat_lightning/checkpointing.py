@@ -72,6 +72,12 @@ TRAINED_PREFIXES = ("model.prefix.", "model.classifier.")
 _UNSET = "(not set)"
 
 
+def trainable_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A CPU copy of the trainable parameters (``requires_grad``), by name: the ``"initial"`` reference of an
+    audit, a teacher's weights."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters() if p.requires_grad}
+
+
 def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any], name: str = "The checkpoint") -> None:
     """Refuse a checkpoint of another model before its weights are loaded into ``module``.
 

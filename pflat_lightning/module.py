@@ -12,7 +12,7 @@ import math
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -59,9 +59,10 @@ class DPPrefixModule(pl.LightningModule):
     A subclass sets ``self.model``, a module with a ``prefix`` (:class:`PrefixEncoder`),
     ``trainable_modules()`` (the prefix and any head: everything DP trains) and
     ``per_example_gradient_bytes(batch_size)``, and implements :meth:`example_losses`. Batches are dicts
-    of tensors whose ``labels`` has one row per example. It offers the callbacks' protocol
-    (:mod:`pflat_lightning.protocol`): ``layer_groups``, ``example_losses``, ``loss_terms``,
-    ``before_optimizers``, ``engine``, ``ledger``, ``prefix`` and ``report_sections``.
+    of tensors whose ``labels`` has one row per example. It offers the callbacks' contract
+    (:mod:`pflat_lightning.protocol`): ``example_losses``, ``layer_groups``, ``prefix_layer_mask``,
+    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``engine``, ``ledger`` and
+    ``report_sections``.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -150,6 +151,14 @@ class DPPrefixModule(pl.LightningModule):
     def layer_groups(self) -> Dict[str, List[torch.nn.Parameter]]:
         """Each active prefix layer's parameters (the "layers" that AWP perturbs)."""
         return {f"prefix.layers.{i}": list(self.prefix.layers[i].parameters()) for i in self.prefix.active_layers}
+
+    def prefix_layer_mask(self) -> List[bool]:
+        """One bool per prefix layer, true where the layer is active (:class:`~pflat_lightning.protocol.PrunablePrefix`)."""
+        return self.prefix.layer_mask.tolist()
+
+    def set_prefix_layer_mask(self, keep: Sequence[bool]) -> None:
+        """Prune the prefix layers where ``keep`` is false (no prefix, no gradient, no update)."""
+        self.prefix.set_layer_mask(keep)
 
     @property
     def is_private(self) -> bool:

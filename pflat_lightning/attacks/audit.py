@@ -34,9 +34,10 @@ from pflat_lightning.attacks.scores import (
     reference_scores,
     zlib_scores,
 )
+from pflat_lightning.checkpointing import trainable_state  # noqa: F401  (the "initial" reference, kept importable here)
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import guarantee_reasons
-from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
+from pflat_lightning.protocol import PerExampleLosses, TokenScores, check_contract, privacy_engine, privacy_ledger
 
 SECTION = "MembershipInferenceAudit"
 RESULTS_JSON = "membership_inference.json"
@@ -67,15 +68,12 @@ def check_attacks(attacks: Sequence[str], pl_module: Optional[pl.LightningModule
     if not attacks or any(a not in ATTACK_REGISTRY for a in attacks):
         raise ValueError(f"attacks must be a non-empty selection of the registered attacks {registered}, got {list(attacks)}.")
     if pl_module is not None:
-        require(pl_module, "example_losses", "MembershipInferenceAudit")
-        for attack in _needing(attacks, "token_log_probs"):
-            if not hasattr(pl_module, "token_log_probs"):
-                others = [a for a in registered if "token_log_probs" not in ATTACK_REGISTRY[a].needs]
-                raise TypeError(
-                    f"The {attack!r} attack scores the tokens of a causal LM: it needs `token_log_probs(batch)` and "
-                    f"`tokenizer` on the module (PrefixTunedCausalLM has them); {type(pl_module).__name__} has no "
-                    f"token_log_probs. Use one of the attacks {others}."
-                )
+        token_attacks = _needing(attacks, "token_log_probs")
+        others = [a for a in registered if "token_log_probs" not in ATTACK_REGISTRY[a].needs]
+        check_contract(pl_module, PerExampleLosses, *([TokenScores] if token_attacks else []),
+                       who=f"MembershipInferenceAudit(attacks={list(attacks)})" + (
+                           f" (the {token_attacks} attacks score the tokens of a causal LM, as PrefixTunedCausalLM "
+                           f"does; or use only the attacks {others})" if token_attacks else ""))
     return tuple(a for a in registered if a in attacks)
 
 
@@ -95,11 +93,6 @@ def balanced_subsets(members: Dataset, non_members: Dataset, num_examples: Optio
     generator = torch.Generator().manual_seed(seed)
     pick = [torch.randperm(len(data), generator=generator)[:count].tolist() for data in (members, non_members)]
     return Subset(members, pick[0]), Subset(non_members, pick[1])
-
-
-def trainable_state(pl_module: pl.LightningModule) -> Dict[str, torch.Tensor]:
-    """A CPU copy of the trainable parameters (``requires_grad``), by name: the ``"initial"`` reference."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in pl_module.named_parameters() if p.requires_grad}
 
 
 @contextmanager
@@ -376,7 +369,7 @@ def _loss_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
 def _reference_attack(inputs: AuditInputs) -> Tuple[torch.Tensor, Dict[str, Any]]:
     reference = inputs.reference
     if isinstance(reference, pl.LightningModule):
-        require(reference, "example_losses", "The reference model")
+        check_contract(reference, PerExampleLosses, who="The reference model")
         reference_stats = inputs.statistics(reference)
     else:
         state = checkpoint_reference(inputs.pl_module, reference) if isinstance(reference, (str, Path)) else reference

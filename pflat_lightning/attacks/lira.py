@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.sampling import PoissonDataLoader
+from pflat_lightning.protocol import TokenScores
 
 #: The scaled confidences that LiRA fits Gaussians to: the logit of the true-class probability
 #: (classifiers) or the negative loss (language models, whose loss is a mean over tokens).
@@ -46,7 +47,7 @@ def scaled_confidence(losses: torch.Tensor, kind: str) -> torch.Tensor:
 
 def default_confidence(pl_module: pl.LightningModule) -> str:
     """``"negative_loss"`` for modules that score tokens (causal LMs), ``"logit"`` for classifiers."""
-    return "negative_loss" if hasattr(pl_module, "token_log_probs") else "logit"
+    return "negative_loss" if isinstance(pl_module, TokenScores) else "logit"
 
 
 def lira_offline_scores(

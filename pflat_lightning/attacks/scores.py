@@ -18,26 +18,16 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 
-from pflat_lightning.protocol import require
+from pflat_lightning.protocol import PerExampleLosses, TokenScores, check_contract, task_loss_mode
+
 
 @contextmanager
 def scoring_mode(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Eval mode, no gradients and an empty ``loss_terms`` while inside; every submodule's train/eval
-    flag and the module's ``loss_terms`` (the same list object) are restored on exit."""
-    modes = [(module, module.training) for module in pl_module.modules()]
-    terms = getattr(pl_module, "loss_terms", None)
-    saved = list(terms) if terms is not None else None
-    pl_module.eval()
-    if terms is not None:
-        terms.clear()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if terms is not None:
-            terms[:] = saved
-        for module, training in modes:
-            module.training = training
+    """No gradients and :func:`~pflat_lightning.protocol.task_loss_mode` while inside: eval mode and an empty
+    ``loss_terms``; every submodule's train/eval flag and the module's ``loss_terms`` (the same list object)
+    are restored on exit."""
+    with task_loss_mode(pl_module), torch.no_grad():
+        yield
 
 
 @dataclass
@@ -69,10 +59,8 @@ def example_statistics(pl_module: pl.LightningModule, loader: DataLoader, *, tok
         stats = example_statistics(model, DataLoader(members, batch_size=64, collate_fn=collate))
         scores = -stats.losses  # the loss attack
     """
-    require(pl_module, "example_losses", "Membership scoring")
-    if tokens:
-        for attribute in ("token_log_probs", "tokenizer"):
-            require(pl_module, attribute, "The Min-K% and zlib attacks")
+    check_contract(pl_module, *((PerExampleLosses, TokenScores) if tokens else (PerExampleLosses,)),
+                   who="Membership scoring" + (" of tokens (the Min-K% and zlib attacks)" if tokens else ""))
     losses: List[torch.Tensor] = []
     log_probs: List[torch.Tensor] = []
     texts: List[str] = []

@@ -11,7 +11,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.sampling import PoissonDataLoader
-from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
+from pflat_lightning.protocol import (
+    PerExampleLosses,
+    check_contract,
+    layer_groups,
+    num_examples,
+    physical_batch_size,
+    privacy_engine,
+    privacy_ledger,
+    report_sections,
+)
 
 DIRECTIONS = ("previous_private", "fresh_private", "raw")
 
@@ -40,7 +49,9 @@ class AdversarialWeightPerturbation(Callback):
 
     On a non-private module every mode uses ordinary gradients of the current batch. Layers are the module's
     ``layer_groups()`` (each prefix layer for ``PrefixTunedClassifier``) or, for a plain
-    LightningModule, its trainable parameters grouped by submodule.
+    LightningModule, its trainable parameters grouped by submodule. The ``"raw"`` and ``"fresh_private"``
+    modes need ``example_losses(batch)`` (:class:`~pflat_lightning.protocol.PerExampleLosses`); batches may
+    be any collection of tensors with one row per example.
 
     Args:
         gamma: relative perturbation size (the paper used 1e-4 with RoBERTa-base; the norm of a
@@ -54,6 +65,8 @@ class AdversarialWeightPerturbation(Callback):
         ValueError: for a bad ``gamma``, ``direction`` or schedule; at fit start for
             ``Trainer(accumulate_grad_batches > 1)`` (each micro-batch would perturb the weights again
             before the restore) and for ``"fresh_private"`` under ``PrivacyConfig(poisson_sampling=False)``.
+        TypeError: at fit setup, listing every member the module lacks (``example_losses`` for
+            ``"raw"``/``"fresh_private"``).
 
     Example::
 
@@ -117,7 +130,7 @@ class AdversarialWeightPerturbation(Callback):
             )
         engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
         if self.direction != "previous_private":
-            require(pl_module, "example_losses", f"AdversarialWeightPerturbation(direction={self.direction!r})")
+            check_contract(pl_module, PerExampleLosses, who=f"AdversarialWeightPerturbation(direction={self.direction!r})")
         if engine is None:
             return
         if self.direction == "previous_private":
@@ -181,15 +194,13 @@ class AdversarialWeightPerturbation(Callback):
             self._previous = dict(zip(engine.optimizer.params, engine.released_gradient))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sections = getattr(pl_module, "report_sections", None)
-        if sections is not None:
-            schedule = (f"epochs < {self.until_epoch}" if self.until_epoch is not None
-                        else f"first {self.until_fraction:g} of the planned steps")
-            section = {"gamma": self.gamma, "direction": self.direction, "perturbed_steps": self.perturbed_steps,
-                       "schedule": schedule}
-            if self.direction == "fresh_private" and privacy_engine(pl_module) is not None:
-                section["ascent_sampling"] = "independent Poisson draw"
-            sections[type(self).__name__] = section
+        schedule = (f"epochs < {self.until_epoch}" if self.until_epoch is not None
+                    else f"first {self.until_fraction:g} of the planned steps")
+        section = {"gamma": self.gamma, "direction": self.direction, "perturbed_steps": self.perturbed_steps,
+                   "schedule": schedule}
+        if self.direction == "fresh_private" and privacy_engine(pl_module) is not None:
+            section["ascent_sampling"] = "independent Poisson draw"
+        report_sections(pl_module)[type(self).__name__] = section
 
     # ------------------------------------------------------------------ directions
     def _direction(self, pl_module: pl.LightningModule, batch: Any, groups: Dict[str, List[torch.nn.Parameter]]):
@@ -199,12 +210,11 @@ class AdversarialWeightPerturbation(Callback):
         engine = privacy_engine(pl_module)
         if self.direction == "fresh_private" and engine is not None:
             ascent = pl_module.trainer.strategy.batch_to_device(next(self._ascent_batches))
-            chunk = getattr(pl_module, "max_physical_batch_size", ascent["labels"].shape[0] or 1)
-            engine.backward_batch(ascent, pl_module.example_losses, chunk)
+            engine.backward_batch(ascent, pl_module.example_losses, physical_batch_size(pl_module, ascent))
             return dict(zip(engine.optimizer.params, engine.release_gradient()))
         # raw (or any mode without DP): the plain gradient of the batch, without per-example hooks.
         grads = [None] * len(params)
-        if batch["labels"].shape[0] > 0:
+        if num_examples(batch) > 0:
             hooks = engine.hooks if engine is not None else None
             if hooks is not None:
                 hooks.disable_hooks()

@@ -14,13 +14,15 @@ from pflat_lightning.landscape.measures import (
     PRIVATE_EVALUATION,
     SECTION,
     LandscapeSettings,
+    check_choice,
+    check_count,
     collect_batches,
     landscape_section,
     measure_landscape,
     split_loader,
 )
 from pflat_lightning.landscape.plots import write_landscape
-from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
+from pflat_lightning.protocol import PerExampleLosses, check_contract, privacy_engine, privacy_ledger, report_sections
 
 
 class LossLandscape(Callback):
@@ -79,10 +81,8 @@ class LossLandscape(Callback):
         span: float = 1.0,
         seed: int = 0,
     ) -> None:
-        if data not in DATA_SPLITS:
-            raise ValueError(f"data must be one of {DATA_SPLITS}, got {data!r}.")
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be an integer >= 1, got {num_batches}.")
+        check_choice("data", data, DATA_SPLITS)
+        check_count("num_batches", num_batches, 1)
         self.settings = LandscapeSettings(
             alphas=DEFAULT_ALPHAS if alphas is None else alphas, radius=radius, direction=direction, sam_rho=sam_rho,
             sam_steps=sam_steps, slice_1d_points=slice_1d_points, slice_2d_points=slice_2d_points, span=span, seed=seed,
@@ -95,7 +95,7 @@ class LossLandscape(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require(pl_module, "example_losses", type(self).__name__)
+        check_contract(pl_module, PerExampleLosses, who=type(self).__name__)
         if self.settings.direction == "released":
             engine = privacy_engine(pl_module)
             if engine is None:
@@ -116,10 +116,7 @@ class LossLandscape(Callback):
         batches = collect_batches(self._loader(trainer), self.num_batches, pl_module.device)
         self.result = measure_landscape(pl_module, batches, self.settings, data=self.data)
         files = write_landscape(self.result, folder)
-        section = {**landscape_section(self.result), "folder": str(folder)}
-        sections = getattr(pl_module, "report_sections", None)
-        if sections is not None:
-            sections[SECTION] = section
+        report_sections(pl_module)[SECTION] = {**landscape_section(self.result), "folder": str(folder)}
         metrics = {"sharpness": self.result["sharpness"], "sam_sharpness": self.result["sam_sharpness"]}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

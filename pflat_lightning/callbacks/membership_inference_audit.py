@@ -21,6 +21,7 @@ from pflat_lightning.attacks.audit import (
     write_audit,
 )
 from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.protocol import report_sections
 
 
 class MembershipInferenceAudit(Callback):
@@ -156,9 +157,7 @@ class MembershipInferenceAudit(Callback):
         files = write_audit(result, folder)
         self.results = result.summary
         record_evaluation(pl_module, self.attacks)
-        sections = getattr(pl_module, "report_sections", None)
-        if sections is not None:
-            sections[SECTION] = report_section(result, files)
+        report_sections(pl_module)[SECTION] = report_section(result, files)
         metrics = {}
         for name, m in result.summary["attacks"].items():
             metrics.update({f"mia_{name}_auc": m["auc"], f"mia_{name}_accuracy": m["mia_accuracy"],

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -12,11 +12,21 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pflat_lightning.landscape.measures import (
     DEFAULT_ALPHAS,
     check_alphas,
+    collect_batches,
     gradient_direction,
     paper_curve,
     released_direction,
+    split_loader,
 )
-from pflat_lightning.protocol import layer_groups, privacy_engine, privacy_ledger, require
+from pflat_lightning.protocol import (
+    PerExampleLosses,
+    PrunablePrefix,
+    check_contract,
+    layer_groups,
+    privacy_engine,
+    privacy_ledger,
+    report_sections,
+)
 
 DATA_SOURCES = ("public", "validation", "private")
 DIRECTIONS = ("released", "data")
@@ -46,6 +56,10 @@ class SharpnessLayerSelection(Callback):
     is almost pure noise: the classifier head's gradient takes most of each example's clipping budget,
     so the loss barely moves along it and every layer scores about 0. A warning says so when all scores are 0.
 
+    The module declares its prefix layers' mask (:class:`~pflat_lightning.protocol.PrunablePrefix`:
+    ``prefix_layer_mask()``, ``set_prefix_layer_mask(keep)``) and, unless ``layers`` is given, its per-example
+    losses (``example_losses(batch)``); ``layer_groups()`` is optional (see :mod:`pflat_lightning.protocol`).
+
     Args:
         keep_layers: how many layers keep a prefix: a count, or a fraction of the layers (the paper
             kept 9 of 12, 0.75).
@@ -58,6 +72,7 @@ class SharpnessLayerSelection(Callback):
         num_batches: batches of the selection data evaluated per point of each curve.
 
     Raises:
+        TypeError: at fit setup, listing every member of the contract the module lacks.
         ValueError: for a bad argument; at fit setup for ``layers`` outside ``[0, num_layers)``, a
             ``keep_layers`` count above the prefix's layers, or an ``at_epoch`` the run cannot reach
             (``max_epochs``, or ``max_steps`` with the training batches per epoch, checked again before the
@@ -111,13 +126,13 @@ class SharpnessLayerSelection(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        require(pl_module, "prefix", type(self).__name__)
-        self._check_layers(pl_module.prefix.geometry.num_layers)
+        needs = (PrunablePrefix,) if self.fixed_layers is not None else (PrunablePrefix, PerExampleLosses)
+        check_contract(pl_module, *needs, who=type(self).__name__)
+        self._check_layers(len(pl_module.prefix_layer_mask()))
         # Every epoch takes at least one step: a plan of max_steps <= at_epoch ends before the selection.
         self._check_reached(trainer, steps_per_epoch=1)
         if self.fixed_layers is not None:
             return
-        require(pl_module, "example_losses", type(self).__name__)
         engine, ledger = privacy_engine(pl_module), privacy_ledger(pl_module)
         direction = self._direction_kind(pl_module)
         if engine is None:
@@ -180,7 +195,6 @@ class SharpnessLayerSelection(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.selected is not None or trainer.current_epoch != self.at_epoch:
             return
-        prefix = pl_module.prefix
         if self.fixed_layers is not None:
             keep = sorted(self.fixed_layers)
         else:
@@ -199,53 +213,42 @@ class SharpnessLayerSelection(Callback):
             self.scores = trainer.strategy.broadcast(self.scores, src=0)
             for layer, score in self.scores.items():
                 pl_module.log(f"sharpness_without_layer_{layer}", score, rank_zero_only=True)
-        prefix.set_layer_mask([layer in keep for layer in range(prefix.geometry.num_layers)])
+        pl_module.set_prefix_layer_mask([layer in keep for layer in range(len(pl_module.prefix_layer_mask()))])
         self.selected = keep
         self._publish(pl_module)
         rank_zero_info(f"SharpnessLayerSelection: keeping prefix layers {keep}, scores {self.scores}")
 
     def _publish(self, pl_module: pl.LightningModule) -> None:
-        sections = getattr(pl_module, "report_sections", None)
-        if sections is not None:
-            sections[type(self).__name__] = {
-                "kept_layers": self.selected, "scores": {str(k): v for k, v in self.scores.items()},
-                "data": self.data, "direction": self._direction_kind(pl_module) if self.fixed_layers is None else None,
-            }
+        report_sections(pl_module)[type(self).__name__] = {
+            "kept_layers": self.selected, "scores": {str(k): v for k, v in self.scores.items()},
+            "data": self.data, "direction": self._direction_kind(pl_module) if self.fixed_layers is None else None,
+        }
 
-    def _batches(self, trainer: pl.Trainer) -> Iterable[Dict[str, torch.Tensor]]:
+    def _batches(self, trainer: pl.Trainer, device: torch.device) -> List[Any]:
         datamodule = trainer.datamodule
-        if self.data == "public":
-            if datamodule is None or not hasattr(datamodule, "public_dataloader"):
-                raise ValueError("data='public' needs a datamodule with public_dataloader() (public_fraction > 0).")
-            loader = datamodule.public_dataloader()
-        elif self.data == "validation":
-            loader = trainer.datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-        else:
+        if self.data == "private":
             loader = trainer.train_dataloader
-        batches = []
-        for batch in loader:
-            if batch["labels"].shape[0] == 0:
-                continue
-            batches.append(trainer.strategy.batch_to_device(batch))
-            if len(batches) == self.num_batches:
-                break
-        return batches
+        elif datamodule is not None:
+            loader = split_loader(datamodule, self.data)
+        elif self.data == "validation":
+            loader = trainer.val_dataloaders
+        else:
+            raise ValueError("data='public' needs a datamodule with public_dataloader() (public_fraction > 0).")
+        return collect_batches(loader, self.num_batches, device)
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[int, float]:
-        batches = self._batches(trainer)
+        batches = self._batches(trainer, pl_module.device)
         groups = layer_groups(pl_module)
         direction = self._unit_direction(pl_module, groups, batches)
-        prefix = pl_module.prefix
-        original_mask = prefix.layer_mask.clone()
+        original_mask = pl_module.prefix_layer_mask()
         scores: Dict[int, float] = {}
         try:
-            for layer in prefix.active_layers:
-                prefix.layer_mask.copy_(original_mask)
-                prefix.layer_mask[layer] = False
+            for layer in [i for i, active in enumerate(original_mask) if active]:
+                pl_module.set_prefix_layer_mask([active and i != layer for i, active in enumerate(original_mask)])
                 scores[layer] = paper_curve(pl_module, batches, alphas=self.alphas, radius=self.radius,
                                             direction=direction, groups=groups)["sharpness"]
         finally:
-            prefix.layer_mask.copy_(original_mask)
+            pl_module.set_prefix_layer_mask(original_mask)
         return scores
 
     def _unit_direction(self, pl_module: pl.LightningModule, groups: Dict[str, List[torch.nn.Parameter]],

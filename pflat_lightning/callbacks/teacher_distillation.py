@@ -16,11 +16,20 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from pflat_lightning.checkpointing import TRAINED_PREFIXES, check_checkpoint_matches
+from pflat_lightning.checkpointing import TRAINED_PREFIXES, check_checkpoint_matches, trainable_state
+from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.config import PrivacyConfig
-from pflat_lightning.protocol import privacy_engine, privacy_ledger, require
+from pflat_lightning.protocol import (
+    Cloneable,
+    Distillable,
+    PrunablePrefix,
+    check_contract,
+    privacy_engine,
+    privacy_ledger,
+    report_sections,
+)
 
 SOURCES = ("checkpoint", "public", "private_dp", "private_nonprivate")
 #: torch's CPU generator (Mersenne Twister) keeps the low 32 bits of a seed: seeds equal modulo this draw the same noise.
@@ -66,6 +75,14 @@ class TeacherDistillation(Callback):
     - ``"private_nonprivate"`` (the paper's choice): trained without noise on the private data. The
       ledger records it and the report says no formal guarantee holds.
 
+    The module declares :class:`~pflat_lightning.protocol.Distillable` (``loss_terms``,
+    ``before_optimizers``, ``prefix``) and :class:`~pflat_lightning.protocol.Cloneable`
+    (``clone_untrained(**overrides)``: the untrained teacher, given ``privacy=`` and ``optimizer=`` where its
+    signature accepts them; a :class:`~pflat_lightning.module.DPPrefixModule` without it is rebuilt from its
+    ``hparams``). A checkpoint teacher is read from the checkpoint's ``state_dict``: the entries named like
+    the module's trainable parameters. Logit distillation calls the teacher with the batch's model inputs
+    (``input_ids``, ``attention_mask``, ``token_type_ids``).
+
     Args:
         teacher: where the teacher comes from (see above).
         checkpoint_path: the teacher checkpoint for ``teacher="checkpoint"``.
@@ -81,6 +98,7 @@ class TeacherDistillation(Callback):
             student's (modulo ``2**32``).
 
     Raises:
+        TypeError: at fit setup, listing every member of the contract the module lacks.
         ValueError: for a bad argument; for ``teacher="private_dp"`` with a non-private ``teacher_privacy``
             at once; at fit start, for a ``teacher_privacy`` that would draw the student's noise, or a
             ``teacher="checkpoint"`` whose checkpoint holds another model than the student.
@@ -144,8 +162,8 @@ class TeacherDistillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        for attribute in ("model", "loss_terms", "before_optimizers", "hparams"):
-            require(pl_module, attribute, type(self).__name__)
+        rebuilt = isinstance(pl_module, DPPrefixModule) and not isinstance(pl_module, Cloneable)
+        check_contract(pl_module, Distillable, *(() if rebuilt else (Cloneable,)), who=type(self).__name__)
         if self.source == "private_dp":  # refused before anything is trained or recorded
             if privacy_engine(pl_module) is None:
                 raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
@@ -180,8 +198,12 @@ class TeacherDistillation(Callback):
         if self.source == "checkpoint":
             checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             check_checkpoint_matches(pl_module, checkpoint, f"TeacherDistillation(checkpoint_path={self.checkpoint_path!r})")
-            self.teacher_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
-                                  if k.startswith(TRAINED_PREFIXES)}
+            if isinstance(pl_module, Cloneable):
+                names = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+                self.teacher_state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+            else:
+                self.teacher_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
+                                      if k.startswith(TRAINED_PREFIXES)}
         else:
             # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
@@ -191,7 +213,7 @@ class TeacherDistillation(Callback):
     def _teacher_privacy(self, pl_module: pl.LightningModule) -> PrivacyConfig:
         if self.source != "private_dp":
             return PrivacyConfig(enabled=False)
-        student = pl_module.privacy
+        student = privacy_engine(pl_module).config
         if self.teacher_privacy is not None:
             teacher = self.teacher_privacy
             # In secure mode a stream comes from the OS's generator, independent of any seed.
@@ -214,10 +236,16 @@ class TeacherDistillation(Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError(f"TeacherDistillation(teacher={self.source!r}) needs the trainer's datamodule.")
-        accepted = inspect.signature(type(pl_module).__init__).parameters
-        hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
-        hparams["privacy"] = self._teacher_privacy(pl_module)
-        teacher = type(pl_module)(**hparams, optimizer=partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0))
+        overrides = {"privacy": self._teacher_privacy(pl_module),
+                     "optimizer": partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0)}
+        if isinstance(pl_module, Cloneable):
+            accepted = inspect.signature(pl_module.clone_untrained).parameters
+            takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+            teacher = pl_module.clone_untrained(**{k: v for k, v in overrides.items() if takes_all or k in accepted})
+        else:
+            accepted = inspect.signature(type(pl_module).__init__).parameters
+            hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
+            teacher = type(pl_module)(**{**hparams, **overrides})
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         device = trainer.strategy.root_device
         with tempfile.TemporaryDirectory() as scratch:
@@ -245,13 +273,40 @@ class TeacherDistillation(Callback):
                     datamodule.batch_size, datamodule.trainer = saved
                     if seed is not None:
                         datamodule.seed = seed
-        state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
-                 if k.startswith(("prefix.", "classifier."))}
-        history = list(teacher.engine.history) if teacher.engine is not None else []
-        return state, history
+        if isinstance(pl_module, Cloneable):
+            state = trainable_state(teacher)
+        else:
+            state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
+                     if k.startswith(("prefix.", "classifier."))}
+        engine = privacy_engine(teacher)
+        return state, list(engine.history) if engine is not None else []
 
     # ------------------------------------------------------------------ the regulariser
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        teacher = self._cloned_teacher(pl_module) if isinstance(pl_module, Cloneable) else self._rebuilt_teacher(pl_module)
+        teacher.eval()
+        self._teacher, self._student = teacher, pl_module
+        with torch.no_grad():
+            self._teacher_prefix = [(k[:1], v[:1]) for k, v in teacher.prefix(1)]
+        self._term = self.example_terms
+        pl_module.loss_terms.append(self._term)
+        report_sections(pl_module)[type(self).__name__] = {"teacher": self.source, "weight": self.weight,
+                                                           "logit_weight": self.logit_weight,
+                                                           "temperature": self.temperature}
+
+    def _cloned_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The trained teacher: an untrained clone of the module with the teacher's trainable parameters."""
+        teacher = pl_module.clone_untrained().to(pl_module.device)
+        expected = {n for n, p in teacher.named_parameters() if p.requires_grad}
+        loaded = teacher.load_state_dict(self.teacher_state, strict=False)
+        wrong = sorted(expected - set(self.teacher_state)) + loaded.unexpected_keys
+        if wrong:
+            raise ValueError(f"The teacher does not match the student's architecture: {wrong}")
+        teacher.requires_grad_(False)
+        return teacher
+
+    def _rebuilt_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The trained teacher's ``PrefixModel``, rebuilt by hand around the student's frozen backbone."""
         model = pl_module.model
         # The teacher shares the student's frozen backbone and gets a fresh prefix and classifier.
         teacher = copy.copy(model)
@@ -268,16 +323,7 @@ class TeacherDistillation(Callback):
         teacher.prefix.requires_grad_(False)
         if teacher.classifier is not None:
             teacher.classifier.requires_grad_(False)
-        teacher.eval()
-        self._teacher, self._student = teacher, model
-        with torch.no_grad():
-            self._teacher_prefix = [(k[:1], v[:1]) for k, v in teacher.prefix(1)]
-        self._term = self.example_terms
-        pl_module.loss_terms.append(self._term)
-        sections = getattr(pl_module, "report_sections", None)
-        if sections is not None:
-            sections[type(self).__name__] = {"teacher": self.source, "weight": self.weight,
-                                             "logit_weight": self.logit_weight, "temperature": self.temperature}
+        return teacher
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._term in pl_module.loss_terms:
@@ -286,7 +332,9 @@ class TeacherDistillation(Callback):
     def example_terms(self, batch: Dict[str, torch.Tensor], logits: torch.Tensor, prefix) -> torch.Tensor:
         """Per-example ``weight * ||P_i - P_teacher|| (+ logit_weight * T^2 * KL)``; ``prefix`` is the
         per-example prefix of the student's forward that produced ``logits``."""
-        active = self._student.prefix.active_layers
+        student = self._student
+        active = ([i for i, keep in enumerate(student.prefix_layer_mask()) if keep]
+                  if isinstance(student, PrunablePrefix) else range(len(self._teacher_prefix)))
         squared = sum(((prefix[i][0] - self._teacher_prefix[i][0]) ** 2).flatten(1).sum(1)
                       + ((prefix[i][1] - self._teacher_prefix[i][1]) ** 2).flatten(1).sum(1) for i in active)
         terms = self.weight * torch.sqrt(squared + 1e-12)

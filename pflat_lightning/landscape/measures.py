@@ -7,7 +7,8 @@ mean of ``example_losses(batch)`` over every example of the evaluation batches, 
 ``loss_terms`` (teacher distillation) temporarily emptied, the module in eval mode and Opacus'
 per-example hooks disabled. Afterwards the weights, the training/eval mode of every submodule, the
 loss terms and the hooks are exactly as before (see :func:`measuring`); the global random state is
-never touched (random directions use their own seeded generator).
+never touched (random directions use their own seeded generator). A module without ``example_losses``
+gets one ``TypeError`` listing what it lacks (:func:`~pflat_lightning.protocol.check_contract`).
 
 The measures:
 
@@ -17,7 +18,8 @@ The measures:
   (the AWP/SAM neighbourhood), found by projected gradient ascent.
 - :func:`random_slice`: 1-D and 2-D filter-normalised random slices (Li et al. 2018).
 
-Batches are dicts whose ``labels`` hold one entry per example (the batches of every pflat datamodule).
+Batches are collections of tensors with one row per example (the batches of every pflat datamodule);
+their size is their first tensor's length (:func:`~pflat_lightning.protocol.num_examples`).
 Results are plain dicts of floats, lists and strings, ready for ``json.dump``.
 """
 from __future__ import annotations
@@ -32,7 +34,14 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from pflat_lightning.protocol import layer_groups, privacy_engine, require
+from pflat_lightning.protocol import (
+    PerExampleLosses,
+    check_contract,
+    layer_groups,
+    num_examples,
+    privacy_engine,
+    task_loss_mode,
+)
 
 Batch = Dict[str, Any]
 Groups = Dict[str, List[nn.Parameter]]
@@ -69,23 +78,24 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}.")
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    """Refuse a ``value`` of argument ``name`` outside ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
 
 
-def _check_steps(name: str, steps: int) -> None:
-    if steps < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {steps}.")
+def check_count(name: str, value: int, minimum: int) -> None:
+    """Refuse a count ``value`` of argument ``name`` below ``minimum``."""
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
 
 
 def _check_slice(dims: int, points: int, span: float, one_dim: str) -> None:
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}.")
-    if points < 2:
-        raise ValueError(f"points must be an integer >= 2, got {points}.")
+    check_count("points", points, 2)
     _check_positive("span", span)
-    _check_choice("one_dim", one_dim, ONE_DIM)
+    check_choice("one_dim", one_dim, ONE_DIM)
 
 
 # ---------------------------------------------------------------------- data
@@ -100,7 +110,7 @@ def collect_batches(
         raise ValueError(f"num_batches must be None (all) or an integer >= 1, got {num_batches}.")
     collected: List[Batch] = []
     for batch in batches:
-        if len(batch["labels"]) == 0:
+        if num_examples(batch) == 0:
             continue
         collected.append(batch if device is None else move_data_to_device(batch, device))
         if num_batches is not None and len(collected) == num_batches:
@@ -119,7 +129,7 @@ def split_loader(datamodule: Any, data: str, *, batch_size: Optional[int] = None
     with its collate function (never the Poisson sampler), in batches of ``batch_size`` (default: the
     datamodule's ``eval_batch_size``, else :data:`DEFAULT_EVAL_BATCH_SIZE`).
     """
-    _check_choice("data", data, DATA_SPLITS)
+    check_choice("data", data, DATA_SPLITS)
     if data == "private":
         train = datamodule.train_dataloader()
         size = batch_size or getattr(datamodule, "eval_batch_size", None) or DEFAULT_EVAL_BATCH_SIZE
@@ -156,32 +166,24 @@ def _device(module: nn.Module) -> torch.device:
 def measuring(module: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[List[Tensor]]:
     """Evaluate the task loss of ``module`` and move ``params`` freely; restore everything on exit.
 
-    Inside: every submodule in eval mode, ``module.loss_terms`` empty, Opacus' hooks (of
-    ``module.engine``) disabled. On exit ``params`` get their saved values back bit for bit and the
-    mode of each submodule, the loss-term list and the hooks' state are restored. Yields copies of the
-    weights ``w`` of ``params``.
+    Inside: :func:`~pflat_lightning.protocol.task_loss_mode` (every submodule in eval mode,
+    ``module.loss_terms`` empty) and Opacus' hooks (of ``module.engine``) disabled. On exit ``params`` get
+    their saved values back bit for bit and the mode of each submodule, the loss-term list and the hooks'
+    state are restored. Yields copies of the weights ``w`` of ``params``.
     """
     weights = [p.detach().clone() for p in params]
-    modes = [(m, m.training) for m in module.modules()]
-    hooks = getattr(privacy_engine(module), "hooks", None)
-    hooks_enabled = bool(getattr(hooks, "hooks_enabled", False))
-    has_terms = hasattr(module, "loss_terms")
-    terms = module.loss_terms if has_terms else None
+    engine = privacy_engine(module)
+    hooks = engine.hooks if engine is not None else None
+    hooks_enabled = hooks is not None and hooks.hooks_enabled
     if hooks_enabled:
         hooks.disable_hooks()
-    if has_terms:
-        module.loss_terms = []
-    module.eval()
     try:
-        yield weights
+        with task_loss_mode(module):
+            yield weights
     finally:
         with torch.no_grad():
             for p, w in zip(params, weights):
                 p.copy_(w)
-        for m, training in modes:
-            m.training = training
-        if has_terms:
-            module.loss_terms = terms
         if hooks_enabled:
             hooks.enable_hooks()
 
@@ -199,7 +201,7 @@ def _place(params: Sequence[nn.Parameter], weights: Sequence[Tensor], directions
 
 
 def _examples(batches: Sequence[Batch]) -> int:
-    return sum(len(b["labels"]) for b in batches)
+    return sum(num_examples(b) for b in batches)
 
 
 def _mean_loss(module: nn.Module, batches: Sequence[Batch]) -> float:
@@ -244,7 +246,7 @@ def _unit(direction: Sequence[Tensor]) -> Tuple[List[Tensor], float]:
 def gradient_direction(module: nn.Module, batches: Iterable[Batch], *, groups: Optional[Groups] = None) -> List[Tensor]:
     """The unit-norm gradient of the mean task loss over ``batches`` (all zeros where it vanishes),
     one tensor per parameter of ``groups`` in order."""
-    require(module, "example_losses", "gradient_direction")
+    check_contract(module, PerExampleLosses, who="gradient_direction")
     params = _flat(landscape_groups(module, groups))
     batches = collect_batches(batches, device=_device(module))
     with measuring(module, params):
@@ -273,7 +275,7 @@ def _direction(module: nn.Module, batches: Sequence[Batch], params: Sequence[nn.
                direction: Union[str, Sequence[Tensor]]) -> Tuple[str, List[Tensor], float]:
     """(label, unit direction, norm before normalising) for :func:`paper_curve`."""
     if isinstance(direction, str):
-        _check_choice("direction", direction, DIRECTIONS)
+        check_choice("direction", direction, DIRECTIONS)
         if direction == "gradient":
             return (direction, *_unit(_loss_and_gradient(module, batches, params)[1]))
         released = _released(module, params)
@@ -331,7 +333,7 @@ def paper_curve(
         curve = paper_curve(model, datamodule.val_dataloader(), radius=1.0)
         print(curve["sharpness"])
     """
-    require(module, "example_losses", "paper_curve")
+    check_contract(module, PerExampleLosses, who="paper_curve")
     alphas = check_alphas(DEFAULT_ALPHAS if alphas is None else alphas)
     _check_positive("radius", radius)
     params = _flat(landscape_groups(module, groups))
@@ -368,9 +370,9 @@ def sam_perturbation(
     loss (or ``e = 0``, if none raises the loss) is returned. It is a local search: a lower bound on
     the true maximum, and 0 at a point where the gradient vanishes.
     """
-    require(module, "example_losses", "sam_sharpness")
+    check_contract(module, PerExampleLosses, who="sam_sharpness")
     _check_positive("rho", rho)
-    _check_steps("steps", steps)
+    check_count("steps", steps, 0)
     _check_positive("step_size", step_size)
     groups = landscape_groups(module, groups)
     params = _flat(groups)
@@ -471,7 +473,7 @@ def filter_normalized_direction(params: Sequence[nn.Parameter], generator: torch
     (``one_dim="zero"``, as Li et al. do for biases and batch-norm parameters) or treated as one filter
     (``one_dim="filter"``: ``d = z / ||z|| * ||w||``).
     """
-    _check_choice("one_dim", one_dim, ONE_DIM)
+    check_choice("one_dim", one_dim, ONE_DIM)
     direction = []
     for p in params:
         z = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.device, p.dtype)
@@ -523,7 +525,7 @@ def random_slice(
 
         plane = random_slice(model, val_batches, dims=2, points=11)
     """
-    require(module, "example_losses", "random_slice")
+    check_contract(module, PerExampleLosses, who="random_slice")
     _check_slice(dims, points, span, one_dim)
     params = _flat(landscape_groups(module, groups))
     batches = collect_batches(batches, device=_device(module))
@@ -579,9 +581,9 @@ class LandscapeSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "alphas", check_alphas(self.alphas))
         _check_positive("radius", self.radius)
-        _check_choice("direction", self.direction, DIRECTIONS)
+        check_choice("direction", self.direction, DIRECTIONS)
         _check_positive("sam_rho", self.sam_rho)
-        _check_steps("sam_steps", self.sam_steps)
+        check_count("sam_steps", self.sam_steps, 0)
         for name in ("slice_1d_points", "slice_2d_points"):
             value = getattr(self, name)
             if value != 0 and value < 2:
