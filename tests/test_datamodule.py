@@ -86,27 +86,64 @@ def bpe_tokenizer_dir(tmp_path_factory):
 
 def test_movie_reviews_loads_offline_as_the_binary_sentence_corpus_split_80_10_10(movie_reviews):
     with gzip.open(corpus_file("movie_reviews"), "rt", newline="") as handle:
-        sentiments = [float(row["sentiment"]) for row in csv.DictReader(handle)]
-    labelled = [s for s in sentiments if s != 0]
+        rows = [(row["text"], float(row["sentiment"])) for row in csv.DictReader(handle)]
+    labelled = list(unique_rows((text, int(s > 0)) for text, s in rows if s != 0).values())
     sizes = [len(movie_reviews.train_dataset), len(movie_reviews.val_dataset), len(movie_reviews.test_dataset)]
-    assert len(sentiments) == 10_605 and sum(sizes) == len(labelled) == 10_568
+    assert len(rows) == 10_605 and sum(sizes) == len(labelled) == 10_566  # neutral and repeated sentences dropped
     assert sizes[1] == sizes[2] == round(0.1 * len(labelled))
     assert movie_reviews.num_train_examples == sizes[0]
     assert movie_reviews.num_labels == 2 and movie_reviews.label_names == ["negative", "positive"]
     labels = torch.cat([column(movie_reviews.train_dataset, "labels"), column(movie_reviews.val_dataset, "labels"),
                         column(movie_reviews.test_dataset, "labels")])
     assert set(labels.tolist()) == {0, 1}
-    assert labels.sum().item() == sum(s > 0 for s in labelled)
+    assert labels.sum().item() == sum(labelled)
     assert set(movie_reviews.train_dataset.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert max(len(ids) for ids in column(movie_reviews.train_dataset, "input_ids")) == 32
 
 
-def test_sms_spam_labels_are_the_spam_column():
-    data = TextClassificationDataModule("sms_spam", tokenizer="bundled-minilm", max_length=16)
+def unique_rows(pairs):
+    """``(text, label)`` pairs with every text once, a text with conflicting labels dropped (by hand)."""
+    labels = {}
+    for text, label in pairs:
+        labels.setdefault(text, set()).add(label)
+    return {text: next(iter(found)) for text, found in labels.items() if len(found) == 1}
+
+
+def all_splits(data):
+    splits = (data.train_dataset, data.val_dataset, data.test_dataset)
+    return [text for split in splits for text in split["text"]], torch.cat([column(split, "labels") for split in splits])
+
+
+def test_sms_spam_labels_are_the_spam_column_and_each_message_is_there_once():
+    with open(corpus_file("sms_spam"), newline="", encoding="utf-8") as file:
+        expected = unique_rows((row["text"], int(row["spam"])) for row in csv.DictReader(file))
+    assert len(expected) < 4_837, "the file repeats messages"
+    data = TextClassificationDataModule("sms_spam", tokenizer="bundled-minilm", max_length=16, keep_text=True)
     data.setup()
-    labels = torch.cat([column(split, "labels") for split in (data.train_dataset, data.val_dataset, data.test_dataset)])
-    assert len(labels) == 4_837 and labels.sum().item() == 638
+    texts, labels = all_splits(data)
+    assert len(texts) == len(set(texts)) == len(expected) and labels.sum().item() == sum(expected.values())
+    assert {t: int(l) for t, l in zip(texts, labels.tolist())} == expected
     assert data.label_names == ["ham", "spam"]
+
+
+def test_trec_is_six_coarse_question_types_each_question_once():
+    with open(corpus_file("trec"), encoding="utf-8") as file:
+        pairs = [line.rstrip("\n").split(" ", 1) for line in file]
+    coarse = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    expected = unique_rows((text.strip(), coarse.index(label.split(":")[0])) for label, text in pairs)
+    data = TextClassificationDataModule("trec", tokenizer="bundled-minilm", max_length=16, keep_text=True)
+    data.setup()
+    texts, labels = all_splits(data)
+    assert data.num_labels == 6
+    assert data.label_names == ["abbreviation", "description", "entity", "human", "location", "number"]
+    assert len(texts) == len(set(texts)) == len(expected) < len(pairs)
+    assert {t: int(l) for t, l in zip(texts, labels.tolist())} == expected
+
+
+def test_unique_texts_keeps_first_of_agreeing_repeats_and_drops_conflicts():
+    data = datasets.Dataset.from_dict({"text": ["a", "b", "a", "c", "c", "d"], "label": [0, 1, 0, 0, 1, 1]})
+    kept = module.unique_texts(data)
+    assert kept["text"] == ["a", "b", "d"] and kept["label"] == [0, 1, 1]
 
 
 def test_splits_are_seeded(tmp_path):

