@@ -8,20 +8,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.callbacks.teacher_distillation import TeacherDistillation
 from pflat_lightning.module import DPPrefixModule
-from pflat_lightning.prefix_model import PrefixCausalLM
+from pflat_lightning.prefix_model import PrefixCausalLM, load_backbone
 from pflat_lightning.privacy.config import PrivacyConfig
 
 STAGES = ("val", "test")
 
 
 class PrefixTunedCausalLM(DPPrefixModule):
-    """A frozen causal LM (GPT-2, Llama incl. grouped-query attention, Mistral, Qwen2) whose only trainable
-    part is a prefix, trained to continue a source text with its target (data-to-text, dialogue).
+    """A frozen causal LM (any decoder family: Llama, Qwen, Gemma, Mistral, Phi-3, OLMo 2, GPT-2, OPT, ...) whose
+    only trainable part is a prefix, trained to continue a source text with its target (data-to-text, dialogue).
 
     Training scores only the target tokens (``labels != -100``) and gives DP one loss per example: the mean
     negative log-likelihood of that example's target tokens. Everything private (Poisson sampling,
@@ -55,6 +55,11 @@ class PrefixTunedCausalLM(DPPrefixModule):
         num_generation_batches: evaluation batches (from the first) whose prompts are generated from; 0
             turns BLEU, ROUGE-L and samples off (generation is the slow part of evaluation on a CPU).
         num_samples: generations shown in the log and the report per evaluation.
+        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
+            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
+            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
+            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
+            config before any weights load.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory, stepped once per logical batch.
@@ -92,6 +97,7 @@ class PrefixTunedCausalLM(DPPrefixModule):
         generate_max_new_tokens: int = 20,
         num_generation_batches: int = 1,
         num_samples: int = 3,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
@@ -115,7 +121,7 @@ class PrefixTunedCausalLM(DPPrefixModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         path = resolve_model(backbone)
         try:
-            backbone_model = AutoModelForCausalLM.from_pretrained(path)
+            backbone_model = load_backbone(path, "causal_lm", **(backbone_kwargs or {}))
         except OSError as error:
             raise ValueError(
                 f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}"

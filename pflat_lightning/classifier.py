@@ -1,7 +1,7 @@
 """``PrefixTunedClassifier``: DP prefix tuning of a frozen transformer for text classification."""
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,11 @@ class PrefixTunedClassifier(DPPrefixModule):
         num_virtual_tokens: prefix length.
         prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
         prefix_init_std: standard deviation of the prefix initialisation.
+        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
+            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
+            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
+            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
+            config before any weights load.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory, stepped once per logical batch.
@@ -69,6 +74,7 @@ class PrefixTunedClassifier(DPPrefixModule):
         num_virtual_tokens: int = 10,
         prefix_hidden: Optional[int] = None,
         prefix_init_std: float = 0.5,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
@@ -87,7 +93,7 @@ class PrefixTunedClassifier(DPPrefixModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         path = resolve_model(backbone)
         try:
-            model = load_backbone(path, head)
+            model = load_backbone(path, head, **(backbone_kwargs or {}))
         except OSError as error:
             raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
         self.tokenizer = AutoTokenizer.from_pretrained(path)
