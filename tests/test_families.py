@@ -375,6 +375,7 @@ def test_remote_code_is_refused_unless_asked_for(family_dir, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
     config = json.loads((Path(family_dir("llama")) / "config.json").read_text())
+    config["model_type"] = "custom_llama"  # a type transformers does not know: only the folder's code could load it
     config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="trust_remote_code"):
