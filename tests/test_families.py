@@ -3,9 +3,9 @@
 Hugging Face's own LM forward and loss, per-example autograd, hand-written greedy decoding."""
 from __future__ import annotations
 
-import copy
 import json
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,11 @@ LABEL_WORDS = ("bad", "good")
 EOS, PAD = 102, 0
 
 
+@lru_cache(maxsize=None)
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model("bundled-minilm"))
+
+
 def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **BASE, **TINY[model_type])
 
@@ -72,7 +77,6 @@ def tiny_config(model_type: str):
 def family_dir(tmp_path_factory):
     """``family_dir(model_type)``: a folder with a tiny random masked/causal LM of that type and a tokenizer."""
     folders = {}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("bundled-minilm"))
 
     def make(model_type: str) -> str:
         if model_type not in folders:
@@ -80,7 +84,7 @@ def family_dir(tmp_path_factory):
             config = tiny_config(model_type)
             folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
             family_for(config).lm_class.from_config(config).save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            tokenizer().save_pretrained(folder)
             folders[model_type] = str(folder)
         return folders[model_type]
 
@@ -89,16 +93,15 @@ def family_dir(tmp_path_factory):
 
 def prefix_model(path: str, head: str = "linear", **kwargs) -> PrefixModel:
     torch.manual_seed(1)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    words = tokenizer.convert_tokens_to_ids(list(LABEL_WORDS))
+    words = tokenizer().convert_tokens_to_ids(list(LABEL_WORDS))
     return PrefixModel(load_backbone(path, head, **kwargs), 2, head=head, label_word_ids=words,
-                       mask_token_id=tokenizer.mask_token_id, num_virtual_tokens=PREFIX, prefix_init_std=1.0)
+                       mask_token_id=tokenizer().mask_token_id, num_virtual_tokens=PREFIX, prefix_init_std=1.0)
 
 
 def token_batch(model_type: str, size: int = 4, length: int = 10, seed: int = 1):
     """Random word ids, the last token of every third row padding, a mask token for the encoders' label words."""
-    mask_token = AutoTokenizer.from_pretrained(resolve_model("bundled-minilm")).mask_token_id
-    data = TokenDataset(size, length=length, seed=seed, mask_token_id=mask_token if model_type in ENCODERS else None)
+    mask_token = tokenizer().mask_token_id if model_type in ENCODERS else None
+    data = TokenDataset(size, length=length, seed=seed, mask_token_id=mask_token)
     batch = collate([data[i] for i in range(size)])
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, PAD)
     return batch
@@ -220,9 +223,8 @@ def test_label_word_logits_are_the_lms_own_logits_at_the_read_position(model_typ
     with torch.no_grad():
         logits = model(ids, mask)
         full = hf_lm_logits(model, lm, ids, mask, model_type)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    read = (ids == tokenizer.mask_token_id).long().argmax(1) if model_type in ENCODERS else mask.sum(1) - 1
-    words = tokenizer.convert_tokens_to_ids(list(LABEL_WORDS))
+    read = (ids == tokenizer().mask_token_id).long().argmax(1) if model_type in ENCODERS else mask.sum(1) - 1
+    words = tokenizer().convert_tokens_to_ids(list(LABEL_WORDS))
     torch.testing.assert_close(logits, full[torch.arange(4), read][:, words], atol=1e-5, rtol=1e-4)
 
 
