@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer, DynamicCache
 
 from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.bundled import resolve_model
@@ -19,41 +20,11 @@ from pflat_lightning.families import FAMILIES, REFUSED, cache_keyword, family_fo
 from pflat_lightning.prefix_model import PrefixCausalLM, PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
 
-from helpers import TokenDataModule, TokenDataset, collate, quiet_trainer
+from conftest import BASE, TINY, tiny_config
+from helpers import TokenDataModule, TokenDataset, clipped_mean, collate, greedy_by_hand, quiet_trainer
 
-VOCAB = 30522  # the bundled MiniLM WordPiece tokenizer serves every tiny model
-BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32,
-            max_position_embeddings=128, pad_token_id=0)
-NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-GQA = dict(num_key_value_heads=2)
-#: A sliding window shorter than the test sequences, and the last layer sliding (the prefix must reach it).
-SLIDING = dict(sliding_window=4)
-HYBRID = dict(SLIDING, layer_types=["full_attention", "sliding_attention"])
-#: One tiny random config per supported model type: the only line a new family needs here.
-TINY = {
-    "bert": NO_DROPOUT_BERT,
-    "electra": dict(NO_DROPOUT_BERT, embedding_size=32),
-    "roberta": NO_DROPOUT_BERT,
-    "xlm-roberta": NO_DROPOUT_BERT,
-    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "llama": GQA,
-    "mistral": dict(GQA, **SLIDING),
-    "mixtral": dict(GQA, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2": dict(GQA, use_sliding_window=True, max_window_layers=1, **SLIDING),
-    "qwen3": dict(GQA, head_dim=16),
-    "qwen3_moe": dict(GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
-    "olmo2": GQA,
-    "gemma": dict(GQA, head_dim=16),
-    "gemma2": dict(GQA, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
-                   final_logit_softcapping=5.0, **HYBRID),
-    "gemma3_text": dict(GQA, head_dim=16, query_pre_attn_scalar=16, **HYBRID),
-    "phi3": dict(GQA, resid_pdrop=0.0, embd_pdrop=0.0, **SLIDING),
-    "opt": dict(ffn_dim=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0),
-    "gpt_neox": dict(hidden_dropout=0.0, attention_dropout=0.0),
-    "falcon": dict(multi_query=True, hidden_dropout=0.0, attention_dropout=0.0),
-}
 SUPPORTED = sorted(TINY)
-ENCODERS = [t for t in SUPPORTED if family_for(AutoConfig.for_model(t)).bidirectional]
+ENCODERS = [t for t in SUPPORTED if family_for(tiny_config(t)[1]).bidirectional]
 DECODERS = [t for t in SUPPORTED if t not in ENCODERS]
 #: Decoders with a learned absolute position table (the rest are rotary).
 ABSOLUTE_DECODERS = {"gpt2", "opt"}
@@ -67,28 +38,6 @@ EOS, PAD = 102, 0
 @lru_cache(maxsize=None)
 def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model("bundled-minilm"))
-
-
-def tiny_config(model_type: str):
-    return AutoConfig.for_model(model_type, **BASE, **TINY[model_type])
-
-
-@pytest.fixture(scope="session")
-def family_dir(tmp_path_factory):
-    """``family_dir(model_type)``: a folder with a tiny random masked/causal LM of that type and a tokenizer."""
-    folders = {}
-
-    def make(model_type: str) -> str:
-        if model_type not in folders:
-            torch.manual_seed(0)
-            config = tiny_config(model_type)
-            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
-            family_for(config).lm_class.from_config(config).save_pretrained(folder)
-            tokenizer().save_pretrained(folder)
-            folders[model_type] = str(folder)
-        return folders[model_type]
-
-    return make
 
 
 def prefix_model(path: str, head: str = "linear", **kwargs) -> PrefixModel:
@@ -149,7 +98,7 @@ def test_every_registered_model_type_is_tested_here():
 # ---------------------------------------------------------------- geometry, positions, masks
 @pytest.mark.parametrize("model_type", SUPPORTED)
 def test_geometry_from_the_config_is_the_cache_the_model_writes(model_type):
-    config = tiny_config(model_type)
+    _, config = tiny_config(model_type)
     if model_type in ENCODERS:
         config.is_decoder = True  # an encoder writes a cache only as a decoder; its attention shapes are the same
     model = AutoModel.from_config(config).eval()
@@ -164,13 +113,13 @@ def test_geometry_from_the_config_is_the_cache_the_model_writes(model_type):
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_prefix_with_zero_attention_gives_the_plain_models_outputs(model_type, family_dir):
+def test_prefix_with_zero_attention_gives_the_plain_models_outputs(model_type, tiny_model_dir):
     """The prefix's mask columns set to 0 (a forward pre-hook on the 2D mask the module builds): every layer's
     softmax gives the prefix exactly zero weight, so the module's positions and masks alone decide the output,
     and it must equal the plain model's on the same tokens at the positions each family defines (a decoder's real
     tokens after the prefix: rotary decoders at their own default positions, shift-invariant; absolute tables at
     prefix + t). Sequences are longer than the sliding windows."""
-    model = prefix_model(family_dir(model_type)).eval()
+    model = prefix_model(tiny_model_dir(model_type)).eval()
     batch = token_batch(model_type)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     handle = model.transformer.register_forward_pre_hook(hide_prefix, with_kwargs=True)
@@ -187,11 +136,11 @@ def test_prefix_with_zero_attention_gives_the_plain_models_outputs(model_type, f
 
 
 @pytest.mark.parametrize("model_type", WINDOW_TYPES)
-def test_prefix_reaches_sliding_window_layers_beyond_the_window(model_type, family_dir):
+def test_prefix_reaches_sliding_window_layers_beyond_the_window(model_type, tiny_model_dir):
     """The last layer slides with a window of 4; the last of 10 tokens is beyond it. Changing only that layer's
     prefix changes that token's output; fed to the model as a plain 2D mask and cache (what transformers does
     by default) the change does not reach it."""
-    model = prefix_model(family_dir(model_type)).eval()
+    model = prefix_model(tiny_model_dir(model_type)).eval()
     ids = torch.randint(2000, 3000, (2, 10))
     mask = torch.ones_like(ids)
 
@@ -214,8 +163,8 @@ def test_prefix_reaches_sliding_window_layers_beyond_the_window(model_type, fami
 
 # ---------------------------------------------------------------- heads
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_label_word_logits_are_the_lms_own_logits_at_the_read_position(model_type, family_dir):
-    path = family_dir(model_type)
+def test_label_word_logits_are_the_lms_own_logits_at_the_read_position(model_type, tiny_model_dir):
+    path = tiny_model_dir(model_type)
     model = prefix_model(path, "label_words").eval()
     lm = model.backbone
     batch = token_batch(model_type)
@@ -226,12 +175,6 @@ def test_label_word_logits_are_the_lms_own_logits_at_the_read_position(model_typ
     read = (ids == tokenizer().mask_token_id).long().argmax(1) if model_type in ENCODERS else mask.sum(1) - 1
     words = tokenizer().convert_tokens_to_ids(list(LABEL_WORDS))
     torch.testing.assert_close(logits, full[torch.arange(4), read][:, words], atol=1e-5, rtol=1e-4)
-
-
-def clipped_mean(grads, max_norm, batch_size):
-    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
-    clipped = [f * min(1.0, max_norm / (f.norm().item() + 1e-6)) for f in flat]
-    return torch.stack(clipped).sum(0) / batch_size
 
 
 def assert_dp_step_is_clipped_mean_of_autograd(model, losses_of, batch, mode):
@@ -261,8 +204,8 @@ def classification_losses(model, batch):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("head", ["linear", "label_words"])
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_dp_classification_step_is_clipped_per_example_autograd(model_type, head, mode, family_dir):
-    model = prefix_model(family_dir(model_type), head).train()
+def test_dp_classification_step_is_clipped_per_example_autograd(model_type, head, mode, tiny_model_dir):
+    model = prefix_model(tiny_model_dir(model_type), head).train()
     assert_dp_step_is_clipped_mean_of_autograd(model, classification_losses, token_batch(model_type), mode)
 
 
@@ -285,8 +228,8 @@ def mean_target_nll(model, batch):
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_causal_lm_target_nll_is_hugging_faces_own_loss(model_type, family_dir):
-    model = causal_lm(family_dir(model_type)).eval()
+def test_causal_lm_target_nll_is_hugging_faces_own_loss(model_type, tiny_model_dir):
+    model = causal_lm(tiny_model_dir(model_type)).eval()
     batch = lm_batch()
     with torch.no_grad():
         ours = mean_target_nll(model, batch)
@@ -298,40 +241,27 @@ def test_causal_lm_target_nll_is_hugging_faces_own_loss(model_type, family_dir):
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_dp_causal_lm_step_is_clipped_per_example_autograd(model_type, mode, family_dir):
-    model = causal_lm(family_dir(model_type)).train()
+def test_dp_causal_lm_step_is_clipped_per_example_autograd(model_type, mode, tiny_model_dir):
+    model = causal_lm(tiny_model_dir(model_type)).train()
     assert_dp_step_is_clipped_mean_of_autograd(model, mean_target_nll, lm_batch(), mode)
 
 
-def greedy_by_hand(model, ids, mask, steps):
-    """Reference: the module's full forward recomputed for every new token; after the end token, padding."""
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        with torch.no_grad():
-            token = model(ids, mask)[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, PAD), token)
-        done |= token == EOS
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
-    return ids
-
-
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_generate_continues_after_the_prefix_as_greedy_decoding(model_type, family_dir):
+def test_generate_continues_after_the_prefix_as_greedy_decoding(model_type, tiny_model_dir):
     """Left-padded prompts of 6 tokens and 5 new ones: past the sliding windows, as generate feeds them."""
-    model = causal_lm(family_dir(model_type)).eval()
+    model = causal_lm(tiny_model_dir(model_type)).eval()
     prompts = torch.randint(2000, 3000, (3, 6))
     mask = torch.ones_like(prompts)
     mask[0, :2] = 0
     prompts = prompts.masked_fill(mask == 0, PAD)
     generated = model.generate(prompts, mask, max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
-    assert torch.equal(generated, greedy_by_hand(model, prompts, mask, 5))
+    assert torch.equal(generated, greedy_by_hand(model, prompts, mask, 5, EOS, PAD))
 
 
 # ---------------------------------------------------------------- 16-bit backbones
 @pytest.mark.parametrize("model_type", SUPPORTED)
-def test_bf16_backbone_with_fp32_prefix_and_head(model_type, family_dir):
-    path = family_dir(model_type)
+def test_bf16_backbone_with_fp32_prefix_and_head(model_type, tiny_model_dir):
+    path = tiny_model_dir(model_type)
     model = prefix_model(path, dtype="bfloat16").train()
     reference = prefix_model(path).train()
     assert all(p.dtype == torch.bfloat16 for p in model.backbone.parameters())
@@ -346,8 +276,8 @@ def test_bf16_backbone_with_fp32_prefix_and_head(model_type, family_dir):
 
 
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_bf16_causal_lm_scores_and_generates(model_type, family_dir):
-    path = family_dir(model_type)
+def test_bf16_causal_lm_scores_and_generates(model_type, tiny_model_dir):
+    path = tiny_model_dir(model_type)
     model = causal_lm(path, dtype="bfloat16").eval()
     reference = causal_lm(path).eval()
     batch = lm_batch()
@@ -359,24 +289,24 @@ def test_bf16_causal_lm_scores_and_generates(model_type, family_dir):
 
 
 # ---------------------------------------------------------------- loading as Hugging Face users do
-def test_lightning_modules_load_a_16_bit_backbone_as_from_pretrained_does(family_dir, tmp_path):
+def test_lightning_modules_load_a_16_bit_backbone_as_from_pretrained_does(tiny_model_dir, tmp_path):
     """dtype, device_map and low_cpu_mem_usage reach from_pretrained; DP trains the fp32 prefix of a bf16 Qwen3."""
     kwargs = {"dtype": "bfloat16", "device_map": "cpu", "low_cpu_mem_usage": True}
-    module = PrefixTunedClassifier(family_dir("qwen3"), 2, num_virtual_tokens=PREFIX, backbone_kwargs=kwargs,
+    module = PrefixTunedClassifier(tiny_model_dir("qwen3"), 2, num_virtual_tokens=PREFIX, backbone_kwargs=kwargs,
                                    privacy=PrivacyConfig(noise_multiplier=0.5, target_epsilon=None, poisson_sampling=False))
     assert module.model.backbone.dtype == torch.bfloat16 and module.model.prefix.layers[0].weight.dtype == torch.float32
     before = module.model.prefix.layers[0].weight.detach().clone()
     quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=TokenDataModule(size=16, batch_size=4, poisson=False))
     assert not torch.equal(before, module.model.prefix.layers[0].weight)
-    generator = PrefixTunedCausalLM(family_dir("gemma2"), num_virtual_tokens=PREFIX, backbone_kwargs={"dtype": "bfloat16"},
+    generator = PrefixTunedCausalLM(tiny_model_dir("gemma2"), num_virtual_tokens=PREFIX, backbone_kwargs={"dtype": "bfloat16"},
                                     privacy=PrivacyConfig(enabled=False))
     assert generator.model.backbone.dtype == torch.bfloat16
 
 
-def test_remote_code_is_refused_unless_asked_for(family_dir, tmp_path):
+def test_remote_code_is_refused_unless_asked_for(tiny_model_dir, tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()
-    config = json.loads((Path(family_dir("llama")) / "config.json").read_text())
+    config = json.loads((Path(tiny_model_dir("llama")) / "config.json").read_text())
     config["model_type"] = "custom_llama"  # a type transformers does not know: only the folder's code could load it
     config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModel": "modeling_custom.CustomModel"}
     (folder / "config.json").write_text(json.dumps(config))
@@ -410,7 +340,7 @@ def test_refused_from_the_config_before_any_weights_load(model_type, tmp_path):
 
 
 def test_a_masked_lm_is_refused_for_generation_from_its_config(tmp_path):
-    folder = config_only_folder(tmp_path, tiny_config("electra"))
+    folder = config_only_folder(tmp_path, tiny_config("electra")[1])
     with pytest.raises(ValueError, match=r"is a electra masked LM \(model_type='electra'\); generation needs a causal LM"):
         PrefixTunedCausalLM(folder)
 
@@ -430,3 +360,27 @@ def support_table() -> str:
 def test_readme_table_is_the_registrys():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert support_table() in readme, "regenerate the README's family table: print(tests.test_families.support_table())"
+
+
+def test_falcon_grouped_key_values_follow_the_installed_transformers(tmp_path):
+    """Falcon-40B's layout (new_decoder_architecture, 2 key/value heads for 4 query heads): transformers >= 5.24
+    caches the 2 heads, which the config's geometry gives; older releases cache one per query head, refused."""
+    config = AutoConfig.for_model("falcon", **BASE, new_decoder_architecture=True, num_kv_heads=2)
+    if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (5, 24):
+        with pytest.raises(ValueError, match="model_type='falcon': new_decoder_architecture=True"):
+            family_for(config)
+        return
+    model = AutoModel.from_config(config).eval()
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.randint(2000, 3000, (2, 5)), use_cache=True, **{cache_keyword(model.forward): cache})
+    assert cache.layers[0].keys.shape == (2, kv_geometry(config).num_kv_heads, 5, 8) and kv_geometry(config).num_kv_heads == 2
+    prefixed = PrefixModel(model, 2, num_virtual_tokens=PREFIX)
+    assert prefixed.hidden_states(torch.randint(2000, 3000, (2, 5)), torch.ones(2, 5, dtype=torch.long)).shape == (2, 5, 32)
+
+
+def test_sliding_window_layers_under_flash_attention_are_refused(tiny_model_dir):
+    backbone = load_backbone(tiny_model_dir("mistral"), "linear")
+    backbone.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2' with sliding-window layers"):
+        PrefixModel(backbone, 2)
