@@ -281,11 +281,10 @@ class _FullPrecision:
             return super().pre_step(closure)
 
 
-class _ClippedOnBackward:
-    """The release of a logical batch whose chunks were clipped and summed as they were back-propagated
-    (:meth:`DPSGDEngine.backward`), or of an empty Poisson batch: nothing is left to clip, but Opacus' step
-    clips before it adds the noise. It gets one zero per-example gradient (a zero clipped gradient in ghost
-    mode), which adds nothing to the sum, so the step adds the noise and the accountant counts it."""
+class _EmptyBatches:
+    """The release of an empty Poisson batch (nothing back-propagated since the last clip): Opacus' step
+    clips before it adds the noise, so it gets one zero per-example gradient (a zero clipped gradient in ghost
+    mode), which adds nothing to the sum; the step then adds the noise and the accountant counts it."""
 
     def pre_step(self, closure=None):
         if all(p.grad is None for p in self.params):
@@ -332,7 +331,7 @@ class _SplitClipping:
 
 
 def _optimizer_class(base: type, distributed: bool, split: bool = False, secure: bool = False) -> type:
-    mixins = ((_FullPrecision, _ClippedOnBackward) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
+    mixins = ((_FullPrecision, _EmptyBatches) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
               + ((_SecureNoise,) if secure else ()))
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
@@ -342,7 +341,7 @@ class DPSGDEngine(PrivacyAccounting):
 
     Use :meth:`attach` once the dataset size and the planned number of steps are known. Then, for each
     logical (Poisson) batch: :meth:`backward` with the per-example losses of each physical chunk (none for an
-    empty batch), which clips each example's gradient and adds it to the batch's sum; then the DP optimizer's
+    empty batch), each example's gradient clipped and added to the batch's sum; then the DP optimizer's
     ``step()``, which adds the noise once, updates and counts the release (or :meth:`release_gradient`, a
     release without an update). The engine never computes a loss: the module hands it the losses.
 
@@ -435,12 +434,18 @@ class DPSGDEngine(PrivacyAccounting):
 
     # ------------------------------------------------------------------ per step
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """Back-propagate one physical chunk's per-example losses, clip each example's gradient and add it to
-        the logical batch's sum (Opacus' virtual step: no noise, no update), so memory never depends on the
-        logical batch. The batch ends with the DP optimizer's ``step()`` or :meth:`release_gradient`.
+        """Back-propagate one physical chunk's per-example losses, for per-example gradients (``grad_sample``;
+        in ghost mode their clipped sum). The chunk before it in the same logical batch is first clipped and
+        added to the batch's sum (Opacus' virtual step: no noise, no update), so memory never depends on the
+        logical batch. The batch ends with the DP optimizer's ``step()`` or :meth:`release_gradient`, which
+        clip the last chunk.
 
         Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
+        if any(p.grad is not None for p in self.optimizer.params):  # the previous chunk, not yet clipped
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loss_per_example.device.type, enabled=False), warnings.catch_warnings():
             # Opacus' full backward hooks see no input that requires a gradient: the frozen backbone feeds the
             # trainable layers constants by design. Their gradients with respect to outputs are all it needs.
@@ -453,9 +458,6 @@ class DPSGDEngine(PrivacyAccounting):
                 DPTensorFastGradientClipping(self.hooks, self.optimizer, loss_per_example, "sum").backward()
             else:
                 loss_per_example.sum().backward()
-        self.optimizer.signal_skip_step(do_skip=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def abort_update(self, message: str) -> None:
         """Refuse the current logical batch's update (a non-finite loss): raise ``FloatingPointError(message)``
