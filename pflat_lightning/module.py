@@ -103,8 +103,7 @@ class DPPrefixModule(PrivateTraining):
         super().__init__(privacy=privacy, epsilon_every_n_steps=epsilon_every_n_steps)
         if max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}.")
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.max_physical_batch_size = max_physical_batch_size
         self.log_train_loss = log_train_loss
         #: Per-example terms ``fn(batch, logits, prefix) -> Tensor`` added to each example's loss (callbacks).

@@ -331,8 +331,8 @@ class _SplitClipping:
 
 
 def _optimizer_class(base: type, distributed: bool, split: bool = False, secure: bool = False) -> type:
-    mixins = ((_FullPrecision, _EmptyBatches) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
-              + ((_SecureNoise,) if secure else ()))
+    mixins = ((_FullPrecision, _EmptyBatches) + ((_AcrossRanks,) if distributed else ())
+              + ((_SplitClipping,) if split else ()) + ((_SecureNoise,) if secure else ()))
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
