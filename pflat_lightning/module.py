@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torchmetrics import Metric
 
 from pflat_lightning.checkpointing import check_checkpoint_matches
@@ -34,6 +34,8 @@ from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 #: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
 AUTO_GHOST_MIN_BYTES = 256 * 2**20
+#: Public examples whose per-example gradient norms set the bounds of ``clipping="group"``.
+GROUP_BOUND_EXAMPLES = 256
 #: Lightning's warning at the start of the fit loop about modules in eval mode.
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
@@ -198,10 +200,33 @@ class DPPrefixModule(PrivateTraining):
             grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
             prefix_parameters=list(self.prefix.parameters()),
         )
+        if self.engine.needs_group_bounds:
+            self._measure_group_bounds()
         if self.log_train_loss:
             self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
         self.announce_plan("DP-SGD")
         return dp_optimizer
+
+    def _measure_group_bounds(self) -> None:
+        """``clipping="group"`` without ``prefix_clip_share``: bounds at the median per-example gradient norm of
+        each group on up to ``GROUP_BOUND_EXAMPLES`` public examples, at the initial prefix (no privacy cost)."""
+        public = getattr(self.trainer.datamodule, "public_dataloader", None)
+        if public is None or getattr(self.trainer.datamodule, "public_dataset", True) is None:
+            raise ValueError(
+                "PrivacyConfig(clipping='group', prefix_clip_share=None) measures the group bounds on public data, but "
+                "the datamodule has no public split: give it one (public_fraction > 0) or set prefix_clip_share."
+            )
+        norms, seen = [], 0
+        for batch in public(batch_size=self.max_physical_batch_size):
+            batch = move_data_to_device(batch, self.device)
+            norms.append(self.engine.measure_group_norms(self.example_losses(batch)))
+            seen += norms[-1].shape[0]
+            if seen >= GROUP_BOUND_EXAMPLES:
+                break
+        bounds = self.engine.set_group_bounds(torch.cat(norms)[:GROUP_BOUND_EXAMPLES])
+        self.ledger.record("group clipping bounds", "public",
+                           f"median per-example gradient norm of each group on {min(seen, GROUP_BOUND_EXAMPLES)} public "
+                           f"examples: bounds {[round(b, 6) for b in bounds]} (prefix, head)")
 
     def _auto_clipping(self, physical_batch: int) -> Optional[str]:
         """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example
@@ -210,8 +235,8 @@ class DPPrefixModule(PrivateTraining):
         activations and hooks need one backward pass instead of two."""
         if self.privacy.grad_sample_mode != "auto":
             return None
-        if self.privacy.clipping == "split":
-            return "hooks"  # ghost clipping has no per-tensor norms
+        if self.privacy.clipping == "group":
+            return "hooks"  # ghost clipping has no per-group norms
         estimate = self.model.per_example_gradient_bytes(physical_batch)
         ghost_pays = estimate["hooks"] > AUTO_GHOST_MIN_BYTES and 4 * estimate["ghost"] <= estimate["hooks"]
         mode = "ghost" if ghost_pays else "hooks"

@@ -47,7 +47,7 @@ ADAPTER_FILE = "adapter.safetensors"
 #: ledger and the metrics. Anything else a report may hold (callback sections with file paths or private
 #: samples, seeds, keys added later) stays out until it is added here.
 REPORT_KEYS = ("formal_guarantee", "reasons", "caveats", "epsilon", "delta", "target_epsilon", "noise_multiplier",
-               "sample_rate", "steps", "epochs", "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling",
+               "sample_rate", "steps", "epochs", "max_grad_norm", "clipping", "group_clip_bounds", "accountant", "poisson_sampling",
                "grad_sample_mode", "dataset_size", "accountant_history", "ledger", "metrics")
 LEDGER_KEYS = ("component", "status", "detail")
 #: The datamodule arguments a release keeps: how text becomes the model's input (never data files, splits
