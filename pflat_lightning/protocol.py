@@ -19,7 +19,8 @@ declares them all); each capability is a ``typing.Protocol``, usable as a type a
 asked for, each with what it must be. Optional members are read through the functions below
 (:func:`layer_groups`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
 :func:`task_loss_mode` for ``loss_terms``), each with the fallback named in its docstring. A batch is any
-collection of tensors with one row per example; :func:`num_examples` counts them. The README's section
+collection of tensors with one row per example; :func:`num_examples` counts them and :func:`physical_batches`
+cuts them into the chunks of one forward/backward pass. The README's section
 "Callbacks on your own LightningModule" shows a minimal module.
 """
 from __future__ import annotations
