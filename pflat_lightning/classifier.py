@@ -11,9 +11,10 @@ from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import family_for
-from pflat_lightning.module import CHECKPOINT_KEY, DPPrefixModule
+from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
 from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.privacy.training import CHECKPOINT_KEY
 
 #: ``CHECKPOINT_KEY`` is re-exported for the modules that import it from here.
 __all__ = ["CHECKPOINT_KEY", "PrefixTunedClassifier"]

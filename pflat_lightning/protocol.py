@@ -19,7 +19,8 @@ declares them all); each capability is a ``typing.Protocol``, usable as a type a
 asked for, each with what it must be. Optional members are read through the functions below
 (:func:`layer_groups`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
 :func:`task_loss_mode` for ``loss_terms``), each with the fallback named in its docstring. A batch is any
-collection of tensors with one row per example; :func:`num_examples` counts them. The README's section
+collection of tensors with one row per example; :func:`num_examples` counts them and :func:`physical_batches`
+cuts them into the chunks of one forward/backward pass. The README's section
 "Callbacks on your own LightningModule" shows a minimal module.
 """
 from __future__ import annotations
@@ -27,10 +28,11 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from pflat_lightning.privacy.engine import DPSGDEngine
@@ -187,6 +189,17 @@ def privacy_ledger(pl_module: pl.LightningModule) -> Optional[PrivacyLedger]:
 def report_sections(pl_module: pl.LightningModule) -> Dict[str, Any]:
     """The module's report sections; a throw-away dict for one without ``report_sections`` (no report)."""
     return getattr(pl_module, "report_sections", {})
+
+
+def physical_batches(batch: Any, size: int) -> Iterator[Any]:
+    """``batch`` in chunks of at most ``size`` examples, in order (none for an empty batch): the forward/backward
+    passes of one logical batch. Every tensor is cut alike, and in a dict batch every other entry too (raw texts)."""
+    for start in range(0, num_examples(batch), size):
+        rows = slice(start, start + size)
+        if isinstance(batch, Mapping):
+            yield {key: value[rows] for key, value in batch.items()}
+        else:
+            yield apply_to_collection(batch, Tensor, lambda tensor: tensor[rows])
 
 
 def physical_batch_size(pl_module: pl.LightningModule, batch: Any) -> int:

@@ -94,7 +94,7 @@ class UndeclaredRelease(Callback):
     """A callback that releases a private gradient without declaring it in ``engine.extra_releases``."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        pl_module.engine.backward_batch(batch, pl_module.example_losses, 8)
+        pl_module.engine.backward(pl_module.example_losses(batch))
         pl_module.engine.release_gradient()
 
 

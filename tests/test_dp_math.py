@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
+from pflat_lightning.protocol import physical_batches
 
 from conftest import FAMILIES
 from helpers import SEEDED_REASONS, StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, collate, quiet_trainer
@@ -157,8 +158,7 @@ def test_group_clipping_noises_each_group_at_its_own_bound_and_keeps_the_account
     prefix_ids = {id(p) for p in model.prefix.parameters()}
     draws = {True: [], False: []}
     for _ in range(10):
-        engine.prepare_empty_step()
-        engine.optimizer.pre_step()  # clip (nothing), noise, scale by 1 / B: the update's gradient
+        engine.optimizer.pre_step()  # an empty batch: clip (nothing), noise, scale by 1 / B: the update's gradient
         for p in engine.optimizer.params:
             draws[id(p) in prefix_ids].append(p.grad.flatten().clone())
         engine.optimizer.zero_grad(set_to_none=True)
@@ -276,8 +276,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
     optimizer = engine.attach(model, torch.optim.SGD(params, lr=1.0), dataset_size=100, expected_batch_size=expected,
                               planned_steps=1)
     before = torch.cat([p.detach().flatten().clone() for p in params])
-    engine.prepare_empty_step()  # an empty Poisson batch: zero signal, the step still adds noise
-    optimizer.step()
+    optimizer.step()  # an empty Poisson batch, nothing back-propagated: zero signal, the step still adds noise
     delta = before - torch.cat([p.detach().flatten() for p in params])
     n = delta.numel()
     target = sigma * clip / expected
@@ -354,7 +353,8 @@ def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, 
         norms = [torch.cat([g.flatten() for g in gs]).norm() for gs in grads]
         assert sum(n > clip for n in norms) >= 2, "the test must exercise clipping"
         before = torch.cat([p.detach().flatten().clone() for p in params])
-        engine.backward_batch(batch, losses, 4)
+        for chunk in physical_batches(batch, 4):
+            engine.backward(losses(chunk))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         after = torch.cat([p.detach().flatten() for p in params])

@@ -34,8 +34,7 @@ def engine_noise(mode, steps, secure=True):
     engine.keep_released_gradient = True
     draws = []
     for _ in range(steps):
-        engine.prepare_empty_step()
-        optimizer.step()
+        optimizer.step()  # an empty Poisson batch: nothing back-propagated
         optimizer.zero_grad(set_to_none=True)
         draws.append(torch.cat([g.flatten() for g in engine.released_gradient]))
     engine.detach()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.optimizers.utils import params as optimizer_params
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
@@ -54,7 +54,8 @@ class PrivacyAccounting:
     and the checkpoint state that lets a resumed run spend exactly as if it had never stopped.
     Every private mechanism of the library builds on it: :class:`DPSGDEngine` (per-example gradients
     through Opacus) and the black-box zeroth-order mechanism
-    (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`).
+    (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`); a Lightning fit runs either through
+    :class:`~pflat_lightning.privacy.training.PrivateTraining`.
 
     Args:
         config: the privacy parameters.
@@ -281,19 +282,36 @@ class _FullPrecision:
             return super().pre_step(closure)
 
 
+class _EmptyBatches:
+    """The release of an empty Poisson batch (nothing back-propagated since the last clip): Opacus' step
+    clips before it adds the noise, so it gets one zero per-example gradient (a zero clipped gradient in ghost
+    mode), which adds nothing to the sum; the step then adds the noise and the accountant counts it."""
+
+    def pre_step(self, closure=None):
+        if all(p.grad is None for p in self.params):
+            ghost = isinstance(self, DPOptimizerFastGradientClipping)
+            for p in self.params:
+                if ghost:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
+        return super().pre_step(closure)
+
+
 def _optimizer_class(base: type, distributed: bool, group: bool = False, secure: bool = False) -> type:
-    mixins = ((_FullPrecision,) + ((_AcrossRanks,) if distributed else ()) + ((GroupClipping,) if group else ())
-              + ((_SecureNoise,) if secure else ()))
+    mixins = ((_FullPrecision, _EmptyBatches) + ((_AcrossRanks,) if distributed else ())
+              + ((GroupClipping,) if group else ()) + ((_SecureNoise,) if secure else ()))
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
 class DPSGDEngine(PrivacyAccounting):
     """Makes a module's training private and keeps the privacy spend.
 
-    Use :meth:`attach` once the dataset size and the planned number of steps are known, then per
-    physical chunk :meth:`backward`, :meth:`virtual_step` between chunks of one logical batch, and the
-    optimizer's ``step()`` at the end of the logical batch (after :meth:`prepare_empty_step` when the
-    Poisson batch was empty).
+    Use :meth:`attach` once the dataset size and the planned number of steps are known. Then, for each
+    logical (Poisson) batch: :meth:`backward` with the per-example losses of each physical chunk (none for an
+    empty batch), each example's gradient clipped and added to the batch's sum; then the DP optimizer's
+    ``step()``, which adds the noise once, updates and counts the release (or :meth:`release_gradient`, a
+    release without an update). The engine never computes a loss: the module hands it the losses.
 
     Args:
         config: the privacy parameters.
@@ -410,10 +428,18 @@ class DPSGDEngine(PrivacyAccounting):
 
     # ------------------------------------------------------------------ per step
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """Back-propagate a chunk's per-example losses so that each example's gradient can be clipped.
+        """Back-propagate one physical chunk's per-example losses, for per-example gradients (``grad_sample``;
+        in ghost mode their clipped sum). The chunk before it in the same logical batch is first clipped and
+        added to the batch's sum (Opacus' virtual step: no noise, no update), so memory never depends on the
+        logical batch. The batch ends with the DP optimizer's ``step()`` or :meth:`release_gradient`, which
+        clip the last chunk.
 
         Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
+        if any(p.grad is not None for p in self.optimizer.params):  # the previous chunk, not yet clipped
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loss_per_example.device.type, enabled=False), warnings.catch_warnings():
             # Opacus' full backward hooks see no input that requires a gradient: the frozen backbone feeds the
             # trainable layers constants by design. Their gradients with respect to outputs are all it needs.
@@ -427,56 +453,13 @@ class DPSGDEngine(PrivacyAccounting):
             else:
                 loss_per_example.sum().backward()
 
-    def backward_batch(
-        self,
-        batch: Dict[str, torch.Tensor],
-        example_losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
-        chunk_size: int,
-    ) -> float:
-        """Per-example gradients of a whole logical batch, in physical chunks of ``chunk_size``.
-
-        Every chunk but the last is clipped and accumulated at once (a virtual step), so memory never
-        depends on the logical batch; an empty Poisson batch contributes zero gradients. The caller
-        finishes with the optimizer's ``step()`` (an update) or :meth:`release_gradient`. Returns the
-        sum of the per-example losses.
-        """
-        size = batch["labels"].shape[0]
-        if size == 0:
-            self.prepare_empty_step()
-            return 0.0
-        total = 0.0
-        starts = range(0, size, chunk_size)
-        for start in starts:
-            chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
-            try:
-                losses = example_losses(chunk)
-            except FloatingPointError as error:
-                if not isinstance(self.optimizer, _AcrossRanks):
-                    raise
-                # The other ranks are heading into the all-reduce: join it, and make every rank raise there.
-                self.optimizer.poisoned = str(error)
-                self.prepare_empty_step()
-                return total
-            total += float(losses.detach().sum())
-            self.backward(losses)
-            if start != starts[-1]:
-                self.virtual_step()
-        return total
-
-    def virtual_step(self) -> None:
-        """Clip and accumulate the chunk just back-propagated, without noise or update."""
-        self.optimizer.signal_skip_step(do_skip=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def prepare_empty_step(self) -> None:
-        """Give an empty Poisson batch zero clipped gradients, so the step still adds noise and is counted."""
-        ghost = self.grad_sample_mode == "ghost"
-        for p in self.optimizer.params:
-            if ghost:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
+    def abort_update(self, message: str) -> None:
+        """Refuse the current logical batch's update (a non-finite loss): raise ``FloatingPointError(message)``
+        now, or under data parallelism at the release, on every rank, so that none is left waiting in the
+        all-reduce. The caller stops back-propagating the batch and still calls the optimizer's ``step()``."""
+        if not isinstance(self.optimizer, _AcrossRanks):
+            raise FloatingPointError(message)
+        self.optimizer.poisoned = message
 
     def release_gradient(self) -> List[torch.Tensor]:
         """Clip and noise the per-example gradients back-propagated so far, without an update.
