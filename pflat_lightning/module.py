@@ -8,9 +8,11 @@ module builds ``self.model`` and says what one example's loss is (:meth:`DPPrefi
 """
 from __future__ import annotations
 
+import inspect
 import math
 import uuid
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,8 +24,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
 
-from pflat_lightning.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
+from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, AtomicCheckpointIO, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.pretrained import sharing_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.ledger import PrivacyLedger
@@ -61,8 +64,8 @@ class DPPrefixModule(pl.LightningModule):
     ``per_example_gradient_bytes(batch_size)``, and implements :meth:`example_losses`. Batches are dicts
     of tensors whose ``labels`` has one row per example. It offers the callbacks' contract
     (:mod:`pflat_lightning.protocol`): ``example_losses``, ``layer_groups``, ``prefix_layer_mask``,
-    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``engine``, ``ledger`` and
-    ``report_sections``.
+    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``clone_untrained``,
+    ``engine``, ``ledger`` and ``report_sections``.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -163,6 +166,43 @@ class DPPrefixModule(pl.LightningModule):
     @property
     def is_private(self) -> bool:
         return self.engine is not None
+
+    def clone_untrained(self, **overrides: Any) -> "DPPrefixModule":
+        """A fresh, untrained module of this one's configuration that shares its frozen backbone: the teacher
+        of ``TeacherDistillation``, LiRA's shadows.
+
+        The clone comes from this class's constructor, given the saved hyperparameters, this module's optimizer
+        and scheduler factories and ``overrides``. A backbone that the constructor loads with
+        :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
+        holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
+        both. The prefix is initialised as its :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw
+        from the current torch seed, or ``init_text``), any head anew, and nothing trained, counted or recorded
+        here is carried over. The clone is placed on this module's device.
+
+        Args:
+            overrides: constructor arguments to replace, e.g. ``privacy=`` and ``optimizer=``; never one of the
+                architecture's (:data:`~pflat_lightning.checkpointing.ARCHITECTURE_HPARAMS`).
+
+        Raises:
+            ValueError: for an override the constructor does not take, or one of the architecture's.
+
+        Example::
+
+            teacher = module.clone_untrained(privacy=PrivacyConfig(enabled=False))
+        """
+        accepted = inspect.signature(type(self).__init__).parameters
+        refused = sorted(set(overrides) - set(accepted)) + sorted(set(overrides) & set(ARCHITECTURE_HPARAMS))
+        if refused:
+            raise ValueError(f"clone_untrained cannot override {refused}: it takes {type(self).__name__}'s constructor "
+                             f"arguments except the architecture's {list(ARCHITECTURE_HPARAMS)}.")
+        kwargs = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds its own keys
+        factories = {"optimizer": self.optimizer_factory, "lr_scheduler": self.lr_scheduler_factory}
+        kwargs.update({k: v for k, v in factories.items() if k in accepted}, **overrides)
+        backbone, tokenizer = self.hparams.get("backbone"), getattr(self, "tokenizer", None)
+        shared = isinstance(backbone, str) and tokenizer is not None
+        with sharing_pretrained(backbone, self.model.backbone, tokenizer) if shared else nullcontext():
+            clone = type(self)(**kwargs)
+        return clone.to(self.device)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
