@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from opacus.accountants import PRVAccountant, RDPAccountant
 from transformers import AutoTokenizer
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
 
@@ -24,7 +24,7 @@ def tiny_prefix_model(path, head):
     tokenizer = AutoTokenizer.from_pretrained(path)
     words = tokenizer.convert_tokens_to_ids(["bad", "good"])
     return PrefixModel(backbone, 2, head=head, label_word_ids=words, mask_token_id=tokenizer.mask_token_id,
-                       num_virtual_tokens=3), tokenizer
+                       prefix=PrefixConfig(num_virtual_tokens=3)), tokenizer
 
 
 def batch_for(tokenizer, size=6, seed=1):
@@ -78,7 +78,7 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     """Through the Lightning module: a logical batch of 8 in physical chunks of 3 (virtual steps)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
                               grad_sample_mode=mode),
@@ -100,7 +100,7 @@ def test_split_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_d
     """clipping='split': each tensor clipped to its share of the budget, by hand; the noise keeps scale C."""
     clip, share = 0.05, 0.25
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
                               clipping="split", prefix_clip_share=share),
@@ -130,7 +130,7 @@ def test_split_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_d
 def test_split_clipping_keeps_each_bound_with_its_tensor_after_pruning(tiny_model_dir, tmp_path):
     from pflat_lightning.callbacks import SharpnessLayerSelection
 
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                    privacy=PrivacyConfig(target_epsilon=3.0, clipping="split"))
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
         module, datamodule=TokenDataModule())
@@ -149,7 +149,7 @@ def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_token
 
     def make():
         torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, num_virtual_tokens=num_virtual_tokens, privacy=privacy)
+        return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens), privacy=privacy)
 
     select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
     whole = make()
@@ -192,7 +192,7 @@ def test_bf16_mixed_clips_fp32_per_example_gradients(family, tiny_model_dir, tmp
     under the same bf16 autocast (tolerance: bf16 batched vs. single-example arithmetic)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False),
     )
@@ -233,7 +233,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
 @pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
 def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference, tiny_model_dir, tmp_path):
     target = 3.0
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=target, accountant=accountant, secure_mode=True))
     data = TokenDataModule(size=64, batch_size=8)
     trainer = quiet_trainer(tmp_path, max_epochs=2)
@@ -251,14 +251,14 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference
 
 
 def test_explicit_noise_that_cannot_reach_the_plan_is_refused(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=1.0, noise_multiplier=0.3))
     with pytest.raises(ValueError, match="noise_multiplier=0.3 and target_epsilon=1.0 contradict"):
         quiet_trainer(tmp_path, max_epochs=2).fit(module, datamodule=TokenDataModule())
 
 
 def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(noise_multiplier=2.0, target_epsilon=None))
     module.model.prefix.set_layer_mask([False, True])
     pruned = module.model.prefix.layers[0].weight.detach().clone()
@@ -309,7 +309,7 @@ def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, 
 def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_path):
     from pflat_lightning.callbacks import SharpnessLayerSelection
 
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost", secure_mode=True))
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
         module, datamodule=TokenDataModule())
@@ -326,16 +326,16 @@ def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(
     assert_same_trained_weights(resumed, whole)
 
 
-@pytest.mark.parametrize("prefix_hidden", [None, 2048])
-def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,
+@pytest.mark.parametrize("reparam_hidden", [None, 2048])
+def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(reparam_hidden, tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=reparam_hidden),
                                    max_physical_batch_size=16,
                                    privacy=PrivacyConfig(grad_sample_mode="auto", noise_multiplier=1.0, target_epsilon=None))
     # Independently: hooks hold one fp32 gradient per example and trainable parameter.
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     hooks_bytes = 16 * trainable * 4
     expected = "ghost" if hooks_bytes > 256 * 2**20 else "hooks"
-    assert expected == ("hooks" if prefix_hidden is None else "ghost"), "the test covers both choices"
+    assert expected == ("hooks" if reparam_hidden is None else "ghost"), "the test covers both choices"
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule(batch_size=16))
     assert module.engine.grad_sample_mode == expected
     report = module.privacy_report()
