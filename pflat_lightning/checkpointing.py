@@ -119,10 +119,13 @@ def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any]
 
 def architecture(hparams: Mapping[str, Any]) -> Dict[str, Any]:
     """The architecture settings that ``hparams`` records, by name: the :data:`ARCHITECTURE_HPARAMS` and, for a
-    ``prefix``, its :data:`PREFIX_ARCHITECTURE` fields as ``prefix.<field>`` (``None`` is ``PrefixConfig()``)."""
+    ``prefix``, its :data:`PREFIX_ARCHITECTURE` fields as ``prefix.<field>``. The prefix is recorded as a
+    :class:`PrefixConfig`, as the dict of its fields (LightningCLI saves the parsed config) or as ``None``
+    (``PrefixConfig()``)."""
     settings = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams and key != "prefix"}
     if "prefix" in hparams:
-        prefix = hparams["prefix"] if hparams["prefix"] is not None else PrefixConfig()
+        prefix = hparams["prefix"]
+        prefix = PrefixConfig(**prefix) if isinstance(prefix, Mapping) else prefix or PrefixConfig()
         settings.update({f"prefix.{name}": getattr(prefix, name) for name in PREFIX_ARCHITECTURE})
     return settings
 

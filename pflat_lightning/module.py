@@ -171,8 +171,8 @@ class DPPrefixModule(pl.LightningModule):
         """A fresh, untrained module of this one's configuration that shares its frozen backbone: the teacher
         of ``TeacherDistillation``, LiRA's shadows.
 
-        The clone comes from this class's constructor, given the saved hyperparameters, this module's optimizer
-        and scheduler factories and ``overrides``. A backbone that the constructor loads with
+        The clone comes from this class's constructor, given the saved hyperparameters, this module's prefix and
+        privacy configs, its optimizer and scheduler factories, and ``overrides``. A backbone that the constructor loads with
         :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
         holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
         both. The prefix is initialised as its :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw
@@ -196,8 +196,11 @@ class DPPrefixModule(pl.LightningModule):
             raise ValueError(f"clone_untrained cannot override {refused}: it takes {type(self).__name__}'s constructor "
                              f"arguments except the architecture's {list(ARCHITECTURE_HPARAMS)}.")
         kwargs = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds its own keys
-        factories = {"optimizer": self.optimizer_factory, "lr_scheduler": self.lr_scheduler_factory}
-        kwargs.update({k: v for k, v in factories.items() if k in accepted}, **overrides)
+        # The objects this module was built with: hparams leave the factories out, and under LightningCLI they
+        # hold the configs as parsed dicts.
+        built = {"prefix": self.prefix.config, "privacy": self.privacy, "optimizer": self.optimizer_factory,
+                 "lr_scheduler": self.lr_scheduler_factory}
+        kwargs.update({k: v for k, v in built.items() if k in accepted}, **overrides)
         backbone, tokenizer = self.hparams.get("backbone"), getattr(self, "tokenizer", None)
         shared = isinstance(backbone, str) and tokenizer is not None
         with sharing_pretrained(backbone, self.model.backbone, tokenizer) if shared else nullcontext():
