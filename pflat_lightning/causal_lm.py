@@ -69,7 +69,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
 
     Example::
 
-        model = PrefixTunedCausalLM("bundled-smollm2", prefix=PrefixConfig(init_text="A line of a film, then its reply:"),
+        model = PrefixTunedCausalLM("bundled-smollm2",
+                                    prefix=PrefixConfig(init_text="A line of a film, then its reply:"),
                                     privacy=PrivacyConfig(target_epsilon=8.0))
         data = TextGenerationDataModule("movie_dialog", tokenizer="bundled-smollm2", batch_size=64)
         trainer = pl.Trainer(max_epochs=3)

@@ -172,12 +172,13 @@ class DPPrefixModule(pl.LightningModule):
         of ``TeacherDistillation``, LiRA's shadows.
 
         The clone comes from this class's constructor, given the saved hyperparameters, this module's prefix and
-        privacy configs, its optimizer and scheduler factories, and ``overrides``. A backbone that the constructor loads with
-        :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
-        holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
-        both. The prefix is initialised as its :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw
-        from the current torch seed, or ``init_text``), any head anew, and nothing trained, counted or recorded
-        here is carried over. The clone is placed on this module's device.
+        privacy configs, its optimizer and scheduler factories, and ``overrides``. A backbone that the constructor
+        loads with :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again:
+        the clone holds this module's backbone and tokenizer objects, so moving either module's backbone to a
+        device moves both (a Trainer moves its module to the CPU when its fit ends). The prefix is initialised
+        as its :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw from the current torch seed, or
+        ``init_text``), any head anew, and nothing trained, counted or recorded here is carried over. The clone
+        is placed on this module's device.
 
         Args:
             overrides: constructor arguments to replace, e.g. ``privacy=`` and ``optimizer=``; never one of the

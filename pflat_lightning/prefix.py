@@ -156,8 +156,8 @@ class PrefixEncoder(nn.Module):
         g = self.geometry
         shape = (g.num_kv_heads, self.num_virtual_tokens, g.head_dim)
         if self.mlp is not None:
-            raise ValueError(f"A reparametrised prefix (reparam_hidden={self.config.reparam_hidden}) cannot be assigned "
-                             "keys and values: they are the output of an MLP.")
+            raise ValueError(f"A reparametrised prefix (reparam_hidden={self.config.reparam_hidden}) cannot be "
+                             "assigned keys and values: they are the output of an MLP.")
         if len(past) != g.num_layers or any(k.shape != shape or v.shape != shape for k, v in past):
             raise ValueError(f"assign needs {g.num_layers} (key, value) pairs of shape {shape}, got "
                              f"{[(tuple(k.shape), tuple(v.shape)) for k, v in past]}.")

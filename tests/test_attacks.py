@@ -74,7 +74,8 @@ def random_labelled(size, seed):
 
 def classifier(path, privacy=None, lr=0.1):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(path, NUM_LABELS, prefix=PrefixConfig(num_virtual_tokens=4), optimizer=partial(torch.optim.AdamW, lr=lr),
+    return PrefixTunedClassifier(path, NUM_LABELS, prefix=PrefixConfig(num_virtual_tokens=4),
+                                 optimizer=partial(torch.optim.AdamW, lr=lr),
                                  privacy=privacy or PrivacyConfig(enabled=False))
 
 

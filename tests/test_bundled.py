@@ -17,7 +17,8 @@ from helpers import quiet_trainer
 
 
 def test_real_minilm_per_sample_gradients_equal_autograd():
-    model = PrefixModel(AutoModel.from_pretrained(resolve_model("bundled-minilm")), 2, prefix=PrefixConfig(num_virtual_tokens=4))
+    model = PrefixModel(AutoModel.from_pretrained(resolve_model("bundled-minilm")), 2,
+                        prefix=PrefixConfig(num_virtual_tokens=4))
     ids = torch.randint(2000, 5000, (3, 12))
     mask = torch.ones_like(ids)
     labels = torch.tensor([0, 1, 1])

@@ -257,7 +257,8 @@ def test_fresh_private_ascent_is_an_independent_poisson_draw(tiny_model_dir, tmp
     examples shared with the update's batch (the same batch would share all of them, about 128)."""
     path = tiny_model_dir("bert")
     torch.manual_seed(0)
-    module = Recording(path, 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
+    module = Recording(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                       privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
     module.seen = []
     data = TokenDataModule()
     spy = AscentAndUpdateExamples(data.dataset)

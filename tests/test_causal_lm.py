@@ -98,7 +98,8 @@ def test_prefix_initialised_from_tokens_reads_like_the_plain_lm_continuing_them(
     """The prefix (from real tokens' keys and values) sits before the tokens, at the positions after it: the
     log-probabilities equal the plain LM's on the concatenation, on a right-padded batch."""
     path = tiny_model_dir(family)
-    module = make(path, prefix=PrefixConfig(num_virtual_tokens=3, init_text="the film was long but the ending was worth it")).eval()
+    module = make(path, prefix=PrefixConfig(num_virtual_tokens=3,
+                                            init_text="the film was long but the ending was worth it")).eval()
     init = module.tokenizer("the film was long but the ending was worth it", add_special_tokens=False)["input_ids"][:3]
     assert "prefix initialisation" in {e.component for e in module.ledger.entries}
     batch = batch_of(examples(pairs(4, seed=3)))
@@ -291,4 +292,5 @@ def test_bad_input_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="init_text='short' is 1 tokens for this tokenizer, fewer than num_virtual_tokens=3"):
         make(tiny_model_dir("gpt2"), prefix=PrefixConfig(num_virtual_tokens=3, init_text="short"))
     with pytest.raises(ValueError, match="reparametrised prefix"):
-        make(tiny_model_dir("gpt2"), prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=8, init_text="a long enough public text"))
+        make(tiny_model_dir("gpt2"),
+             prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=8, init_text="a long enough public text"))

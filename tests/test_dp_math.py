@@ -149,7 +149,8 @@ def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_token
 
     def make():
         torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens), privacy=privacy)
+        return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens),
+                                     privacy=privacy)
 
     select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
     whole = make()
@@ -328,7 +329,8 @@ def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(
 
 @pytest.mark.parametrize("reparam_hidden", [None, 2048])
 def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(reparam_hidden, tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=reparam_hidden),
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2,
+                                   prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=reparam_hidden),
                                    max_physical_batch_size=16,
                                    privacy=PrivacyConfig(grad_sample_mode="auto", noise_multiplier=1.0, target_epsilon=None))
     # Independently: hooks hold one fp32 gradient per example and trainable parameter.

@@ -90,7 +90,8 @@ def test_unsupported_head_and_bad_sizes():
 @pytest.mark.parametrize("private", [True, False])
 def test_non_finite_loss_stops_before_the_update(private, tiny_model_dir, tmp_path):
     privacy = PrivacyConfig() if private else PrivacyConfig(enabled=False)
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=privacy)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=privacy)
     snapshot = {}
 
     class PoisonAtStep3(Callback):
@@ -140,7 +141,8 @@ def test_a_refused_or_failed_run_writes_nothing_over_an_earlier_run(case, tiny_m
     assert any(p.name == "privacy_report.json" for p in files) and any(p.suffix == ".ckpt" for p in files)
 
     privacy, trainer_kwargs, data_kwargs, error, message = BAD_RUNS[case]
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(**privacy))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(**privacy))
     with pytest.raises(error, match=message):
         trainer(**trainer_kwargs).fit(module, datamodule=TokenDataModule(**data_kwargs))
     for path, content in files.items():

@@ -185,7 +185,8 @@ def test_filter_normalisation_row_by_row():
 # ---------------------------------------------------------------- a tiny prefix-tuned BERT
 def classifier(path, privacy=None):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(enabled=False), prefix=PrefixConfig(num_virtual_tokens=2))
+    return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(enabled=False),
+                                 prefix=PrefixConfig(num_virtual_tokens=2))
 
 
 def token_batches(size=20, batch_size=8):

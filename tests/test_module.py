@@ -16,7 +16,8 @@ def test_label_word_head_reads_the_lm_logits_of_the_label_words(family, tiny_mod
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path = tiny_model_dir(family)
-    module = PrefixTunedClassifier(path, 2, head="label_words", label_words=["bad", "good"], prefix=PrefixConfig(num_virtual_tokens=2),
+    module = PrefixTunedClassifier(path, 2, head="label_words", label_words=["bad", "good"],
+                                   prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(enabled=False)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([[101, 2000, 2001, tokenizer.mask_token_id, 102]])
@@ -43,7 +44,8 @@ def test_non_private_mode_trains_the_identical_model_and_says_so(tiny_model_dir,
     torch.manual_seed(0)
     private = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2))
     torch.manual_seed(0)
-    public = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(enabled=False),
+    public = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False),
                                    optimizer=partial(torch.optim.SGD, lr=0.5))
     assert [n for n, _ in private.named_parameters()] == [n for n, _ in public.named_parameters()]
     for a, b in zip(private.parameters(), public.parameters()):
@@ -100,7 +102,8 @@ def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
 
 
 def test_logging_the_training_loss_is_a_ledger_entry(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), log_train_loss=True)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   log_train_loss=True)
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule())
     report = module.privacy_report()
     assert report["formal_guarantee"] is False
@@ -136,7 +139,8 @@ def test_a_dp_report_says_that_aborting_on_a_non_finite_loss_is_outside_the_acco
     assert len(report["caveats"]) == 1 and "non-finite loss" in report["caveats"][0]
     assert "one-bit, data-dependent signal outside the accountant" in report["caveats"][0]
     assert "Caveats:" in (tmp_path / "dp" / "privacy_report.md").read_text()
-    public = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(enabled=False))
+    public = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     quiet_trainer(tmp_path / "plain", max_steps=1).fit(public, datamodule=TokenDataModule())
     assert json.loads((tmp_path / "plain" / "privacy_report.json").read_text())["caveats"] == []
 

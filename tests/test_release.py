@@ -164,7 +164,8 @@ def test_export_and_load_refuse_what_would_leak_or_mislead(tiny_model_dir, tmp_p
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "last.ckpt").write_text("x")
-    trained = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(enabled=False))
+    trained = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                    privacy=PrivacyConfig(enabled=False))
     with pytest.raises(ValueError, match=f"Refusing to export into {occupied}: it is not an empty folder"):
         export_release(trained, occupied, report={})
     private = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2))
@@ -242,7 +243,8 @@ def test_causal_lm_release_keeps_no_generated_samples_and_predicts_as_the_checkp
     path = tiny_model_dir("gpt2")
     torch.manual_seed(0)
     privacy = PrivacyConfig(target_epsilon=8.0, seed=NOISE_SEED)
-    module = PrefixTunedCausalLM(path, prefix=PrefixConfig(num_virtual_tokens=3), generate_max_new_tokens=2, privacy=privacy)
+    module = PrefixTunedCausalLM(path, prefix=PrefixConfig(num_virtual_tokens=3),
+                                 generate_max_new_tokens=2, privacy=privacy)
     data = GenerationData(size=32, batch_size=8, val=None, seed=0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[checkpoints])
@@ -252,7 +254,8 @@ def test_causal_lm_release_keeps_no_generated_samples_and_predicts_as_the_checkp
     folder = export_release(module, tmp_path / "release")
 
     checkpoint_module, checkpoint = module_from_checkpoint(
-        PrefixTunedCausalLM, tmp_path / "checkpoints/last.ckpt", backbone=path, prefix=PrefixConfig(num_virtual_tokens=3), privacy=privacy)
+        PrefixTunedCausalLM, tmp_path / "checkpoints/last.ckpt", backbone=path, prefix=PrefixConfig(num_virtual_tokens=3),
+        privacy=privacy)
     assert_releases_nothing_secret(folder, ("a reply", str(NOISE_SEED)), checkpoint["state_dict"])
     loaded = load_release(folder)
     assert json.loads((folder / "release.json").read_text())["tokenisation"] is None

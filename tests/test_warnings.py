@@ -27,6 +27,7 @@ def test_a_dp_fit_warns_neither_about_the_frozen_backbone_nor_about_opacus_hooks
 
 
 def test_a_trainable_module_in_eval_mode_is_still_warned_about(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(enabled=False))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     module.model.prefix.eval()  # not the library's choice: the user's, and Lightning's warning must reach them
     assert any(EVAL_MODE in m for m in fit_warnings(tmp_path, module))
