@@ -90,6 +90,7 @@ class DPPrefixModule(pl.LightningModule):
         class MyTask(DPPrefixModule):
             def __init__(self, backbone: str, privacy: Optional[PrivacyConfig] = None) -> None:
                 super().__init__(privacy=privacy)
+                self.save_hyperparameters()  # what clone_untrained (the teacher, LiRA's shadows) rebuilds from
                 self.model = PrefixModel(AutoModel.from_pretrained(backbone), num_labels=2)
 
             def example_losses(self, batch):
@@ -171,12 +172,13 @@ class DPPrefixModule(pl.LightningModule):
         """A fresh, untrained module of this one's configuration that shares its frozen backbone: the teacher
         of ``TeacherDistillation``, LiRA's shadows.
 
-        The clone comes from this class's constructor, given the saved hyperparameters, this module's prefix and
-        privacy configs, its optimizer and scheduler factories, and ``overrides``. A backbone that the constructor
-        loads with :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again:
-        the clone holds this module's backbone and tokenizer objects, so moving either module's backbone to a
-        device moves both (a Trainer moves its module to the CPU when its fit ends). The prefix is initialised
-        as its :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw from the current torch seed, or
+        The clone comes from this class's constructor, given the saved hyperparameters (the constructor calls
+        ``save_hyperparameters()``, as the task modules do), this module's prefix and privacy configs, its
+        optimizer and scheduler factories, and ``overrides``. A backbone that the constructor loads with
+        :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
+        holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
+        both (a Trainer moves its module to the CPU when its fit ends). The prefix is initialised as its
+        :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw from the current torch seed, or
         ``init_text``), any head anew, and nothing trained, counted or recorded here is carried over. The clone
         is placed on this module's device.
 
