@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 
 from helpers import StopAfter, TokenDataModule, quiet_trainer
 from test_black_box import data_for, reviews, scorers, tuner_for  # noqa: F401  (the last two are fixtures)
@@ -27,7 +27,7 @@ class SecondRank(SingleDeviceStrategy):
 
 
 def module_run(tiny_model_dir):
-    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(**PRIVACY)), \
+    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(**PRIVACY)), \
         TokenDataModule()
 
 
