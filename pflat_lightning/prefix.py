@@ -9,13 +9,15 @@ pruned so that it gets no gradient, no noise and no update.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from pflat_lightning.families import KVGeometry
-from pflat_lightning.privacy.ledger import PrivacyLedger
+
+if TYPE_CHECKING:  # the privacy package builds on the prefix's checkpoint layout (checkpointing imports this file)
+    from pflat_lightning.privacy.ledger import PrivacyLedger
 
 
 def _documented(cls: type) -> type:
