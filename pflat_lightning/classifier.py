@@ -1,19 +1,21 @@
 """``PrefixTunedClassifier``: DP prefix tuning of a frozen transformer for text classification."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoTokenizer
 
-from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import family_for
-from pflat_lightning.module import CHECKPOINT_KEY, DPPrefixModule
+from pflat_lightning.module import DPPrefixModule
+from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
+from pflat_lightning.pretrained import load_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
+from pflat_lightning.privacy.training import CHECKPOINT_KEY
 
 #: ``CHECKPOINT_KEY`` is re-exported for the modules that import it from here.
 __all__ = ["CHECKPOINT_KEY", "PrefixTunedClassifier"]
@@ -36,9 +38,8 @@ class PrefixTunedClassifier(DPPrefixModule):
             (LM-BFF prompting: the masked/causal LM's logits of one ``label_words`` entry per class;
             use it with a datamodule ``template`` such as ``"{text} It was {mask}."``).
         label_words: one word per class, e.g. ``["terrible", "great"]``.
-        num_virtual_tokens: prefix length.
-        prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
-        prefix_init_std: standard deviation of the prefix initialisation.
+        prefix: the prefix's length, reparametrisation and initialisation (from an instruction text with
+            ``init_text``, for every head and family); ``None`` means ``PrefixConfig()``.
         backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
             ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
             ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
@@ -57,12 +58,13 @@ class PrefixTunedClassifier(DPPrefixModule):
     Example::
 
         model = PrefixTunedClassifier("bundled-minilm", num_labels=2,
+                                      prefix=PrefixConfig(num_virtual_tokens=10),
                                       privacy=PrivacyConfig(target_epsilon=8.0))
         trainer = pl.Trainer(max_epochs=3)
         trainer.fit(model, datamodule=TextClassificationDataModule("movie_reviews"))
     """
 
-    RELEASE_ARGS = ("backbone", "num_labels", "head", "label_words", "num_virtual_tokens", "prefix_hidden")
+    RELEASE_ARGS = ("backbone", "num_labels", "head", "label_words", "prefix")
 
     def __init__(
         self,
@@ -71,9 +73,7 @@ class PrefixTunedClassifier(DPPrefixModule):
         *,
         head: Literal["linear", "label_words"] = "linear",
         label_words: Optional[List[str]] = None,
-        num_virtual_tokens: int = 10,
-        prefix_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
+        prefix: Optional[PrefixConfig] = None,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -91,12 +91,8 @@ class PrefixTunedClassifier(DPPrefixModule):
             epsilon_every_n_steps=epsilon_every_n_steps,
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        path = resolve_model(backbone)
-        try:
-            model = load_backbone(path, head, **(backbone_kwargs or {}))
-        except OSError as error:
-            raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        load = partial(load_backbone, head=head, **(backbone_kwargs or {}))
+        model, self.tokenizer = load_pretrained(backbone, load)
         word_ids = None
         if head == "label_words":
             if not label_words:
@@ -108,10 +104,10 @@ class PrefixTunedClassifier(DPPrefixModule):
             head=head,
             label_word_ids=word_ids,
             mask_token_id=self.tokenizer.mask_token_id,
-            num_virtual_tokens=num_virtual_tokens,
-            reparam_hidden=prefix_hidden,
-            prefix_init_std=prefix_init_std,
+            prefix=prefix,
+            tokenizer=self.tokenizer,
         )
+        record_initialisation(self.ledger, self.model.prefix.config)
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
 

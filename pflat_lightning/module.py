@@ -1,34 +1,34 @@
 """``DPPrefixModule``: the DP-SGD training of a prefix-tuned frozen transformer, whatever its task.
 
-Everything that makes a fit private lives here, once, for every task module (classification,
-generation): the guards refused before training, the Opacus engine wired into ``configure_optimizers``,
-the manual training step with virtual steps over a Poisson logical batch, the budget stop, the resume
-of a Poisson epoch, epsilon in the progress bar, the ledger, checkpoints and the privacy report. A task
+What makes a fit private in general (the sampling, the noise plan, the budget stop, epsilon in the progress
+bar, the resume of a Poisson epoch, the ledger, checkpoints and the privacy report) comes from
+:class:`~pflat_lightning.privacy.training.PrivateTraining`; the mechanism is DP-SGD
+(:class:`~pflat_lightning.privacy.engine.DPSGDEngine`). What is particular to prefix tuning lives here, once,
+for every task module (classification, generation): the guards refused before training, the engine wired into
+``configure_optimizers``, and the manual training step over a Poisson logical batch in physical chunks. A task
 module builds ``self.model`` and says what one example's loss is (:meth:`DPPrefixModule.example_losses`).
 """
 from __future__ import annotations
 
-import math
-import uuid
+import inspect
 import warnings
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torchmetrics import Metric
 
-from pflat_lightning.checkpointing import AtomicCheckpointIO, check_checkpoint_matches
+from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.pretrained import sharing_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
-from pflat_lightning.privacy.ledger import PrivacyLedger
-from pflat_lightning.privacy.report import build_report, report_folder, write_report
-from pflat_lightning.privacy.sampling import PoissonDataLoader
+from pflat_lightning.privacy.training import PrivateTraining
+from pflat_lightning.protocol import num_examples, physical_batches
 from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 
 #: Precisions under which per-example clipping sees true fp32/fp64 gradients. fp16 mixed precision
@@ -37,17 +37,13 @@ from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
 DP_PRECISIONS = ("32-true", "64-true", "bf16-mixed")
 #: Below this, per-example gradients (hooks) cost little next to activations: ``"auto"`` keeps hooks.
 AUTO_GHOST_MIN_BYTES = 256 * 2**20
-CHECKPOINT_KEY = "pflat_privacy"
-#: Checkpoint key of the run id: a resumed run is the same run and updates its own report.
-RUN_ID_KEY = "pflat_run_id"
-#: Metric names that a callback's ``monitor`` reads from the validation split (every pflat task logs its
-#: validation metrics as ``val_<name>``: ``val_loss``, ``val_acc``, ``val_ppl``...).
-VALIDATION_METRIC_PREFIXES = ("val_", "val/", "validation_", "validation/")
+#: Public examples whose per-example gradient norms set the bounds of ``clipping="group"``.
+GROUP_BOUND_EXAMPLES = 256
 #: Lightning's warning at the start of the fit loop about modules in eval mode.
 EVAL_MODE_WARNING = r"Found \d+ module\(s\) in eval mode at the start of training"
 
 
-class DPPrefixModule(pl.LightningModule):
+class DPPrefixModule(PrivateTraining):
     """Base class of the prefix-tuned modules: DP-SGD (or plain training) of ``self.model``'s prefix.
 
     With the default :class:`PrivacyConfig` every fit is DP-SGD through Opacus: Poisson-sampled logical
@@ -61,8 +57,8 @@ class DPPrefixModule(pl.LightningModule):
     ``per_example_gradient_bytes(batch_size)``, and implements :meth:`example_losses`. Batches are dicts
     of tensors whose ``labels`` has one row per example. It offers the callbacks' contract
     (:mod:`pflat_lightning.protocol`): ``example_losses``, ``layer_groups``, ``prefix_layer_mask``,
-    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``engine``, ``ledger`` and
-    ``report_sections``.
+    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``clone_untrained``,
+    ``engine``, ``ledger`` and ``report_sections``.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -87,6 +83,7 @@ class DPPrefixModule(pl.LightningModule):
         class MyTask(DPPrefixModule):
             def __init__(self, backbone: str, privacy: Optional[PrivacyConfig] = None) -> None:
                 super().__init__(privacy=privacy)
+                self.save_hyperparameters()  # what clone_untrained (the teacher, LiRA's shadows) rebuilds from
                 self.model = PrefixModel(AutoModel.from_pretrained(backbone), num_labels=2)
 
             def example_losses(self, batch):
@@ -97,6 +94,7 @@ class DPPrefixModule(pl.LightningModule):
     #: The ``__init__`` arguments that rebuild a trained module's architecture onto its public backbone,
     #: what a release keeps (:mod:`pflat_lightning.release`); empty: the class cannot be released.
     RELEASE_ARGS: Tuple[str, ...] = ()
+    MECHANISM = DPSGDEngine
 
     def __init__(
         self,
@@ -108,30 +106,12 @@ class DPPrefixModule(pl.LightningModule):
         log_train_loss: bool = False,
         epsilon_every_n_steps: int = 10,
     ) -> None:
-        super().__init__()
+        super().__init__(privacy=privacy, epsilon_every_n_steps=epsilon_every_n_steps)
         if max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}.")
-        if epsilon_every_n_steps < 1:
-            raise ValueError(f"epsilon_every_n_steps must be >= 1, got {epsilon_every_n_steps}.")
-        self.automatic_optimization = False
-        self.privacy = privacy if privacy is not None else PrivacyConfig()
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.max_physical_batch_size = max_physical_batch_size
         self.log_train_loss = log_train_loss
-        self.epsilon_every_n_steps = epsilon_every_n_steps
-        self._shown_epsilon: Optional[tuple] = None
-        self.ledger = PrivacyLedger()
-        self.engine: Optional[DPSGDEngine] = DPSGDEngine(self.privacy) if self.privacy.enabled else None
-        self._resumed = False
-        self._final_metrics: Dict[str, float] = {}
-        #: Names this run in its report (kept in checkpoints: a resumed run is the same run).
-        self.run_id = uuid.uuid4().hex
-        #: Where this run's report is, chosen at its first write (:func:`~pflat_lightning.privacy.report.report_folder`):
-        #: ``trainer.log_dir``, or ``privacy_reports/version_N`` under it when it holds another run's report.
-        self.report_dir: Optional[Path] = None
-        #: What the callbacks want in the privacy report (their settings and measurements).
-        self.report_sections: Dict[str, Any] = {}
         #: Per-example terms ``fn(batch, logits, prefix) -> Tensor`` added to each example's loss (callbacks).
         self.loss_terms: List[Callable[..., torch.Tensor]] = []
         #: Work ``fn(module)`` that callbacks queue in ``setup`` to run when the optimizers are configured:
@@ -160,19 +140,56 @@ class DPPrefixModule(pl.LightningModule):
         """Prune the prefix layers where ``keep`` is false (no prefix, no gradient, no update)."""
         self.prefix.set_layer_mask(keep)
 
-    @property
-    def is_private(self) -> bool:
-        return self.engine is not None
+    def clone_untrained(self, **overrides: Any) -> "DPPrefixModule":
+        """A fresh, untrained module of this one's configuration that shares its frozen backbone: the teacher
+        of ``TeacherDistillation``, LiRA's shadows.
+
+        The clone comes from this class's constructor, given the saved hyperparameters (the constructor calls
+        ``save_hyperparameters()``, as the task modules do), this module's prefix and privacy configs, its
+        optimizer and scheduler factories, and ``overrides``. A backbone that the constructor loads with
+        :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
+        holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
+        both (a Trainer moves its module to the CPU when its fit ends). The prefix is initialised as its
+        :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw from the current torch seed, or
+        ``init_text``), any head anew, and nothing trained, counted or recorded here is carried over. The clone
+        is placed on this module's device.
+
+        Args:
+            overrides: constructor arguments to replace, e.g. ``privacy=`` and ``optimizer=``; never one of the
+                architecture's (:data:`~pflat_lightning.checkpointing.ARCHITECTURE_HPARAMS`).
+
+        Raises:
+            ValueError: for an override the constructor does not take, or one of the architecture's.
+
+        Example::
+
+            teacher = module.clone_untrained(privacy=PrivacyConfig(enabled=False))
+        """
+        accepted = inspect.signature(type(self).__init__).parameters
+        refused = sorted(set(overrides) - set(accepted)) + sorted(set(overrides) & set(ARCHITECTURE_HPARAMS))
+        if refused:
+            raise ValueError(f"clone_untrained cannot override {refused}: it takes {type(self).__name__}'s constructor "
+                             f"arguments except the architecture's {list(ARCHITECTURE_HPARAMS)}.")
+        kwargs = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds its own keys
+        # The objects this module was built with: hparams leave the factories out, and under LightningCLI they
+        # hold the configs as parsed dicts.
+        built = {"prefix": self.prefix.config, "privacy": self.privacy, "optimizer": self.optimizer_factory,
+                 "lr_scheduler": self.lr_scheduler_factory}
+        kwargs.update({k: v for k, v in built.items() if k in accepted}, **overrides)
+        backbone, tokenizer = self.hparams.get("backbone"), getattr(self, "tokenizer", None)
+        shared = isinstance(backbone, str) and tokenizer is not None
+        with sharing_pretrained(backbone, self.model.backbone, tokenizer) if shared else nullcontext():
+            clone = type(self)(**kwargs)
+        return clone.to(self.device)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage == "fit" and self.is_private:
+            self._check_dp_trainer()
+        super().setup(stage)
+
+    def _check_dp_trainer(self) -> None:
         trainer = self.trainer
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not self.is_private:
-            return
         if trainer.precision not in DP_PRECISIONS:
             raise ValueError(
                 f"Trainer(precision={trainer.precision!r}) cannot be used with DP: per-example clipping needs "
@@ -192,8 +209,6 @@ class DPPrefixModule(pl.LightningModule):
                 "scales per-example gradients before clipping and breaks Poisson sampling. Set the datamodule's "
                 "batch_size to the logical batch; max_physical_batch_size bounds the memory."
             )
-        configure_sampling(trainer.datamodule, self.privacy)
-        record_validation_monitors(self)
 
     def configure_optimizers(self) -> Any:
         queued, self.before_optimizers[:] = list(self.before_optimizers), []
@@ -220,7 +235,7 @@ class DPPrefixModule(pl.LightningModule):
 
     def _make_private(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         trainer = self.trainer
-        dataset_size, expected_batch, planned = plan_private_training(self)
+        dataset_size, expected_batch, planned = self.plan_private_fit()
         dp_optimizer = self.engine.attach(
             self.model,
             optimizer,
@@ -231,13 +246,33 @@ class DPPrefixModule(pl.LightningModule):
             grad_sample_mode=self._auto_clipping(min(expected_batch, self.max_physical_batch_size)),
             prefix_parameters=list(self.prefix.parameters()),
         )
+        if self.engine.needs_group_bounds:
+            self._measure_group_bounds()
         if self.log_train_loss:
             self.ledger.record("training loss logging", "unaccounted", "the training loss of private batches is logged without noise")
-        rank_zero_info(
-            f"DP-SGD: noise_multiplier={self.engine.noise_multiplier:.4f}, sample_rate={self.engine.sample_rate:.5f}, "
-            f"{self.engine.planned_steps} steps, target epsilon={self.privacy.target_epsilon}, delta={self.engine.delta:.3g}"
-        )
+        self.announce_plan("DP-SGD")
         return dp_optimizer
+
+    def _measure_group_bounds(self) -> None:
+        """``clipping="group"`` without ``prefix_clip_share``: bounds at the median per-example gradient norm of
+        each group on up to ``GROUP_BOUND_EXAMPLES`` public examples, at the initial prefix (no privacy cost)."""
+        public = getattr(self.trainer.datamodule, "public_dataloader", None)
+        if public is None or getattr(self.trainer.datamodule, "public_dataset", True) is None:
+            raise ValueError(
+                "PrivacyConfig(clipping='group', prefix_clip_share=None) measures the group bounds on public data, but "
+                "the datamodule has no public split: give it one (public_fraction > 0) or set prefix_clip_share."
+            )
+        norms, seen = [], 0
+        for batch in public(batch_size=self.max_physical_batch_size):
+            batch = move_data_to_device(batch, self.device)
+            norms.append(self.engine.measure_group_norms(self.example_losses(batch)))
+            seen += norms[-1].shape[0]
+            if seen >= GROUP_BOUND_EXAMPLES:
+                break
+        bounds = self.engine.set_group_bounds(torch.cat(norms)[:GROUP_BOUND_EXAMPLES])
+        self.ledger.record("group clipping bounds", "public",
+                           f"median per-example gradient norm of each group on {min(seen, GROUP_BOUND_EXAMPLES)} public "
+                           f"examples: bounds {[round(b, 6) for b in bounds]} (prefix, head)")
 
     def _auto_clipping(self, physical_batch: int) -> Optional[str]:
         """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example
@@ -246,8 +281,8 @@ class DPPrefixModule(pl.LightningModule):
         activations and hooks need one backward pass instead of two."""
         if self.privacy.grad_sample_mode != "auto":
             return None
-        if self.privacy.clipping == "split":
-            return "hooks"  # ghost clipping has no per-tensor norms
+        if self.privacy.clipping == "group":
+            return "hooks"  # ghost clipping has no per-group norms
         estimate = self.model.per_example_gradient_bytes(physical_batch)
         ghost_pays = estimate["hooks"] > AUTO_GHOST_MIN_BYTES and 4 * estimate["ghost"] <= estimate["hooks"]
         mode = "ghost" if ghost_pays else "hooks"
@@ -277,56 +312,43 @@ class DPPrefixModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._end_eval_mode_silence()
-        if self.is_private:
-            resume_poisson_epoch(self, self.engine.updates)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
-        if self.is_private and self.engine.budget_exhausted:
-            self.trainer.should_stop = True
-            return -1
-        return None
+        super().on_train_start()
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
+        """One logical batch: each physical chunk's per-example losses (:meth:`example_losses`), under DP handed
+        to the engine, which clips each example's gradient and sums them; then one update (under DP the noise
+        is added once and the accountant counts the release), the scheduler and the progress bar."""
         optimizer = self.optimizers()
-        size = batch["labels"].shape[0]
-        if self.is_private:
-            total = self.engine.backward_batch(batch, self._finite_losses, self.max_physical_batch_size)
+        size = num_examples(batch)
+        total = 0.0
+        for chunk in physical_batches(batch, self.max_physical_batch_size):
+            losses = self.example_losses(chunk)
+            if not bool(torch.isfinite(losses.detach()).all()):
+                self._refuse_update(
+                    f"Non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); the poisoned "
+                    "update was not applied. Resume from the last checkpoint with a lower learning rate."
+                )
+                break
+            total += float(losses.detach().sum())
+            if self.is_private:
+                self.engine.backward(losses)
+            else:
+                self.manual_backward(losses.sum() / size)
+        if self.is_private or size > 0:  # an empty Poisson batch still releases noise under DP
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            self._log_epsilon()
-        else:
-            total = 0.0
-            for start in range(0, size, self.max_physical_batch_size):
-                losses = self._finite_losses({k: v[start : start + self.max_physical_batch_size] for k, v in batch.items()})
-                total += float(losses.detach().sum())
-                self.manual_backward(losses.sum() / size)
-            if size > 0:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        if self.is_private:
+            self.log_epsilon()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         if self.log_train_loss and size > 0:
             self.log("train_loss", total / size, prog_bar=True, batch_size=size)
 
-    def _finite_losses(self, batch: Dict[str, Any]) -> torch.Tensor:
-        losses = self.example_losses(batch)
-        if not bool(torch.isfinite(losses.detach()).all()):
-            raise FloatingPointError(
-                f"Non-finite training loss at step {self.global_step} (epoch {self.current_epoch}); the poisoned "
-                "update was not applied. Resume from the last checkpoint with a lower learning rate."
-            )
-        return losses
-
-    def _log_epsilon(self) -> None:
-        # The PRV accountant costs ~0.1 s a call, a large share of a small step: recompute every
-        # `epsilon_every_n_steps` updates and at the last one; the value is exact for `epsilon_at_step`.
-        engine = self.engine
-        if engine.updates % self.epsilon_every_n_steps == 0 or engine.budget_exhausted or self._shown_epsilon is None:
-            self._shown_epsilon = (engine.updates, engine.epsilon())
-        updates, epsilon = self._shown_epsilon
-        self.log("epsilon", epsilon, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        self.log("epsilon_at_step", float(updates), on_step=True, on_epoch=False, batch_size=1)
+    def _refuse_update(self, message: str) -> None:
+        if not self.is_private:
+            raise FloatingPointError(message)
+        self.engine.abort_update(message)
 
     # ------------------------------------------------------------------ evaluation
     def _reset_metrics(self) -> None:
@@ -342,139 +364,13 @@ class DPPrefixModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_metrics()
 
-    # ------------------------------------------------------------------ report and checkpoints
-    def privacy_report(self) -> Dict[str, Any]:
-        """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
-        trainer = self.trainer
-        # Validation metrics of the fit and test metrics of a later test run both belong in the report.
-        self._final_metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
-        )
-        size = self.engine.dataset_size if self.is_private else None
-        return build_report(
-            config=self.privacy,
-            engine=self.engine,
-            ledger=self.ledger,
-            dataset_size=size,
-            epochs=trainer.current_epoch,
-            steps=trainer.global_step,
-            metrics=self._final_metrics,
-            sections=self.report_sections,
-            run_id=self.run_id,
-        )
-
-    def _write_report(self) -> None:
-        if self.report_dir is None:
-            self.report_dir = report_folder(self.trainer, self.run_id)  # a collective call: every rank
-        report = self.privacy_report()
-        if self.trainer.is_global_zero:
-            path = write_report(report, self.report_dir)
-            rank_zero_info(f"Privacy report written to {path}")
-
-    def on_fit_end(self) -> None:
-        self._write_report()
-
-    def on_test_end(self) -> None:
-        self._write_report()
-
-    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        checkpoint[RUN_ID_KEY] = self.run_id
-        if self.is_private and self.engine.optimizer is not None:
-            checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
-
+    # ------------------------------------------------------------------ checkpoints
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         check_checkpoint_matches(self, checkpoint)  # Lightning and `load_run` call this before loading the weights
-        self.run_id = checkpoint.get(RUN_ID_KEY, self.run_id)
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is not None and self.is_private:
-            self.engine.load_state_dict(state["engine"])
-            self.ledger.load_state_dict(state["ledger"])
-            self._resumed = True
+        super().on_load_checkpoint(checkpoint)
 
     def teardown(self, stage: str) -> None:
         self._end_eval_mode_silence()  # a fit that failed before training started
         if self.is_private:
             self.engine.detach()
 
-
-def plan_private_training(module: pl.LightningModule) -> Tuple[int, int, int]:
-    """``(dataset_size, expected_batch_size, planned_steps)`` of a DP fit about to start, from its training
-    loader and schedule (the numbers that decide the noise). Refuses an unbounded schedule, a loader that is
-    not a secure Poisson loader under ``secure_mode=True``, a non-Poisson loader under ``poisson_sampling=True``
-    (a shuffled loader otherwise is recorded as unaccounted) and a resume from a checkpoint that carries no
-    privacy state (``module._resumed`` false)."""
-    trainer = module.trainer
-    trainer.fit_loop.setup_data()  # the loader (dataset size, sampling rate) decides the noise
-    planned = trainer.estimated_stepping_batches
-    if not math.isfinite(planned):
-        raise ValueError("DP training needs a finite plan: set Trainer(max_epochs=...) or Trainer(max_steps=...).")
-    loader = trainer.train_dataloader
-    if module.privacy.secure_mode and not (isinstance(loader, PoissonDataLoader) and loader.secure):
-        raise ValueError(
-            f"PrivacyConfig(secure_mode=True) needs a secure Poisson training loader, got {type(loader).__name__}"
-            f"{'(secure=False)' if isinstance(loader, PoissonDataLoader) else ''}: its batches would come from a seeded "
-            "generator that anyone with the seed can replay. Use a pflat_lightning datamodule (it follows secure_mode) "
-            "or return pflat_lightning.privacy.PoissonDataLoader(..., secure=True) from train_dataloader()."
-        )
-    if isinstance(loader, PoissonDataLoader):
-        expected_batch = loader.expected_batch_size
-    elif module.privacy.poisson_sampling:
-        raise ValueError(
-            "PrivacyConfig(poisson_sampling=True) needs a Poisson training loader: use a pflat_lightning datamodule "
-            "or return pflat_lightning.privacy.PoissonDataLoader from train_dataloader()."
-        )
-    else:
-        expected_batch = loader.batch_size
-        module.ledger.record(
-            "sampling", "unaccounted",
-            "fixed-size shuffled batches (poisson_sampling=False): the accountant's epsilon assumes Poisson "
-            "sampling and is not a formal bound for shuffling",
-        )
-    if trainer.ckpt_path is not None and not module._resumed:
-        raise ValueError(
-            f"Refusing to resume DP training from {trainer.ckpt_path}: it holds no privacy state (accountant "
-            "history, noise, sampler), so the privacy already spent would be forgotten."
-        )
-    return len(loader.dataset), expected_batch, int(planned)
-
-
-def configure_sampling(datamodule: Any, privacy: PrivacyConfig) -> None:
-    """Make the library's datamodules sample as ``privacy`` says (Poisson batches, from the OS's CSPRNG under
-    ``secure_mode``) before their training loader is built; other datamodules are checked by
-    :func:`plan_private_training`."""
-    if datamodule is None:
-        return
-    if hasattr(datamodule, "poisson_sampling"):
-        datamodule.poisson_sampling = privacy.poisson_sampling
-    if hasattr(datamodule, "secure_sampling"):
-        datamodule.secure_sampling = privacy.secure_mode
-
-
-def record_validation_monitors(module: pl.LightningModule) -> None:
-    """Record in ``module.ledger`` each callback of the fit that selects on a validation metric
-    (``ModelCheckpoint``/``EarlyStopping`` with ``monitor="val_loss"``..., any callback whose ``monitor``
-    starts with one of :data:`VALIDATION_METRIC_PREFIXES`): it chooses the released model (the checkpoint
-    kept, the stopping epoch) with private data held out of training, without DP, a ``held_out`` entry. A
-    monitor on ``epsilon`` or a training metric reads no held-out data. A scheduler's ``monitor`` needs no
-    entry: under manual optimisation Lightning ignores it and the module steps its scheduler without a metric."""
-    for callback in module.trainer.callbacks:
-        monitor = getattr(callback, "monitor", None)
-        if isinstance(monitor, str) and monitor.startswith(VALIDATION_METRIC_PREFIXES):
-            module.ledger.record(type(callback).__name__, "held_out",
-                                 f"monitor={monitor!r}: selects on a metric of the validation split (private data "
-                                 "held out of training) without DP")
-
-
-def resume_poisson_epoch(module: pl.LightningModule, updates: int) -> None:
-    """Resuming inside an epoch after ``updates`` logical steps (Lightning calls no on_train_epoch_start
-    then): replay the epoch's Poisson draws and skip the batches already trained on, before the first
-    batch is drawn (a secure loader draws the remaining batches afresh instead). Call it from ``on_train_start``."""
-    loader = module.trainer.train_dataloader
-    if not isinstance(loader, PoissonDataLoader):
-        return
-    per_epoch = module.trainer.num_training_batches  # the epoch as run: limit_train_batches applied
-    done = updates - module.current_epoch * per_epoch
-    if 0 < done < per_epoch:
-        loader.batch_sampler.fast_forward(done)
-        if loader.num_workers > 0:  # the workers already drew ahead: restart the iterator
-            iter(module.trainer.fit_loop._data_fetcher)

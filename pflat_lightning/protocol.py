@@ -10,16 +10,18 @@ declares them all); each capability is a ``typing.Protocol``, usable as a type a
 - :class:`PrunablePrefix` (``SharpnessLayerSelection``): ``prefix_layer_mask()`` and
   ``set_prefix_layer_mask(keep)``.
 - :class:`Distillable` and :class:`Cloneable` (``TeacherDistillation``): ``loss_terms``,
-  ``before_optimizers``, ``prefix`` and ``clone_untrained()``.
+  ``before_optimizers``, ``prefix`` and ``clone_untrained()``; :class:`Cloneable` also makes LiRA's shadows
+  (:func:`untrained_clone`).
 - :class:`TokenScores` (the Min-K% and zlib membership attacks): ``token_log_probs(batch)``, ``tokenizer``.
 - :class:`Private` (optional): ``engine``, ``ledger``, ``report_sections``. Without them the module is
   non-private, nothing is recorded and no report section is written.
 
 :func:`check_contract` raises one ``TypeError`` that lists every missing member of the capabilities
 asked for, each with what it must be. Optional members are read through the functions below
-(:func:`layer_groups`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
+(:func:`layer_groups`, :func:`untrained_clone`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
 :func:`task_loss_mode` for ``loss_terms``), each with the fallback named in its docstring. A batch is any
-collection of tensors with one row per example; :func:`num_examples` counts them. The README's section
+collection of tensors with one row per example; :func:`num_examples` counts them and :func:`physical_batches`
+cuts them into the chunks of one forward/backward pass. The README's section
 "Callbacks on your own LightningModule" shows a minimal module.
 """
 from __future__ import annotations
@@ -27,10 +29,11 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from pflat_lightning.privacy.engine import DPSGDEngine
@@ -168,6 +171,14 @@ def layer_groups(pl_module: pl.LightningModule) -> Dict[str, List[nn.Parameter]]
     return dict(groups)
 
 
+def untrained_clone(pl_module: pl.LightningModule, **overrides: Any) -> pl.LightningModule:
+    """The module's ``clone_untrained`` (:class:`Cloneable`), given those ``overrides`` its signature accepts (all of
+    them when it takes ``**overrides``): the one way the teacher and LiRA's shadows are made."""
+    accepted = inspect.signature(pl_module.clone_untrained).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    return pl_module.clone_untrained(**{k: v for k, v in overrides.items() if takes_all or k in accepted})
+
+
 def num_examples(batch: Any) -> int:
     """The examples in ``batch``: the length of its first tensor (Lightning's own rule, ``extract_batch_size``);
     every tensor of a batch has one row per example, so an empty batch counts 0."""
@@ -187,6 +198,17 @@ def privacy_ledger(pl_module: pl.LightningModule) -> Optional[PrivacyLedger]:
 def report_sections(pl_module: pl.LightningModule) -> Dict[str, Any]:
     """The module's report sections; a throw-away dict for one without ``report_sections`` (no report)."""
     return getattr(pl_module, "report_sections", {})
+
+
+def physical_batches(batch: Any, size: int) -> Iterator[Any]:
+    """``batch`` in chunks of at most ``size`` examples, in order (none for an empty batch): the forward/backward
+    passes of one logical batch. Every tensor is cut alike, and in a dict batch every other entry too (raw texts)."""
+    for start in range(0, num_examples(batch), size):
+        rows = slice(start, start + size)
+        if isinstance(batch, Mapping):
+            yield {key: value[rows] for key, value in batch.items()}
+        else:
+            yield apply_to_collection(batch, Tensor, lambda tensor: tensor[rows])
 
 
 def physical_batch_size(pl_module: pl.LightningModule, batch: Any) -> int:

@@ -48,7 +48,7 @@ TINY = {
 
 def tiny_config(model_type: str):
     """``(LM class, config)``: a tiny random masked or causal LM of ``model_type`` (a key of ``TINY``)."""
-    config = AutoConfig.for_model(model_type, **BASE, **TINY[model_type])
+    config = AutoConfig.for_model(model_type, **{**BASE, **TINY[model_type]})
     return family_for(config).lm_class._model_mapping[type(config)], config
 
 

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 from opacus.accountants import PRVAccountant, RDPAccountant
 from transformers import AutoTokenizer
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
+from pflat_lightning.protocol import physical_batches
 
 from conftest import FAMILIES
-from helpers import (SEEDED_REASONS, StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, clipped_mean,
-                     collate, quiet_trainer)
+from helpers import (StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, clipped_mean, collate,
+                     quiet_trainer)
 
 HEADS = ["linear", "label_words"]
 
@@ -25,7 +26,7 @@ def tiny_prefix_model(path, head):
     tokenizer = AutoTokenizer.from_pretrained(path)
     words = tokenizer.convert_tokens_to_ids(["bad", "good"])
     return PrefixModel(backbone, 2, head=head, label_word_ids=words, mask_token_id=tokenizer.mask_token_id,
-                       num_virtual_tokens=3), tokenizer
+                       prefix=PrefixConfig(num_virtual_tokens=3)), tokenizer
 
 
 def batch_for(tokenizer, size=6, seed=1):
@@ -73,7 +74,7 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     """Through the Lightning module: a logical batch of 8 in physical chunks of 3 (virtual steps)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
                               grad_sample_mode=mode),
@@ -90,52 +91,104 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     torch.testing.assert_close(before - after, clipped_mean(grads, clip, 8), atol=1e-6, rtol=1e-4)
 
 
+def group_clipped_mean(grads, in_prefix, bounds, batch_size):
+    """Reference for clipping='group': each example's prefix tensors clipped together to bounds[0], its head
+    tensors together to bounds[1]."""
+    total = None
+    for gs in grads:
+        norms = [math.sqrt(sum(float(g.pow(2).sum()) for g, flag in zip(gs, in_prefix) if flag == group))
+                 for group in (True, False)]
+        factors = [min(1.0, b / (n + 1e-6)) for b, n in zip(bounds, norms)]
+        clipped = torch.cat([(g * factors[0 if flag else 1]).flatten() for g, flag in zip(gs, in_prefix)])
+        total = clipped if total is None else total + clipped
+    return total / batch_size
+
+
+def group_norms_by_hand(grads, in_prefix):
+    return torch.tensor([[math.sqrt(sum(float(g.pow(2).sum()) for g, flag in zip(gs, in_prefix) if flag == group))
+                          for group in (True, False)] for gs in grads])
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_split_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_dir, tmp_path):
-    """clipping='split': each tensor clipped to its share of the budget, by hand; the noise keeps scale C."""
-    clip, share = 0.05, 0.25
+def test_group_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_dir, tmp_path):
+    """clipping='group' without noise: the update is the mean of per-example gradients whose prefix part and
+    head part were clipped separately, to C*sqrt(share) and C*sqrt(1 - share), by hand."""
+    clip, share = 0.05, 0.02  # prefix bound 0.007: the tiny models' prefix norms are about 0.007-0.015
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
-                              clipping="split", prefix_clip_share=share),
+                              clipping="group", prefix_clip_share=share),
     )
     data = TokenDataModule(size=64, batch_size=8, poisson=False)
     first = collate([data.dataset[i] for i in range(8)])
     reference = copy.deepcopy(module.model)
     _, grads = per_example_gradients(reference, first)
-    names = [n for n, p in reference.named_parameters() if p.requires_grad]
-    in_prefix = [n.startswith("prefix.") for n in names]
-    n_prefix, n_head = sum(in_prefix), len(names) - sum(in_prefix)
-    assert n_prefix > 0 and n_head > 0
-    bounds = [clip * math.sqrt((share / n_prefix) if flag else ((1 - share) / n_head)) for flag in in_prefix]
-    clipped = [[g * min(1.0, b / (g.norm().item() + 1e-6)) for g, b in zip(gs, bounds)] for gs in grads]
-    assert any(g.norm() > b for gs in grads for g, b in zip(gs, bounds)), "the test must exercise clipping"
-    expected = torch.cat([sum(c[j] for c in clipped).flatten() / 8 for j in range(len(names))])
+    in_prefix = [n.startswith("prefix.") for n, p in reference.named_parameters() if p.requires_grad]
+    bounds = [clip * math.sqrt(share), clip * math.sqrt(1 - share)]
+    norms = group_norms_by_hand(grads, in_prefix)
+    assert (norms > torch.tensor(bounds)).any(0).all(), "the test must clip both groups"
 
     before = torch.cat([p.detach().flatten().clone() for p in module.model.parameters() if p.requires_grad])
     quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
     after = torch.cat([p.detach().flatten() for p in module.model.parameters() if p.requires_grad])
-    torch.testing.assert_close(before - after, expected, atol=1e-6, rtol=1e-4)
-    assert module.engine.optimizer.max_grad_norm == pytest.approx(clip), "noise std stays noise_multiplier * C"
+    torch.testing.assert_close(before - after, group_clipped_mean(grads, in_prefix, bounds, 8), atol=1e-6, rtol=1e-4)
     report = module.privacy_report()
-    assert report["clipping"] == "split" and report["prefix_clip_share"] == share
+    assert report["clipping"] == "group"
+    assert report["group_clip_bounds"] == pytest.approx({"prefix": bounds[0], "head": bounds[1]})
 
 
-def test_split_clipping_keeps_each_bound_with_its_tensor_after_pruning(tiny_model_dir, tmp_path):
-    from pflat_lightning.callbacks import SharpnessLayerSelection
+def test_group_clipping_noises_each_group_at_its_own_bound_and_keeps_the_accountants_epsilon(tiny_model_dir):
+    """The release of an empty batch is pure noise: each group's noise std is sigma * sqrt(2) * C_g (measured on
+    its own coordinates), and the epsilon is Opacus' PRV accountant's for sigma itself. Dividing group g by
+    sigma * sqrt(2) * C_g leaves unit noise and sensitivity sqrt(C_p**2 / (2 sigma**2 C_p**2) + C_h**2 /
+    (2 sigma**2 C_h**2)) = 1 / sigma: the mechanism of noise multiplier sigma."""
+    model, _ = tiny_prefix_model(tiny_model_dir("gpt2"), "linear")
+    sigma, clip, share, batch = 1.3, 2.0, 0.01, 4
+    engine = DPSGDEngine(PrivacyConfig(noise_multiplier=sigma, target_epsilon=None, max_grad_norm=clip,
+                                       clipping="group", prefix_clip_share=share))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine.attach(model, torch.optim.SGD(trained, lr=1.0), dataset_size=1000, expected_batch_size=batch,
+                  planned_steps=10, prefix_parameters=list(model.prefix.parameters()))
+    prefix_ids = {id(p) for p in model.prefix.parameters()}
+    draws = {True: [], False: []}
+    for _ in range(10):
+        engine.optimizer.pre_step()  # an empty batch: clip (nothing), noise, scale by 1 / B: the update's gradient
+        for p in engine.optimizer.params:
+            draws[id(p) in prefix_ids].append(p.grad.flatten().clone())
+        engine.optimizer.zero_grad(set_to_none=True)
+    prv = PRVAccountant()
+    prv.history = [(sigma, batch / 1000, 10)]
+    for group, bound in ((True, clip * math.sqrt(share)), (False, clip * math.sqrt(1 - share))):
+        noise = torch.cat(draws[group])
+        assert noise.numel() > 500
+        expected = sigma * math.sqrt(2) * bound / batch
+        assert float(noise.std()) == pytest.approx(expected, rel=0.1)
+    assert engine.epsilon() == pytest.approx(prv.get_epsilon(delta=engine.delta), rel=1e-6)
 
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
-                                   privacy=PrivacyConfig(target_epsilon=3.0, clipping="split"))
-    quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
-        module, datamodule=TokenDataModule())
-    optimizer = module.engine.optimizer
-    trained = [p for p in module.model.parameters() if p.requires_grad]
-    pruned = [p for p in module.prefix.layers[1].parameters()]
-    assert not any(p.requires_grad for p in pruned) and len(optimizer.params) == len(trained)
-    assert optimizer.max_grad_norms == [optimizer.bounds[id(p)] for p in trained]
-    assert sum(b**2 for b in optimizer.bounds.values()) == pytest.approx(1.0), "all bounds together: C**2"
-    assert module.privacy_report()["reasons"] == SEEDED_REASONS, "nothing but the seeded randomness voids the guarantee"
+
+def test_group_bounds_measured_on_public_data_sit_at_each_groups_median_norm(tiny_model_dir, tmp_path):
+    """prefix_clip_share=None: before training, the bounds are set so that C_p / C_h is the ratio of the
+    groups' median per-example gradient norms on the public split (here by per-example autograd), with
+    C_p**2 + C_h**2 = C**2; the ledger records the public data use; a resumed run keeps the bounds."""
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
+                                   privacy=PrivacyConfig(target_epsilon=3.0, clipping="group", max_grad_norm=0.5))
+    data = TokenDataModule()
+    reference = copy.deepcopy(module.model)
+    public = collate([data.public_dataloader().dataset[i] for i in range(32)])
+    _, grads = per_example_gradients(reference, public)
+    in_prefix = [n.startswith("prefix.") for n, p in reference.named_parameters() if p.requires_grad]
+    medians = torch.quantile(group_norms_by_hand(grads, in_prefix).double(), 0.5, dim=0)
+    expected = (0.5 * medians / medians.norm()).tolist()
+    ckpt = tmp_path / "stopped.ckpt"
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[StopAfter(2, ckpt)]).fit(module, datamodule=data)
+    assert module.engine.group_bounds == pytest.approx(expected, rel=1e-4)
+    assert [e.status for e in module.ledger.entries if e.component == "group clipping bounds"] == ["public"]
+
+    resumed = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
+                                    privacy=PrivacyConfig(target_epsilon=3.0, clipping="group", max_grad_norm=0.5))
+    quiet_trainer(tmp_path / "b", max_epochs=1).fit(resumed, datamodule=data, ckpt_path=ckpt)
+    assert resumed.engine.group_bounds == pytest.approx(expected, rel=1e-4), "measured once, at the run's start"
 
 
 def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_tokens):
@@ -144,7 +197,8 @@ def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_token
 
     def make():
         torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, num_virtual_tokens=num_virtual_tokens, privacy=privacy)
+        return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens),
+                                     privacy=privacy)
 
     select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
     whole = make()
@@ -158,26 +212,30 @@ def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_token
     return whole, resumed
 
 
-def test_split_clipping_resumed_after_a_pruning_clips_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    """The pruned layer is frozen when the resumed run builds its optimizer: the bounds must still be the
-    shares of all prefix tensors (C * sqrt(share / 2 layers' tensors)), not of the one layer left."""
-    privacy = PrivacyConfig(target_epsilon=3.0, clipping="split", prefix_clip_share=0.5)
+def test_group_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    """The pruned layer is frozen when the resumed run builds its optimizer: its groups and bounds must still be
+    those of the uninterrupted run."""
+    privacy = PrivacyConfig(target_epsilon=3.0, clipping="group", prefix_clip_share=0.5)
     whole, resumed = whole_and_resumed_after_a_pruning(tiny_model_dir("bert"), privacy, tmp_path, 3)
-    prefix_tensors = len(list(resumed.prefix.parameters()))
-    kept = list(resumed.prefix.layers[0].parameters())
-    assert len(kept) < prefix_tensors and all(p.requires_grad for p in kept)
-    for p in kept:
-        assert resumed.engine.optimizer.bounds[id(p)] == pytest.approx(1.0 * math.sqrt(0.5 / prefix_tensors))
+    assert resumed.engine.optimizer.bounds == pytest.approx([math.sqrt(0.5)] * 2)
     assert_same_trained_weights(resumed, whole)
 
 
-def test_split_clipping_is_refused_with_ghost_clipping_and_a_bad_share():
-    with pytest.raises(ValueError, match="clipping='split' needs per-example gradients per tensor"):
-        PrivacyConfig(clipping="split", grad_sample_mode="ghost")
-    with pytest.raises(ValueError, match=r"prefix_clip_share must be in \(0, 1\), got 1.0"):
-        PrivacyConfig(clipping="split", prefix_clip_share=1.0)
-    with pytest.raises(ValueError, match="clipping must be one of"):
-        PrivacyConfig(clipping="per_layer")
+def test_group_clipping_refusals(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="clipping='group' needs per-example gradients per tensor"):
+        PrivacyConfig(clipping="group", grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match=r"prefix_clip_share must be in \(0, 1\) or None .*got 1.0"):
+        PrivacyConfig(clipping="group", prefix_clip_share=1.0)
+    with pytest.raises(ValueError, match=r"clipping must be one of \('flat', 'group'\), got 'split'"):
+        PrivacyConfig(clipping="split")
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
+                                   privacy=PrivacyConfig(target_epsilon=3.0, clipping="group"))
+    with pytest.raises(ValueError, match="the datamodule has no public split"):
+        quiet_trainer(tmp_path, max_epochs=1).fit(module, datamodule=NoPublicSplit())
+
+
+class NoPublicSplit(TokenDataModule):
+    public_dataloader = None
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -187,7 +245,7 @@ def test_bf16_mixed_clips_fp32_per_example_gradients(family, tiny_model_dir, tmp
     under the same bf16 autocast (tolerance: bf16 batched vs. single-example arithmetic)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False),
     )
@@ -214,8 +272,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
     optimizer = engine.attach(model, torch.optim.SGD(params, lr=1.0), dataset_size=100, expected_batch_size=expected,
                               planned_steps=1)
     before = torch.cat([p.detach().flatten().clone() for p in params])
-    engine.prepare_empty_step()  # an empty Poisson batch: zero signal, the step still adds noise
-    optimizer.step()
+    optimizer.step()  # an empty Poisson batch, nothing back-propagated: zero signal, the step still adds noise
     delta = before - torch.cat([p.detach().flatten() for p in params])
     n = delta.numel()
     target = sigma * clip / expected
@@ -228,7 +285,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
 @pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
 def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference, tiny_model_dir, tmp_path):
     target = 3.0
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=target, accountant=accountant, secure_mode=True))
     data = TokenDataModule(size=64, batch_size=8)
     trainer = quiet_trainer(tmp_path, max_epochs=2)
@@ -246,14 +303,14 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference
 
 
 def test_explicit_noise_that_cannot_reach_the_plan_is_refused(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=1.0, noise_multiplier=0.3))
     with pytest.raises(ValueError, match="noise_multiplier=0.3 and target_epsilon=1.0 contradict"):
         quiet_trainer(tmp_path, max_epochs=2).fit(module, datamodule=TokenDataModule())
 
 
 def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(noise_multiplier=2.0, target_epsilon=None))
     module.model.prefix.set_layer_mask([False, True])
     pruned = module.model.prefix.layers[0].weight.detach().clone()
@@ -292,7 +349,8 @@ def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, 
         norms = [torch.cat([g.flatten() for g in gs]).norm() for gs in grads]
         assert sum(n > clip for n in norms) >= 2, "the test must exercise clipping"
         before = torch.cat([p.detach().flatten().clone() for p in params])
-        engine.backward_batch(batch, losses, 4)
+        for chunk in physical_batches(batch, 4):
+            engine.backward(losses(chunk))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         after = torch.cat([p.detach().flatten() for p in params])
@@ -304,7 +362,7 @@ def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, 
 def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_path):
     from pflat_lightning.callbacks import SharpnessLayerSelection
 
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost", secure_mode=True))
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
         module, datamodule=TokenDataModule())
@@ -321,16 +379,17 @@ def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(
     assert_same_trained_weights(resumed, whole)
 
 
-@pytest.mark.parametrize("prefix_hidden", [None, 2048])
-def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,
+@pytest.mark.parametrize("reparam_hidden", [None, 2048])
+def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(reparam_hidden, tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2,
+                                   prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=reparam_hidden),
                                    max_physical_batch_size=16,
                                    privacy=PrivacyConfig(grad_sample_mode="auto", noise_multiplier=1.0, target_epsilon=None))
     # Independently: hooks hold one fp32 gradient per example and trainable parameter.
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     hooks_bytes = 16 * trainable * 4
     expected = "ghost" if hooks_bytes > 256 * 2**20 else "hooks"
-    assert expected == ("hooks" if prefix_hidden is None else "ghost"), "the test covers both choices"
+    assert expected == ("hooks" if reparam_hidden is None else "ghost"), "the test covers both choices"
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule(batch_size=16))
     assert module.engine.grad_sample_mode == expected
     report = module.privacy_report()

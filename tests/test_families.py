@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, DynamicCache
 
-from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import FAMILIES, REFUSED, cache_keyword, family_for, kv_geometry
 from pflat_lightning.prefix_model import PrefixCausalLM, PrefixModel, load_backbone
@@ -31,6 +31,7 @@ ABSOLUTE_DECODERS = {"gpt2", "opt"}
 WORDPIECE_ENCODERS = {"bert", "electra"}
 WINDOW_TYPES = [t for t in SUPPORTED if "sliding_window" in TINY[t]]
 PREFIX = 3
+PREFIX_CONFIG = PrefixConfig(num_virtual_tokens=PREFIX, init_std=1.0)
 LABEL_WORDS = ("bad", "good")
 EOS, PAD = 102, 0
 
@@ -44,7 +45,7 @@ def prefix_model(path: str, head: str = "linear", **kwargs) -> PrefixModel:
     torch.manual_seed(1)
     words = tokenizer().convert_tokens_to_ids(list(LABEL_WORDS))
     return PrefixModel(load_backbone(path, head, **kwargs), 2, head=head, label_word_ids=words,
-                       mask_token_id=tokenizer().mask_token_id, num_virtual_tokens=PREFIX, prefix_init_std=1.0)
+                       mask_token_id=tokenizer().mask_token_id, prefix=PREFIX_CONFIG)
 
 
 def token_batch(model_type: str, size: int = 4, length: int = 10, seed: int = 1):
@@ -212,7 +213,7 @@ def test_dp_classification_step_is_clipped_per_example_autograd(model_type, head
 # ---------------------------------------------------------------- decoders: causal LM and generate
 def causal_lm(path: str, **kwargs) -> PrefixCausalLM:
     torch.manual_seed(1)
-    return PrefixCausalLM(load_backbone(path, "causal_lm", **kwargs), num_virtual_tokens=PREFIX, prefix_init_std=1.0)
+    return PrefixCausalLM(load_backbone(path, "causal_lm", **kwargs), PREFIX_CONFIG)
 
 
 def lm_batch(seed: int = 2):
@@ -292,13 +293,13 @@ def test_bf16_causal_lm_scores_and_generates(model_type, tiny_model_dir):
 def test_lightning_modules_load_a_16_bit_backbone_as_from_pretrained_does(tiny_model_dir, tmp_path):
     """dtype, device_map and low_cpu_mem_usage reach from_pretrained; DP trains the fp32 prefix of a bf16 Qwen3."""
     kwargs = {"dtype": "bfloat16", "device_map": "cpu", "low_cpu_mem_usage": True}
-    module = PrefixTunedClassifier(tiny_model_dir("qwen3"), 2, num_virtual_tokens=PREFIX, backbone_kwargs=kwargs,
+    module = PrefixTunedClassifier(tiny_model_dir("qwen3"), 2, prefix=PREFIX_CONFIG, backbone_kwargs=kwargs,
                                    privacy=PrivacyConfig(noise_multiplier=0.5, target_epsilon=None, poisson_sampling=False))
     assert module.model.backbone.dtype == torch.bfloat16 and module.model.prefix.layers[0].weight.dtype == torch.float32
     before = module.model.prefix.layers[0].weight.detach().clone()
     quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=TokenDataModule(size=16, batch_size=4, poisson=False))
     assert not torch.equal(before, module.model.prefix.layers[0].weight)
-    generator = PrefixTunedCausalLM(tiny_model_dir("gemma2"), num_virtual_tokens=PREFIX, backbone_kwargs={"dtype": "bfloat16"},
+    generator = PrefixTunedCausalLM(tiny_model_dir("gemma2"), prefix=PREFIX_CONFIG, backbone_kwargs={"dtype": "bfloat16"},
                                     privacy=PrivacyConfig(enabled=False))
     assert generator.model.backbone.dtype == torch.bfloat16
 
@@ -375,7 +376,7 @@ def test_falcon_grouped_key_values_follow_the_installed_transformers(tmp_path):
     with torch.no_grad():
         model(input_ids=torch.randint(2000, 3000, (2, 5)), use_cache=True, **{cache_keyword(model.forward): cache})
     assert cache.layers[0].keys.shape == (2, kv_geometry(config).num_kv_heads, 5, 8) and kv_geometry(config).num_kv_heads == 2
-    prefixed = PrefixModel(model, 2, num_virtual_tokens=PREFIX)
+    prefixed = PrefixModel(model, 2, prefix=PREFIX_CONFIG)
     assert prefixed.hidden_states(torch.randint(2000, 3000, (2, 5)), torch.ones(2, 5, dtype=torch.long)).shape == (2, 5, 32)
 
 

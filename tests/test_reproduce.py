@@ -156,14 +156,14 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
 def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):
     config = tmp_path / "method.yaml"
     config.write_text("trainer:\n  max_epochs: 1\nmodel:\n  privacy:\n    target_epsilon: 8.0\n    target_delta: 1.0e-6\n"
-                      "    clipping: split\n    poisson_sampling: false\n    max_grad_norm: 0.5\n")
+                      "    clipping: group\n    poisson_sampling: false\n    max_grad_norm: 0.5\n")
     method = reproduce.Method("custom", config=config)
-    assert reproduce.method_recipe(method)["privacy"] == {"target_delta": 1e-6, "clipping": "split",
+    assert reproduce.method_recipe(method)["privacy"] == {"target_delta": 1e-6, "clipping": "group",
                                                          "poisson_sampling": False, "max_grad_norm": 0.5}
     model, _, _ = load_run([str(reproduce.DEFAULT_CONFIG)], None, reproduce.method_overrides(method, 3.0, 7))
     base = yaml.safe_load(reproduce.DEFAULT_CONFIG.read_text())["model"]["init_args"]["privacy"]
     assert model.privacy == PrivacyConfig(**{**base, "target_epsilon": 3.0, "seed": 7, "secure_mode": False, "target_delta": 1e-6,
-                                             "clipping": "split", "poisson_sampling": False, "max_grad_norm": 0.5})
+                                             "clipping": "group", "poisson_sampling": False, "max_grad_norm": 0.5})
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -4,37 +4,25 @@ The model is a black box (:class:`~pflat_lightning.black_box.scorers.PromptScore
 in, label-word logits out. As in Black-Box Tuning (Sun et al. 2022) the prompt is
 ``p = p0 + A z``: a low-dimensional vector ``z`` (``intrinsic_dim``, e.g. 500) mapped to the prompt
 embeddings by a fixed random projection ``A`` regenerated from ``seed``. ``z`` is trained with a
-differentially private zeroth-order gradient estimate (:class:`ZerothOrderMechanism`) released through
-the same accountant, calibration, Poisson sampling, checkpointed privacy state and privacy report as
-DP-SGD.
+differentially private zeroth-order gradient estimate (:class:`ZerothOrderMechanism`). Only the mechanism
+differs from DP-SGD: the accountant, calibration, Poisson sampling, budget stop, checkpointed privacy state
+and privacy report are :class:`~pflat_lightning.privacy.training.PrivateTraining`'s, as for
+:class:`~pflat_lightning.module.DPPrefixModule`.
 """
 from __future__ import annotations
 
 import math
-import uuid
-from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
-from pflat_lightning.module import (
-    CHECKPOINT_KEY,
-    RUN_ID_KEY,
-    configure_sampling,
-    plan_private_training,
-    record_validation_monitors,
-    resume_poisson_epoch,
-)
 from pflat_lightning.black_box.scorers import PromptScorer
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
-from pflat_lightning.privacy.ledger import PrivacyLedger
-from pflat_lightning.privacy.report import build_report, report_folder, write_report
+from pflat_lightning.privacy.training import PrivateTraining
 
 #: Checkpoint key of the tuner's own training state (the released estimate AWP steps along).
 STATE_KEY = "pflat_black_box"
@@ -81,7 +69,7 @@ class ZerothOrderMechanism(PrivacyAccounting):
         return (total + noise) / self.expected_batch_size
 
 
-class BlackBoxPromptTuner(pl.LightningModule):
+class BlackBoxPromptTuner(PrivateTraining):
     """Derivative-free (DP) prompt tuning through a forward-only scoring interface.
 
     The prompt ``p = p0 + A z`` (``num_prompt_tokens`` vectors of the model's embedding width) depends on
@@ -152,6 +140,8 @@ class BlackBoxPromptTuner(pl.LightningModule):
         pl.Trainer(max_steps=100).fit(tuner, datamodule=data)
     """
 
+    MECHANISM = ZerothOrderMechanism
+
     def __init__(
         self,
         scorer: PromptScorer,
@@ -171,11 +161,11 @@ class BlackBoxPromptTuner(pl.LightningModule):
         distill_weight: float = 0.0,
         epsilon_every_n_steps: int = 10,
     ) -> None:
-        super().__init__()
+        super().__init__(privacy=privacy, epsilon_every_n_steps=epsilon_every_n_steps)
         if not isinstance(scorer, PromptScorer):
             raise ValueError(f"scorer must be a PromptScorer (info and label_logits), got {type(scorer).__name__}.")
         for name, value in (("num_prompt_tokens", num_prompt_tokens), ("intrinsic_dim", intrinsic_dim),
-                            ("num_directions", num_directions), ("epsilon_every_n_steps", epsilon_every_n_steps)):
+                            ("num_directions", num_directions)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
         for name, value in (("projection_scale", projection_scale), ("smoothing", smoothing)):
@@ -199,13 +189,11 @@ class BlackBoxPromptTuner(pl.LightningModule):
             raise ValueError(f"teacher_prompt must have shape (intrinsic_dim,) = ({intrinsic_dim},), got "
                              f"{tuple(teacher_prompt.shape)}.")
         self.save_hyperparameters(ignore=["scorer", "optimizer", "initial_prompt", "teacher_prompt"])
-        self.automatic_optimization = False
         self.scorer = scorer
-        self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.optimizer_factory = optimizer
         self.num_directions, self.smoothing = num_directions, smoothing
         self.awp_gamma, self.distill_weight = awp_gamma, distill_weight
-        self.seed, self.epsilon_every_n_steps = seed, epsilon_every_n_steps
+        self.seed = seed
         self.z = torch.nn.Parameter(torch.zeros(intrinsic_dim))
         generator = torch.Generator().manual_seed(seed)
         scale = projection_scale * info.embedding_std / math.sqrt(intrinsic_dim)
@@ -215,28 +203,14 @@ class BlackBoxPromptTuner(pl.LightningModule):
             initial_prompt = torch.randn(shape, generator=generator) * (initial_prompt_scale * info.embedding_std)
         self.register_buffer("initial_prompt", initial_prompt.float().clone())
         self.register_buffer("teacher_prompt", None if teacher_prompt is None else teacher_prompt.float().clone())
-        self.ledger = PrivacyLedger()
-        self.engine: Optional[ZerothOrderMechanism] = ZerothOrderMechanism(self.privacy) if self.privacy.enabled else None
         #: The previous step's released estimate in ``z``-space (post-processing of the noisy release).
         self.released_estimate: Optional[torch.Tensor] = None
         #: Steps taken (updates, including noise-only ones); the directions of a step derive from it.
         self.steps_taken = 0
-        self.report_sections: Dict[str, Any] = {}
-        self._final_metrics: Dict[str, float] = {}
-        self._shown_epsilon: Optional[tuple] = None
-        self._resumed = False
-        #: Names this run in its report (kept in checkpoints); ``report_dir``: where the report is, chosen at
-        #: its first write (see :attr:`pflat_lightning.module.DPPrefixModule.report_dir`).
-        self.run_id = uuid.uuid4().hex
-        self.report_dir: Optional[Path] = None
         self.val_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
 
     # ------------------------------------------------------------------ the prompt
-    @property
-    def is_private(self) -> bool:
-        return self.engine is not None
-
     def prompts_of(self, points: torch.Tensor) -> torch.Tensor:
         """Prompts ``p0 + A z`` ``(n, T, H)`` of ``n`` points ``z`` ``(n, intrinsic_dim)``."""
         return self.initial_prompt + (points @ self.projection.T).view(len(points), *self.initial_prompt.shape)
@@ -281,8 +255,7 @@ class BlackBoxPromptTuner(pl.LightningModule):
                 "BlackBoxPromptTuner sends raw text to the scorer: build the datamodule with keep_text=True "
                 "(TextClassificationDataModule(..., keep_text=True)), got keep_text=False."
             )
-        if self.is_private:
-            configure_sampling(datamodule, self.privacy)
+        super().setup(stage)
         self.report_sections["BlackBoxPromptTuner"] = {
             "scorer": self.scorer.info.to_json(),
             "num_prompt_tokens": self.hparams.num_prompt_tokens,
@@ -298,7 +271,6 @@ class BlackBoxPromptTuner(pl.LightningModule):
         }
         if not self.is_private:
             return
-        record_validation_monitors(self)
         if self.awp_gamma > 0:
             self.ledger.record("prompt-space AWP", "accounted", "perturbation along the previous step's released noisy "
                                "estimate (post-processing, no extra cost)")
@@ -309,27 +281,15 @@ class BlackBoxPromptTuner(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([self.z])
         if self.is_private:
-            self._plan_privacy()
+            dataset_size, expected_batch, planned = self.plan_private_fit()
+            self.engine.plan(dataset_size=dataset_size, expected_batch_size=expected_batch, planned_steps=planned)
+            self.announce_plan("Black-box DP zeroth-order tuning")
         return optimizer
-
-    def _plan_privacy(self) -> None:
-        dataset_size, expected_batch, planned = plan_private_training(self)
-        self.engine.plan(dataset_size=dataset_size, expected_batch_size=expected_batch, planned_steps=planned)
-        rank_zero_info(
-            f"Black-box DP zeroth-order tuning: noise_multiplier={self.engine.noise_multiplier:.4f}, sample_rate="
-            f"{self.engine.sample_rate:.5f}, {self.engine.planned_steps} steps, target epsilon="
-            f"{self.privacy.target_epsilon}, delta={self.engine.delta:.3g}"
-        )
 
     # ------------------------------------------------------------------ training
     def on_train_start(self) -> None:
-        resume_poisson_epoch(self, self.steps_taken)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
-        if self.is_private and self.engine.budget_exhausted:
-            self.trainer.should_stop = True
-            return -1
-        return None
+        # Without DP too: steps_taken counts every logical step (the directions of a step derive from it).
+        self.resume_poisson_epoch(self.steps_taken)
 
     def example_differences(self, point: torch.Tensor, directions: torch.Tensor, batch: Dict[str, Any]) -> torch.Tensor:
         """Each example's two-point differences ``(B, q)`` at ``point`` along ``directions`` (``2q`` scorings)."""
@@ -366,15 +326,7 @@ class BlackBoxPromptTuner(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
         if self.is_private:
-            self._log_epsilon()
-
-    def _log_epsilon(self) -> None:
-        engine = self.engine
-        if engine.updates % self.epsilon_every_n_steps == 0 or engine.budget_exhausted or self._shown_epsilon is None:
-            self._shown_epsilon = (engine.updates, engine.epsilon())
-        updates, epsilon = self._shown_epsilon
-        self.log("epsilon", epsilon, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        self.log("epsilon_at_step", float(updates), on_step=True, on_epoch=False, batch_size=1)
+            self.log_epsilon()
 
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: Dict[str, Any], stage: str, accuracy: MulticlassAccuracy) -> None:
@@ -392,50 +344,13 @@ class BlackBoxPromptTuner(pl.LightningModule):
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_accuracy)
 
-    # ------------------------------------------------------------------ report and checkpoints
-    def privacy_report(self) -> Dict[str, Any]:
-        """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
-        trainer = self.trainer
-        self._final_metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
-        )
-        return build_report(
-            config=self.privacy,
-            engine=self.engine,
-            ledger=self.ledger,
-            dataset_size=self.engine.dataset_size if self.is_private else None,
-            epochs=trainer.current_epoch,
-            steps=trainer.global_step,
-            metrics=self._final_metrics,
-            sections=self.report_sections,
-            run_id=self.run_id,
-        )
-
-    def _write_report(self) -> None:
-        if self.report_dir is None:
-            self.report_dir = report_folder(self.trainer, self.run_id)
-        path = write_report(self.privacy_report(), self.report_dir)
-        rank_zero_info(f"Privacy report written to {path}")
-
-    def on_fit_end(self) -> None:
-        self._write_report()
-
-    def on_test_end(self) -> None:
-        self._write_report()
-
+    # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint[STATE_KEY] = {"steps_taken": self.steps_taken, "released_estimate": self.released_estimate}
-        checkpoint[RUN_ID_KEY] = self.run_id
-        if self.is_private and self.engine.noise_multiplier is not None:
-            checkpoint[CHECKPOINT_KEY] = {"engine": self.engine.state_dict(), "ledger": self.ledger.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        self.run_id = checkpoint.get(RUN_ID_KEY, self.run_id)
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get(STATE_KEY)
         if state is not None:
             self.steps_taken, self.released_estimate = state["steps_taken"], state["released_estimate"]
-        private = checkpoint.get(CHECKPOINT_KEY)
-        if private is not None and self.is_private:
-            self.engine.load_state_dict(private["engine"])
-            self.ledger.load_state_dict(private["ledger"])
-            self._resumed = True

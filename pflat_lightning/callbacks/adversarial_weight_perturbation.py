@@ -17,6 +17,7 @@ from pflat_lightning.protocol import (
     layer_groups,
     num_examples,
     physical_batch_size,
+    physical_batches,
     privacy_engine,
     privacy_ledger,
     report_sections,
@@ -210,7 +211,8 @@ class AdversarialWeightPerturbation(Callback):
         engine = privacy_engine(pl_module)
         if self.direction == "fresh_private" and engine is not None:
             ascent = pl_module.trainer.strategy.batch_to_device(next(self._ascent_batches))
-            engine.backward_batch(ascent, pl_module.example_losses, physical_batch_size(pl_module, ascent))
+            for chunk in physical_batches(ascent, physical_batch_size(pl_module, ascent)):
+                engine.backward(pl_module.example_losses(chunk))
             return dict(zip(engine.optimizer.params, engine.release_gradient()))
         # raw (or any mode without DP): the plain gradient of the batch, without per-example hooks.
         grads = [None] * len(params)

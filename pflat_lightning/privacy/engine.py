@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer, get_optimizer_class
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
-from opacus.optimizers.utils import params as optimizer_params
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
 from pflat_lightning.privacy import secure_random
+from pflat_lightning.privacy.clipping import GroupClipping, group_assignment, group_bounds, share_from_norms
 from pflat_lightning.privacy.config import PrivacyConfig
 
 #: PyTorch's warning when a full backward hook fires on a module none of whose inputs requires a gradient.
@@ -53,7 +53,8 @@ class PrivacyAccounting:
     and the checkpoint state that lets a resumed run spend exactly as if it had never stopped.
     Every private mechanism of the library builds on it: :class:`DPSGDEngine` (per-example gradients
     through Opacus) and the black-box zeroth-order mechanism
-    (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`).
+    (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`); a Lightning fit runs either through
+    :class:`~pflat_lightning.privacy.training.PrivateTraining`.
 
     Args:
         config: the privacy parameters.
@@ -280,52 +281,36 @@ class _FullPrecision:
             return super().pre_step(closure)
 
 
-def split_clip_norms(params: Sequence[nn.Parameter], prefix: Sequence[nn.Parameter], max_grad_norm: float,
-                     prefix_share: float) -> List[float]:
-    """Per-tensor clipping bounds of ``clipping="split"``, in the order of ``params``: the prefix's tensors
-    share ``max_grad_norm**2 * prefix_share`` equally, the other tensors the rest (a part without tensors
-    leaves its budget to the other). Their squares sum to ``max_grad_norm**2``: the sensitivity is unchanged."""
-    prefix_ids = {id(p) for p in prefix}
-    in_prefix = [id(p) in prefix_ids for p in params]
-    counts = {True: sum(in_prefix), False: len(params) - sum(in_prefix)}
-    if counts[True] == 0 or counts[False] == 0:
-        share = {True: 1.0, False: 1.0}
-    else:
-        share = {True: prefix_share, False: 1.0 - prefix_share}
-    return [max_grad_norm * math.sqrt(share[flag] / counts[flag]) for flag in in_prefix]
+class _EmptyBatches:
+    """The release of an empty Poisson batch (nothing back-propagated since the last clip): Opacus' step
+    clips before it adds the noise, so it gets one zero per-example gradient (a zero clipped gradient in ghost
+    mode), which adds nothing to the sum; the step then adds the noise and the accountant counts it."""
+
+    def pre_step(self, closure=None):
+        if all(p.grad is None for p in self.params):
+            ghost = isinstance(self, DPOptimizerFastGradientClipping)
+            for p in self.params:
+                if ghost:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
+        return super().pre_step(closure)
 
 
-class _SplitClipping:
-    """``clipping="split"``: Opacus' per-layer clipping with each tensor's bound looked up by the tensor
-    (``bounds``, set by the engine), so that bounds stay paired with their tensors when pruned prefix
-    layers (frozen) leave the optimizer's ``params``."""
-
-    bounds: Optional[Dict[int, float]] = None
-
-    @property
-    def max_grad_norms(self) -> List[float]:
-        if self.bounds is None:  # inside Opacus' constructor, before the engine pairs bounds with tensors
-            return self._constructor_norms
-        return [self.bounds[id(p)] for p in self.params]
-
-    @max_grad_norms.setter
-    def max_grad_norms(self, norms: List[float]) -> None:
-        self._constructor_norms = list(norms)
-
-
-def _optimizer_class(base: type, distributed: bool, split: bool = False, secure: bool = False) -> type:
-    mixins = ((_FullPrecision,) + ((_AcrossRanks,) if distributed else ()) + ((_SplitClipping,) if split else ())
-              + ((_SecureNoise,) if secure else ()))
+def _optimizer_class(base: type, distributed: bool, group: bool = False, secure: bool = False) -> type:
+    mixins = ((_FullPrecision, _EmptyBatches) + ((_AcrossRanks,) if distributed else ())
+              + ((GroupClipping,) if group else ()) + ((_SecureNoise,) if secure else ()))
     return type(("AcrossRanks" if distributed else "") + base.__name__, (*mixins, base), {})
 
 
 class DPSGDEngine(PrivacyAccounting):
     """Makes a module's training private and keeps the privacy spend.
 
-    Use :meth:`attach` once the dataset size and the planned number of steps are known, then per
-    physical chunk :meth:`backward`, :meth:`virtual_step` between chunks of one logical batch, and the
-    optimizer's ``step()`` at the end of the logical batch (after :meth:`prepare_empty_step` when the
-    Poisson batch was empty).
+    Use :meth:`attach` once the dataset size and the planned number of steps are known. Then, for each
+    logical (Poisson) batch: :meth:`backward` with the per-example losses of each physical chunk (none for an
+    empty batch), each example's gradient clipped and added to the batch's sum; then the DP optimizer's
+    ``step()``, which adds the noise once, updates and counts the release (or :meth:`release_gradient`, a
+    release without an update). The engine never computes a loss: the module hands it the losses.
 
     Args:
         config: the privacy parameters.
@@ -341,6 +326,8 @@ class DPSGDEngine(PrivacyAccounting):
         self._releasing = False
         #: The grad-sample mode in use (``config.grad_sample_mode``, or what ``"auto"`` resolved to).
         self.grad_sample_mode: Optional[str] = None
+        #: ``clipping="group"``: the bound of each group (prefix, head), kept in checkpoints.
+        self.group_bounds: Optional[List[float]] = None
 
     # ------------------------------------------------------------------ setup
     def attach(
@@ -363,7 +350,8 @@ class DPSGDEngine(PrivacyAccounting):
         ``expected_batch_size`` are the global ones and every rank calls the optimizer's ``step()`` (and
         :meth:`release_gradient`) once per logical batch, whatever its share of the batch.
         ``grad_sample_mode`` is the mode to use when the config says ``"auto"`` (the module decides).
-        ``prefix_parameters`` are the prefix's tensors, which ``clipping="split"`` clips apart from the rest.
+        ``prefix_parameters`` are the prefix's tensors, which ``clipping="group"`` clips apart from the rest;
+        without ``prefix_clip_share`` the group bounds come from :meth:`set_group_bounds` before the first step.
         """
         cfg = self.config
         self.plan(dataset_size=dataset_size, expected_batch_size=expected_batch_size, planned_steps=planned_steps)
@@ -374,39 +362,62 @@ class DPSGDEngine(PrivacyAccounting):
         self.hooks = prepare_module(
             module, self.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
-        split = cfg.clipping == "split"
+        group = cfg.clipping == "group"
         optimizer_class = _optimizer_class(
-            get_optimizer_class(clipping="per_layer" if split else "flat", distributed=False,
-                                grad_sample_mode=self.grad_sample_mode),
-            distributed, split, cfg.secure_mode,
+            get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.grad_sample_mode),
+            distributed, group, cfg.secure_mode,
         )
-        extra: Dict[str, Any] = {"max_grad_norm": cfg.max_grad_norm}
-        if split:
-            # The bounds are shared among all the optimizer's tensors, pruned (frozen) prefix layers too: a run
-            # resumed after a pruning then clips as the uninterrupted run did.
-            everything = [p for group in optimizer.param_groups for p in group["params"]]
-            bounds = dict(zip(map(id, everything),
-                              split_clip_norms(everything, prefix_parameters, cfg.max_grad_norm, cfg.prefix_clip_share)))
-            trained = optimizer_params(optimizer)
-            extra["max_grad_norm"] = [bounds[id(p)] for p in trained]
         if self.grad_sample_mode == "ghost":
             self.hooks.max_grad_norm = cfg.max_grad_norm
         self.optimizer = optimizer_class(
             optimizer,
             noise_multiplier=self.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
             generator=self._generator,
             secure_mode=cfg.secure_mode,
-            **extra,
         )
-        if split:
-            self.optimizer.bounds = bounds
-            # Opacus sets the noise scale from the bounds it was given; the scale is the whole budget C, the
-            # shares of pruned (frozen) tensors included, in a resumed run as in the uninterrupted one.
-            self.optimizer.max_grad_norm = cfg.max_grad_norm
+        if group:
+            # Groups cover every tensor of the optimizer, pruned (frozen) prefix layers too: a run resumed after
+            # a pruning keeps the uninterrupted run's groups, bounds and noise scale.
+            everything = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+            self.optimizer.group_of = group_assignment(everything, prefix_parameters)
+            self.optimizer.draw = self.noise
+            groups = len(set(self.optimizer.group_of.values()))
+            if self.group_bounds is None and cfg.prefix_clip_share is not None:
+                self.group_bounds = group_bounds(cfg.max_grad_norm, cfg.prefix_clip_share, groups)
+            self.optimizer.bounds = self.group_bounds or group_bounds(cfg.max_grad_norm, 0.5, groups)
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
+
+    @property
+    def needs_group_bounds(self) -> bool:
+        """Group-wise clipping whose bounds must still be measured (:meth:`measure_group_norms`)."""
+        return self.config.clipping == "group" and self.group_bounds is None
+
+    def measure_group_norms(self, loss_per_example: torch.Tensor) -> torch.Tensor:
+        """Per-example gradient norm of each group (prefix, head) for the given losses, shape ``(examples, K)``,
+        without clipping, noise or update: for choosing the bounds on public data before training."""
+        self.backward(loss_per_example)
+        norms = self.optimizer.group_norms()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norms.detach()
+
+    def set_group_bounds(self, norms: torch.Tensor, quantile: float = 0.5) -> List[float]:
+        """Put each group's bound at the same ``quantile`` of its per-example norms (``norms`` from
+        :meth:`measure_group_norms`), the bounds' squares summing to ``max_grad_norm**2``."""
+        groups = len(self.optimizer.bounds)
+        share = share_from_norms(norms, quantile) if groups > 1 else 1.0
+        self.group_bounds = self.optimizer.bounds = group_bounds(self.config.max_grad_norm, share, groups)
+        return self.group_bounds
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "group_bounds": self.group_bounds}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.group_bounds = state.get("group_bounds")
 
     def detach(self) -> None:
         """Remove the per-example gradient hooks."""
@@ -416,10 +427,18 @@ class DPSGDEngine(PrivacyAccounting):
 
     # ------------------------------------------------------------------ per step
     def backward(self, loss_per_example: torch.Tensor) -> None:
-        """Back-propagate a chunk's per-example losses so that each example's gradient can be clipped.
+        """Back-propagate one physical chunk's per-example losses, for per-example gradients (``grad_sample``;
+        in ghost mode their clipped sum). The chunk before it in the same logical batch is first clipped and
+        added to the batch's sum (Opacus' virtual step: no noise, no update), so memory never depends on the
+        logical batch. The batch ends with the DP optimizer's ``step()`` or :meth:`release_gradient`, which
+        clip the last chunk.
 
         Outside autocast: Opacus computes per-example gradients in Python hooks during backward, which a
         surrounding ``bf16-mixed`` context would otherwise run in 16 bits."""
+        if any(p.grad is not None for p in self.optimizer.params):  # the previous chunk, not yet clipped
+            self.optimizer.signal_skip_step(do_skip=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loss_per_example.device.type, enabled=False), warnings.catch_warnings():
             # Opacus' full backward hooks see no input that requires a gradient: the frozen backbone feeds the
             # trainable layers constants by design. Their gradients with respect to outputs are all it needs.
@@ -433,56 +452,13 @@ class DPSGDEngine(PrivacyAccounting):
             else:
                 loss_per_example.sum().backward()
 
-    def backward_batch(
-        self,
-        batch: Dict[str, torch.Tensor],
-        example_losses: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
-        chunk_size: int,
-    ) -> float:
-        """Per-example gradients of a whole logical batch, in physical chunks of ``chunk_size``.
-
-        Every chunk but the last is clipped and accumulated at once (a virtual step), so memory never
-        depends on the logical batch; an empty Poisson batch contributes zero gradients. The caller
-        finishes with the optimizer's ``step()`` (an update) or :meth:`release_gradient`. Returns the
-        sum of the per-example losses.
-        """
-        size = batch["labels"].shape[0]
-        if size == 0:
-            self.prepare_empty_step()
-            return 0.0
-        total = 0.0
-        starts = range(0, size, chunk_size)
-        for start in starts:
-            chunk = {k: v[start : start + chunk_size] for k, v in batch.items()}
-            try:
-                losses = example_losses(chunk)
-            except FloatingPointError as error:
-                if not isinstance(self.optimizer, _AcrossRanks):
-                    raise
-                # The other ranks are heading into the all-reduce: join it, and make every rank raise there.
-                self.optimizer.poisoned = str(error)
-                self.prepare_empty_step()
-                return total
-            total += float(losses.detach().sum())
-            self.backward(losses)
-            if start != starts[-1]:
-                self.virtual_step()
-        return total
-
-    def virtual_step(self) -> None:
-        """Clip and accumulate the chunk just back-propagated, without noise or update."""
-        self.optimizer.signal_skip_step(do_skip=True)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def prepare_empty_step(self) -> None:
-        """Give an empty Poisson batch zero clipped gradients, so the step still adds noise and is counted."""
-        ghost = self.grad_sample_mode == "ghost"
-        for p in self.optimizer.params:
-            if ghost:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = p.new_zeros((1, *p.shape))  # Opacus cannot reshape a 0-row tensor
+    def abort_update(self, message: str) -> None:
+        """Refuse the current logical batch's update (a non-finite loss): raise ``FloatingPointError(message)``
+        now, or under data parallelism at the release, on every rank, so that none is left waiting in the
+        all-reduce. The caller stops back-propagating the batch and still calls the optimizer's ``step()``."""
+        if not isinstance(self.optimizer, _AcrossRanks):
+            raise FloatingPointError(message)
+        self.optimizer.poisoned = message
 
     def release_gradient(self) -> List[torch.Tensor]:
         """Clip and noise the per-example gradients back-propagated so far, without an update.

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from pflat_lightning.privacy.clipping import GROUPS
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import STATUS_MEANINGS, PrivacyLedger
@@ -59,6 +60,11 @@ def seeded_only(reasons: List[str]) -> bool:
     return bool(reasons) and set(reasons) <= {SEEDED_NOISE, SEEDED_SAMPLING}
 
 
+def _group_bounds(engine: Optional[PrivacyAccounting]) -> Optional[Dict[str, float]]:
+    bounds = getattr(engine, "group_bounds", None)  # the black-box mechanism has no groups
+    return None if bounds is None else dict(zip(GROUPS, bounds))
+
+
 def build_report(
     *,
     config: PrivacyConfig,
@@ -97,7 +103,7 @@ def build_report(
         "epochs": epochs,
         "max_grad_norm": config.max_grad_norm if config.enabled else None,
         "clipping": config.clipping if config.enabled else None,
-        "prefix_clip_share": config.prefix_clip_share if config.enabled and config.clipping == "split" else None,
+        "group_clip_bounds": _group_bounds(engine) if config.enabled and config.clipping == "group" else None,
         "accountant": config.accountant if config.enabled else None,
         "poisson_sampling": config.poisson_sampling if config.enabled else None,
         "noise_generator": noise_generator(config),
@@ -140,7 +146,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
                   "float64 sampling.", ""]
     lines += ["| parameter | value |", "| --- | --- |"]
     for key in ("epsilon", "delta", "target_epsilon", "noise_multiplier", "sample_rate", "steps", "epochs",
-                "max_grad_norm", "clipping", "prefix_clip_share", "accountant", "poisson_sampling", "grad_sample_mode",
+                "max_grad_norm", "clipping", "group_clip_bounds", "accountant", "poisson_sampling", "grad_sample_mode",
                 "noise_generator", "dataset_size"):
         lines.append(f"| {key} | {_fmt(report.get(key))} |")  # .get: reports written before a key existed
     lines += ["", "## Ledger: data use outside DP-SGD's accountant", ""]

@@ -1,0 +1,98 @@
+"""Group-wise clipping: the prefix and the head each clipped to their own bound, each noised at its own scale.
+
+Flat clipping spends one bound ``C`` on an example's whole gradient. Next to a trainable head the prefix's
+gradient is a tiny part of that norm (0.01 % of the squared norm for the bundled MiniLM), yet every
+coordinate receives noise of scale ``sigma * C``: the prefix's updates are noise. Group-wise clipping clips
+each group ``g`` (prefix, head) of an example's gradient to its own bound ``C_g`` and adds noise of scale
+``sigma * sqrt(K) * C_g`` to that group, ``K`` groups in all.
+
+Privacy: adding or removing one example moves group ``g``'s clipped sum by at most ``C_g``. Dividing group
+``g`` by ``sigma * sqrt(K) * C_g`` turns the release into a Gaussian mechanism with unit noise and
+sensitivity ``sqrt(sum_g 1 / (K * sigma**2)) = 1 / sigma``: exactly the subsampled Gaussian mechanism of
+noise multiplier ``sigma`` that the accountant composes. Each group's noise is now proportional to its own
+bound, so a bound near the group's typical gradient norm gives each group the same signal-to-noise ratio.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Sequence
+
+import torch
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from torch import nn
+
+#: The groups of group-wise clipping, in order: the prefix's tensors and every other trainable tensor.
+GROUPS = ("prefix", "head")
+
+
+def group_bounds(max_grad_norm: float, prefix_share: float, groups: int) -> List[float]:
+    """``[C_prefix, C_head]`` with ``C_prefix**2 = share * C**2`` and ``C_head**2 = (1 - share) * C**2``; a
+    single group (no head) takes all of ``C``."""
+    if groups == 1:
+        return [max_grad_norm]
+    return [max_grad_norm * math.sqrt(prefix_share), max_grad_norm * math.sqrt(1.0 - prefix_share)]
+
+
+def share_from_norms(norms: torch.Tensor, quantile: float = 0.5) -> float:
+    """The prefix's share of ``C**2`` that puts each group's bound at the same ``quantile`` of its per-example
+    gradient norms (``norms`` of shape ``(examples, 2)``: prefix, head): ``q_p**2 / (q_p**2 + q_h**2)``."""
+    typical = torch.quantile(norms.double(), quantile, dim=0)
+    if not (typical > 0).all():
+        raise ValueError(f"A group's typical gradient norm is zero ({typical.tolist()}): its share cannot follow it.")
+    squares = typical**2
+    return float(squares[0] / squares.sum())
+
+
+class GroupClipping:
+    """Mixed in before an Opacus ``DPOptimizer`` (flat clipping): clips each example's gradient group by group
+    and noises each group at its own scale (see the module docstring).
+
+    The engine sets ``group_of`` (tensor id -> group index, for every tensor of the optimizer, frozen pruned
+    prefix layers too, so a resumed run keeps the same groups), ``bounds`` (``C_g`` per group) and ``draw``
+    (the engine's Gaussian source: seeded generator or the OS's CSPRNG)."""
+
+    group_of: Dict[int, int]
+    bounds: List[float]
+    draw: Callable[[float, torch.Tensor], torch.Tensor]
+
+    @property
+    def noise_scale(self) -> float:
+        """``sqrt(K)``: the factor on each group's noise that keeps the whole release at multiplier ``sigma``."""
+        return math.sqrt(len(self.bounds))
+
+    def group_norms(self) -> torch.Tensor:
+        """Per-example L2 norm of each group's accumulated per-example gradients, shape ``(examples, K)``."""
+        samples = self.grad_samples
+        squares = samples[0].new_zeros((len(samples[0]), len(self.bounds)))
+        for p, g in zip(self.params, samples):
+            squares[:, self.group_of[id(p)]] += g.reshape(len(g), -1).pow(2).sum(dim=1)
+        return squares.sqrt()
+
+    def clip_and_accumulate(self) -> None:
+        if len(self.grad_samples[0]) == 0:
+            factors = self.grad_samples[0].new_zeros((0, len(self.bounds)))
+        else:
+            bounds = torch.tensor(self.bounds, dtype=self.grad_samples[0].dtype, device=self.grad_samples[0].device)
+            factors = (bounds / (self.group_norms() + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factors[:, self.group_of[id(p)]].to(p.dtype), sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            std = self.noise_multiplier * self.noise_scale * self.bounds[self.group_of[id(p)]]
+            p.grad = (p.summed_grad + self.draw(std, p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def group_assignment(params: Sequence[nn.Parameter], prefix: Sequence[nn.Parameter]) -> Dict[int, int]:
+    """Tensor id -> group index (0 prefix, 1 head); with no head tensor every tensor is in group 0."""
+    prefix_ids = {id(p) for p in prefix}
+    has_head = any(id(p) not in prefix_ids for p in params)
+    return {id(p): 0 if (id(p) in prefix_ids or not has_head) else 1 for p in params}
+
+
