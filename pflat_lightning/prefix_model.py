@@ -191,8 +191,8 @@ class PrefixedBackbone(nn.Module):
     def prefix_cache(
         self, batch_size: int, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
     ) -> DynamicCache:
-        """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples); under
-        autocast its keys and values take the backbone's 16-bit compute dtype."""
+        """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples), its keys and
+        values in the backbone's compute dtype (autocast's, or that of its weights)."""
         # Built without the config: every layer keeps all it is given (a sliding-window layer would drop the
         # prefix once the window passes it); the masks decide what each layer reads.
         cache = DynamicCache()
