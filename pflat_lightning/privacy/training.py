@@ -58,6 +58,7 @@ class PrivateTraining(pl.LightningModule):
     Raises:
         ValueError: for an ``epsilon_every_n_steps`` that is not an integer >= 1; at fit start for a plan that
             breaks DP (see :meth:`plan_private_fit`).
+        TypeError: for a subclass without ``MECHANISM``.
 
     Example::
 
@@ -84,6 +85,9 @@ class PrivateTraining(pl.LightningModule):
         super().__init__()
         if not isinstance(epsilon_every_n_steps, int) or epsilon_every_n_steps < 1:
             raise ValueError(f"epsilon_every_n_steps must be an integer >= 1, got {epsilon_every_n_steps!r}.")
+        if not hasattr(type(self), "MECHANISM"):
+            raise TypeError(f"{type(self).__name__} must name its privacy mechanism in the class attribute MECHANISM "
+                            "(a PrivacyAccounting subclass, e.g. DPSGDEngine).")
         self.automatic_optimization = False
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.epsilon_every_n_steps = epsilon_every_n_steps
