@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.privacy import PoissonDataLoader
 from suite import Tokens, collate  # the same synthetic batches as the step-time suite
 
@@ -71,7 +71,7 @@ class Measure(Callback):
 def run(devices: int, args, folder: Path) -> dict:
     out = folder / f"devices{devices}.json"
     privacy = PrivacyConfig(noise_multiplier=1.0, target_epsilon=None)
-    model = PrefixTunedClassifier("bundled-minilm", 2, num_virtual_tokens=10, privacy=privacy,
+    model = PrefixTunedClassifier("bundled-minilm", 2, prefix=PrefixConfig(num_virtual_tokens=10), privacy=privacy,
                                   max_physical_batch_size=args.batch, optimizer=partial(torch.optim.AdamW, lr=1e-3))
     loader = PoissonDataLoader(Tokens(args.batch * 40, args.length), expected_batch_size=args.batch, collate_fn=collate)
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="dp_ddp_spawn" if devices > 1 else "auto",

@@ -43,13 +43,14 @@ def main() -> None:
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+    from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
     from pflat_lightning.bundled import resolve_model
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2000, 5000, (32, 64), generator=g)
     mask, labels = torch.ones_like(ids), torch.randint(0, 2, (32,), generator=g)
-    ours = PrefixTunedClassifier("bundled-minilm", 2, num_virtual_tokens=10, privacy=PrivacyConfig(enabled=False))
+    ours = PrefixTunedClassifier("bundled-minilm", 2, prefix=PrefixConfig(num_virtual_tokens=10),
+                                 privacy=PrivacyConfig(enabled=False))
     path = resolve_model("bundled-minilm")
     config = AutoConfig.from_pretrained(path, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     peer = get_peft_model(AutoModelForSequenceClassification.from_pretrained(path, config=config),

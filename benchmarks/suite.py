@@ -98,14 +98,15 @@ def run_ours(spec: dict) -> dict:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
 
-    from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+    from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
     from pflat_lightning.callbacks import AdversarialWeightPerturbation, TeacherDistillation
 
     private = spec["kind"] == "dp"
     privacy = (PrivacyConfig(noise_multiplier=1.0, target_epsilon=None, poisson_sampling=False,
                              grad_sample_mode=spec["mode"]) if private else PrivacyConfig(enabled=False))
     physical = spec["physical"] or spec["batch"]
-    model = PrefixTunedClassifier(spec["backbone"], 2, num_virtual_tokens=spec["prefix"], prefix_hidden=spec["reparam"],
+    model = PrefixTunedClassifier(spec["backbone"], 2,
+                                  prefix=PrefixConfig(num_virtual_tokens=spec["prefix"], reparam_hidden=spec["reparam"]),
                                   privacy=privacy, max_physical_batch_size=physical,
                                   optimizer=partial(torch.optim.AdamW, lr=1e-3))
     callbacks = []

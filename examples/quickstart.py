@@ -8,7 +8,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.datamodules import TextClassificationDataModule
 
 pl.seed_everything(0)
@@ -23,7 +23,7 @@ data = TextClassificationDataModule("movie_reviews", tokenizer="bundled-minilm",
 model = PrefixTunedClassifier(
     "bundled-minilm",
     num_labels=2,
-    num_virtual_tokens=10,
+    prefix=PrefixConfig(num_virtual_tokens=10),
     privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0, secure_mode=True),
     optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0),
     max_physical_batch_size=64,  # memory bound: logical batches run in chunks of 64

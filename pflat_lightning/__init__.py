@@ -5,7 +5,7 @@ from pflat_lightning.causal_lm import PrefixTunedCausalLM
 from pflat_lightning.classifier import PrefixTunedClassifier
 from pflat_lightning.lazy import lazy_exports
 from pflat_lightning.module import DPPrefixModule
-from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.prefix import PrefixConfig, PrefixEncoder
 from pflat_lightning.prefix_model import PrefixCausalLM, PrefixModel
 from pflat_lightning.privacy import PrivacyConfig
 
@@ -24,6 +24,7 @@ __all__ = [
     "BlackBoxPromptTuner",
     "DPPrefixModule",
     "PrefixCausalLM",
+    "PrefixConfig",
     "PrefixEncoder",
     "PrefixModel",
     "PrefixTunedCausalLM",

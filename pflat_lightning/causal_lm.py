@@ -8,12 +8,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from pflat_lightning.bundled import resolve_model
 from pflat_lightning.callbacks.teacher_distillation import TeacherDistillation
 from pflat_lightning.module import DPPrefixModule
+from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import PrefixCausalLM
+from pflat_lightning.pretrained import load_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 
 STAGES = ("val", "test")
@@ -44,13 +45,9 @@ class PrefixTunedCausalLM(DPPrefixModule):
 
     Args:
         backbone: a Hugging Face causal LM id or folder, or a bundled name (``"bundled-smollm2"``).
-        num_virtual_tokens: prefix length.
-        prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
-        prefix_init_std: standard deviation of the random prefix initialisation.
-        prefix_init_text: a public text whose first ``num_virtual_tokens`` tokens initialise the prefix with
-            the backbone's own keys and values (Li & Liang); the un-tuned model then reads like the plain
-            LM continuing this text, where a random prefix disturbs every layer. Recorded in the ledger as
-            public data.
+        prefix: the prefix's length, reparametrisation and initialisation; with ``init_text`` (Li & Liang) the
+            un-tuned model reads like the plain LM continuing that text, where a random prefix disturbs every
+            layer. ``None`` means ``PrefixConfig()``.
         generate_max_new_tokens: tokens generated per example for BLEU and ROUGE-L.
         num_generation_batches: evaluation batches (from the first) whose prompts are generated from; 0
             turns BLEU, ROUGE-L and samples off (generation is the slow part of evaluation on a CPU).
@@ -72,23 +69,22 @@ class PrefixTunedCausalLM(DPPrefixModule):
 
     Example::
 
-        model = PrefixTunedCausalLM("bundled-smollm2", privacy=PrivacyConfig(target_epsilon=8.0))
+        model = PrefixTunedCausalLM("bundled-smollm2",
+                                    prefix=PrefixConfig(init_text="A line of a film, then its reply:"),
+                                    privacy=PrivacyConfig(target_epsilon=8.0))
         data = TextGenerationDataModule("movie_dialog", tokenizer="bundled-smollm2", batch_size=64)
         trainer = pl.Trainer(max_epochs=3)
         trainer.fit(model, datamodule=data)
         out = model.generate(prompt_ids, prompt_mask, max_new_tokens=20)   # prompts + continuations
     """
 
-    RELEASE_ARGS = ("backbone", "num_virtual_tokens", "prefix_hidden", "generate_max_new_tokens")
+    RELEASE_ARGS = ("backbone", "prefix", "generate_max_new_tokens")
 
     def __init__(
         self,
         backbone: str = "bundled-smollm2",
         *,
-        num_virtual_tokens: int = 10,
-        prefix_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
-        prefix_init_text: Optional[str] = None,
+        prefix: Optional[PrefixConfig] = None,
         generate_max_new_tokens: int = 20,
         num_generation_batches: int = 1,
         num_samples: int = 3,
@@ -113,26 +109,9 @@ class PrefixTunedCausalLM(DPPrefixModule):
             if value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        path = resolve_model(backbone)
-        try:
-            backbone_model = AutoModelForCausalLM.from_pretrained(path)
-        except OSError as error:
-            raise ValueError(
-                f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}"
-            ) from error
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = PrefixCausalLM(backbone_model, num_virtual_tokens=num_virtual_tokens, reparam_hidden=prefix_hidden,
-                                    prefix_init_std=prefix_init_std)
-        if prefix_init_text is not None:
-            ids = self.tokenizer(prefix_init_text, add_special_tokens=False)["input_ids"]
-            if len(ids) < num_virtual_tokens:
-                raise ValueError(
-                    f"prefix_init_text={prefix_init_text!r} is {len(ids)} tokens, fewer than num_virtual_tokens="
-                    f"{num_virtual_tokens}; give a longer text."
-                )
-            self.model.init_prefix_from_tokens(ids)
-            self.ledger.record("prefix initialisation", "public", "prefix initialised from the backbone's keys and "
-                                                                    f"values of the public text {prefix_init_text!r}")
+        backbone_model, self.tokenizer = load_pretrained(backbone, AutoModelForCausalLM.from_pretrained)
+        self.model = PrefixCausalLM(backbone_model, prefix, tokenizer=self.tokenizer)
+        record_initialisation(self.ledger, self.model.prefix.config)
         self.generate_max_new_tokens = generate_max_new_tokens
         self.num_generation_batches = num_generation_batches
         self.num_samples = num_samples

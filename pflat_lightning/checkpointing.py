@@ -14,12 +14,14 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from pflat_lightning.prefix import PrefixConfig
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -64,9 +66,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-#: The hyperparameters that decide a prefix-tuned module's architecture and frozen backbone. The others (the
-#: privacy config, the optimizer, the initialisation, LightningCLI's own keys) may differ between runs of one model.
-ARCHITECTURE_HPARAMS = ("backbone", "num_labels", "head", "label_words", "num_virtual_tokens", "prefix_hidden")
+#: The hyperparameters that decide a prefix-tuned module's architecture and frozen backbone, with the fields of its
+#: ``prefix`` that do (:data:`PREFIX_ARCHITECTURE`). The others (the privacy config, the optimizer, the prefix's
+#: initialisation, LightningCLI's own keys) may differ between runs of one model.
+ARCHITECTURE_HPARAMS = ("backbone", "num_labels", "head", "label_words", "prefix")
+PREFIX_ARCHITECTURE = ("num_virtual_tokens", "reparam_hidden")
 #: The trained tensors of a prefix-tuned module; everything else under ``model.`` is the frozen backbone.
 TRAINED_PREFIXES = ("model.prefix.", "model.classifier.")
 _UNSET = "(not set)"
@@ -81,7 +85,7 @@ def trainable_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any], name: str = "The checkpoint") -> None:
     """Refuse a checkpoint of another model before its weights are loaded into ``module``.
 
-    Compares the checkpoint's :data:`ARCHITECTURE_HPARAMS` (those it records) with the module's, then the
+    Compares the checkpoint's architecture settings (:func:`architecture`, those it records) with the module's, then the
     shapes of the prefix and head tensors. A ``backbone`` named differently is accepted when the
     checkpoint's backbone tensors equal the module's (the same model in another folder).
 
@@ -93,13 +97,12 @@ def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any]
     Raises:
         ValueError: naming each differing setting (or tensor shape) with the checkpoint's and the module's value.
     """
-    saved, own = checkpoint.get("hyper_parameters") or {}, module.hparams
+    saved, own = architecture(checkpoint.get("hyper_parameters") or {}), architecture(module.hparams)
     state, mine, what = checkpoint["state_dict"], module.state_dict(), type(module).__name__
     differences: List[str] = [
-        f"{key}={saved[key]!r} in the checkpoint, {own.get(key, _UNSET)!r} in this {what}"
-        for key in ARCHITECTURE_HPARAMS
-        if key in saved and saved[key] != own.get(key, _UNSET)
-        and not (key == "backbone" and _same_backbone(mine, state))
+        f"{key}={value!r} in the checkpoint, {own.get(key, _UNSET)!r} in this {what}"
+        for key, value in saved.items()
+        if value != own.get(key, _UNSET) and not (key == "backbone" and _same_backbone(mine, state))
     ]
     if not differences:  # shapes follow from the settings: compare them when the settings agree or are not recorded
         differences = [
@@ -112,6 +115,19 @@ def check_checkpoint_matches(module: LightningModule, checkpoint: Dict[str, Any]
             f"{name} holds another model than this {what}: {'; '.join(differences)}. Load it with "
             "the settings of the run that wrote it (its config.yaml), or use a checkpoint of this model."
         )
+
+
+def architecture(hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    """The architecture settings that ``hparams`` records, by name: the :data:`ARCHITECTURE_HPARAMS` and, for a
+    ``prefix``, its :data:`PREFIX_ARCHITECTURE` fields as ``prefix.<field>``. The prefix is recorded as a
+    :class:`PrefixConfig`, as the dict of its fields (LightningCLI saves the parsed config) or as ``None``
+    (``PrefixConfig()``)."""
+    settings = {key: hparams[key] for key in ARCHITECTURE_HPARAMS if key in hparams and key != "prefix"}
+    if "prefix" in hparams:
+        prefix = hparams["prefix"]
+        prefix = PrefixConfig(**prefix) if isinstance(prefix, Mapping) else prefix or PrefixConfig()
+        settings.update({f"prefix.{name}": getattr(prefix, name) for name in PREFIX_ARCHITECTURE})
+    return settings
 
 
 def _same_backbone(mine: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor]) -> bool:

@@ -1,18 +1,19 @@
 """``PrefixTunedClassifier``: DP prefix tuning of a frozen transformer for text classification."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoTokenizer
 
-from pflat_lightning.bundled import resolve_model
 from pflat_lightning.families import family_for
 from pflat_lightning.module import DPPrefixModule
+from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
+from pflat_lightning.pretrained import load_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.training import CHECKPOINT_KEY
 
@@ -37,9 +38,8 @@ class PrefixTunedClassifier(DPPrefixModule):
             (LM-BFF prompting: the masked/causal LM's logits of one ``label_words`` entry per class;
             use it with a datamodule ``template`` such as ``"{text} It was {mask}."``).
         label_words: one word per class, e.g. ``["terrible", "great"]``.
-        num_virtual_tokens: prefix length.
-        prefix_hidden: width of the reparametrisation MLP (Li & Liang), or ``None``.
-        prefix_init_std: standard deviation of the prefix initialisation.
+        prefix: the prefix's length, reparametrisation and initialisation (from an instruction text with
+            ``init_text``, for every head and family); ``None`` means ``PrefixConfig()``.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory, stepped once per logical batch.
@@ -53,12 +53,13 @@ class PrefixTunedClassifier(DPPrefixModule):
     Example::
 
         model = PrefixTunedClassifier("bundled-minilm", num_labels=2,
+                                      prefix=PrefixConfig(num_virtual_tokens=10),
                                       privacy=PrivacyConfig(target_epsilon=8.0))
         trainer = pl.Trainer(max_epochs=3)
         trainer.fit(model, datamodule=TextClassificationDataModule("movie_reviews"))
     """
 
-    RELEASE_ARGS = ("backbone", "num_labels", "head", "label_words", "num_virtual_tokens", "prefix_hidden")
+    RELEASE_ARGS = ("backbone", "num_labels", "head", "label_words", "prefix")
 
     def __init__(
         self,
@@ -67,9 +68,7 @@ class PrefixTunedClassifier(DPPrefixModule):
         *,
         head: Literal["linear", "label_words"] = "linear",
         label_words: Optional[List[str]] = None,
-        num_virtual_tokens: int = 10,
-        prefix_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
+        prefix: Optional[PrefixConfig] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
@@ -86,12 +85,7 @@ class PrefixTunedClassifier(DPPrefixModule):
             epsilon_every_n_steps=epsilon_every_n_steps,
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        path = resolve_model(backbone)
-        try:
-            model = load_backbone(path, head)
-        except OSError as error:
-            raise ValueError(f"backbone={backbone!r} is neither a bundled model, a local folder nor a reachable hub id: {error}") from error
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        model, self.tokenizer = load_pretrained(backbone, partial(load_backbone, head=head))
         word_ids = None
         if head == "label_words":
             if not label_words:
@@ -103,10 +97,10 @@ class PrefixTunedClassifier(DPPrefixModule):
             head=head,
             label_word_ids=word_ids,
             mask_token_id=self.tokenizer.mask_token_id,
-            num_virtual_tokens=num_virtual_tokens,
-            reparam_hidden=prefix_hidden,
-            prefix_init_std=prefix_init_std,
+            prefix=prefix,
+            tokenizer=self.tokenizer,
         )
+        record_initialisation(self.ledger, self.model.prefix.config)
         self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
 

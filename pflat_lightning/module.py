@@ -10,7 +10,9 @@ module builds ``self.model`` and says what one example's loss is (:meth:`DPPrefi
 """
 from __future__ import annotations
 
+import inspect
 import warnings
+from contextlib import nullcontext
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
@@ -20,8 +22,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torchmetrics import Metric
 
-from pflat_lightning.checkpointing import check_checkpoint_matches
+from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.pretrained import sharing_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
 from pflat_lightning.privacy.training import PrivateTraining
@@ -54,8 +57,8 @@ class DPPrefixModule(PrivateTraining):
     ``per_example_gradient_bytes(batch_size)``, and implements :meth:`example_losses`. Batches are dicts
     of tensors whose ``labels`` has one row per example. It offers the callbacks' contract
     (:mod:`pflat_lightning.protocol`): ``example_losses``, ``layer_groups``, ``prefix_layer_mask``,
-    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``engine``, ``ledger`` and
-    ``report_sections``.
+    ``set_prefix_layer_mask``, ``loss_terms``, ``before_optimizers``, ``prefix``, ``clone_untrained``,
+    ``engine``, ``ledger`` and ``report_sections``.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -80,6 +83,7 @@ class DPPrefixModule(PrivateTraining):
         class MyTask(DPPrefixModule):
             def __init__(self, backbone: str, privacy: Optional[PrivacyConfig] = None) -> None:
                 super().__init__(privacy=privacy)
+                self.save_hyperparameters()  # what clone_untrained (the teacher, LiRA's shadows) rebuilds from
                 self.model = PrefixModel(AutoModel.from_pretrained(backbone), num_labels=2)
 
             def example_losses(self, batch):
@@ -135,6 +139,48 @@ class DPPrefixModule(PrivateTraining):
     def set_prefix_layer_mask(self, keep: Sequence[bool]) -> None:
         """Prune the prefix layers where ``keep`` is false (no prefix, no gradient, no update)."""
         self.prefix.set_layer_mask(keep)
+
+    def clone_untrained(self, **overrides: Any) -> "DPPrefixModule":
+        """A fresh, untrained module of this one's configuration that shares its frozen backbone: the teacher
+        of ``TeacherDistillation``, LiRA's shadows.
+
+        The clone comes from this class's constructor, given the saved hyperparameters (the constructor calls
+        ``save_hyperparameters()``, as the task modules do), this module's prefix and privacy configs, its
+        optimizer and scheduler factories, and ``overrides``. A backbone that the constructor loads with
+        :func:`~pflat_lightning.pretrained.load_pretrained` (both task modules do) is not read again: the clone
+        holds this module's backbone and tokenizer objects, so moving either module's backbone to a device moves
+        both (a Trainer moves its module to the CPU when its fit ends). The prefix is initialised as its
+        :class:`~pflat_lightning.prefix.PrefixConfig` says (a normal draw from the current torch seed, or
+        ``init_text``), any head anew, and nothing trained, counted or recorded here is carried over. The clone
+        is placed on this module's device.
+
+        Args:
+            overrides: constructor arguments to replace, e.g. ``privacy=`` and ``optimizer=``; never one of the
+                architecture's (:data:`~pflat_lightning.checkpointing.ARCHITECTURE_HPARAMS`).
+
+        Raises:
+            ValueError: for an override the constructor does not take, or one of the architecture's.
+
+        Example::
+
+            teacher = module.clone_untrained(privacy=PrivacyConfig(enabled=False))
+        """
+        accepted = inspect.signature(type(self).__init__).parameters
+        refused = sorted(set(overrides) - set(accepted)) + sorted(set(overrides) & set(ARCHITECTURE_HPARAMS))
+        if refused:
+            raise ValueError(f"clone_untrained cannot override {refused}: it takes {type(self).__name__}'s constructor "
+                             f"arguments except the architecture's {list(ARCHITECTURE_HPARAMS)}.")
+        kwargs = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds its own keys
+        # The objects this module was built with: hparams leave the factories out, and under LightningCLI they
+        # hold the configs as parsed dicts.
+        built = {"prefix": self.prefix.config, "privacy": self.privacy, "optimizer": self.optimizer_factory,
+                 "lr_scheduler": self.lr_scheduler_factory}
+        kwargs.update({k: v for k, v in built.items() if k in accepted}, **overrides)
+        backbone, tokenizer = self.hparams.get("backbone"), getattr(self, "tokenizer", None)
+        shared = isinstance(backbone, str) and tokenizer is not None
+        with sharing_pretrained(backbone, self.model.backbone, tokenizer) if shared else nullcontext():
+            clone = type(self)(**kwargs)
+        return clone.to(self.device)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from pflat_lightning.families import FAMILIES, cache_keyword, family_for, kv_geometry, lm_head
-from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.prefix import PrefixConfig, PrefixEncoder
 
 HEADS = ("linear", "label_words")
 #: Label of the positions a causal LM does not score (the prompt, padding), as Hugging Face losses expect.
@@ -40,30 +40,78 @@ class PrefixedBackbone(nn.Module):
 
     Args:
         backbone: a Hugging Face model; its parameters are frozen here.
-        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+        prefix: the prefix's :class:`~pflat_lightning.prefix.PrefixConfig`, passed unchanged to
+            :class:`PrefixEncoder`; ``None`` means ``PrefixConfig()``.
+        tokenizer: the backbone's tokenizer, which reads ``prefix.init_text`` (needed only then).
+
+    Raises:
+        ValueError: for a ``prefix.init_text`` without a tokenizer or shorter than the prefix.
     """
 
     def __init__(
         self,
         backbone: PreTrainedModel,
+        prefix: Optional[PrefixConfig] = None,
         *,
-        num_virtual_tokens: int = 10,
-        reparam_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
     ) -> None:
         super().__init__()
         self.family = family_for(backbone.config)
         self.backbone = backbone.requires_grad_(False)
         self.transformer = backbone.base_model
         self.cache_keyword = cache_keyword(self.transformer.forward)
-        self.prefix = PrefixEncoder(
-            kv_geometry(backbone.config),
-            num_virtual_tokens=num_virtual_tokens,
-            reparam_hidden=reparam_hidden,
-            init_std=prefix_init_std,
-        )
+        self.prefix = PrefixEncoder(kv_geometry(backbone.config), prefix)
         #: A trainable head on the hidden states, or ``None`` (subclasses set it).
         self.classifier: Optional[nn.Module] = None
+        self.init_prefix(tokenizer)
+
+    def init_prefix(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
+        """Apply the text initialisation of the prefix's config, if it has one (the normal one is the
+        :class:`PrefixEncoder`'s own): the prefix becomes the backbone's keys and values of the first
+        ``num_virtual_tokens`` tokens of ``init_text`` (see :meth:`init_prefix_from_tokens`).
+
+        Raises:
+            ValueError: for an ``init_text`` without ``tokenizer``, or one shorter than the prefix.
+        """
+        text = self.prefix.config.init_text
+        if text is None:
+            return
+        if tokenizer is None:
+            raise ValueError(f"PrefixConfig(init_text={text!r}) needs the backbone's tokenizer to read the text: pass "
+                             "tokenizer=.")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        length = self.prefix.num_virtual_tokens
+        if len(ids) < length:
+            raise ValueError(f"init_text={text!r} is {len(ids)} tokens for this tokenizer, fewer than "
+                             f"num_virtual_tokens={length}; give a longer text or a shorter prefix.")
+        self.init_prefix_from_tokens(ids)
+
+    @torch.no_grad()
+    def init_prefix_from_tokens(self, token_ids: Sequence[int]) -> None:
+        """Set the prefix to the backbone's own keys and values of real tokens (Li & Liang's initialisation):
+        the frozen backbone reads the first ``num_virtual_tokens`` of ``token_ids`` alone, at the positions its
+        family gives a sequence's first tokens, and each attention layer's keys and values of them, as that
+        layer stores them in the cache the prefix is later read from, become that layer's prefix.
+
+        A causal LM with this prefix then computes exactly what the plain LM computes on the tokens followed by
+        the input. An encoder computes what the plain encoder computes on the tokens followed by the input when
+        the tokens do not attend to the input (their keys and values are fixed) and the input keeps its own
+        positions.
+
+        Raises:
+            ValueError: for a reparametrised prefix, or fewer tokens than ``num_virtual_tokens``.
+        """
+        length = self.prefix.num_virtual_tokens
+        if len(token_ids) < length:
+            raise ValueError(f"The prefix has {length} virtual tokens but only {len(token_ids)} token ids were given; "
+                             f"give at least {length}.")
+        ids = torch.as_tensor(list(token_ids[:length]), device=self.backbone.device).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        cache = DynamicCache()
+        self.transformer(input_ids=ids, attention_mask=mask, use_cache=True,
+                         position_ids=self.family.position_ids(mask, 0, self.backbone.config),
+                         **{self.cache_keyword: cache})
+        self.prefix.assign([(layer.keys[0], layer.values[0]) for layer in cache.layers])
 
     def trainable_modules(self) -> List[nn.Module]:
         """What training updates: the prefix and the head, if any (everything else is frozen)."""
@@ -145,7 +193,7 @@ class PrefixModel(PrefixedBackbone):
         head: ``"linear"`` or ``"label_words"``.
         label_word_ids: vocabulary id of each class' label word (``"label_words"`` only).
         mask_token_id: id of the mask token, read by masked LMs in ``"label_words"`` mode.
-        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+        prefix, tokenizer: see :class:`PrefixedBackbone`.
     """
 
     def __init__(
@@ -156,16 +204,14 @@ class PrefixModel(PrefixedBackbone):
         head: Literal["linear", "label_words"] = "linear",
         label_word_ids: Optional[Sequence[int]] = None,
         mask_token_id: Optional[int] = None,
-        num_virtual_tokens: int = 10,
-        reparam_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
+        prefix: Optional[PrefixConfig] = None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
         if num_labels < 2:
             raise ValueError(f"num_labels must be >= 2, got {num_labels}.")
-        super().__init__(backbone, num_virtual_tokens=num_virtual_tokens, reparam_hidden=reparam_hidden,
-                         prefix_init_std=prefix_init_std)
+        super().__init__(backbone, prefix, tokenizer=tokenizer)
         self.head_kind = head
         if head == "linear":
             self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
@@ -225,14 +271,14 @@ class PrefixCausalLM(PrefixedBackbone):
 
     Args:
         backbone: a Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2); its parameters are frozen here.
-        num_virtual_tokens, reparam_hidden, prefix_init_std: see :class:`PrefixEncoder`.
+        prefix, tokenizer: see :class:`PrefixedBackbone`.
 
     Raises:
         ValueError: for a bidirectional (masked) LM, which cannot generate.
 
     Example::
 
-        model = PrefixCausalLM(AutoModelForCausalLM.from_pretrained("gpt2"), num_virtual_tokens=10)
+        model = PrefixCausalLM(AutoModelForCausalLM.from_pretrained("gpt2"), PrefixConfig(num_virtual_tokens=10))
         log_probs, scored = model.target_log_probs(input_ids, attention_mask, labels)
         continuation = model.generate(prompt_ids, prompt_mask, max_new_tokens=20, do_sample=False)
     """
@@ -240,10 +286,9 @@ class PrefixCausalLM(PrefixedBackbone):
     def __init__(
         self,
         backbone: PreTrainedModel,
+        prefix: Optional[PrefixConfig] = None,
         *,
-        num_virtual_tokens: int = 10,
-        reparam_hidden: Optional[int] = None,
-        prefix_init_std: float = 0.5,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
     ) -> None:
         family = family_for(backbone.config)
         if family.bidirectional:
@@ -251,33 +296,8 @@ class PrefixCausalLM(PrefixedBackbone):
                 f"backbone is a {family.name} masked LM (model_type={backbone.config.model_type!r}); generation "
                 "needs a causal LM: " + ", ".join(f.name for f in FAMILIES.values() if not f.bidirectional) + "."
             )
-        super().__init__(backbone, num_virtual_tokens=num_virtual_tokens, reparam_hidden=reparam_hidden,
-                         prefix_init_std=prefix_init_std)
+        super().__init__(backbone, prefix, tokenizer=tokenizer)
         self.lm_head = lm_head(backbone, self.family)
-
-    @torch.no_grad()
-    def init_prefix_from_tokens(self, token_ids: Sequence[int]) -> None:
-        """Set the prefix to the backbone's own keys and values of real tokens (Li & Liang's initialisation
-        for generation): the prefixed model then reads like the plain one continuing these tokens, instead
-        of starting from random keys and values that disturb every layer's attention.
-
-        Raises:
-            ValueError: for a reparametrised prefix, or fewer tokens than ``num_virtual_tokens``.
-        """
-        length = self.prefix.num_virtual_tokens
-        if self.prefix.mlp is not None:
-            raise ValueError("A reparametrised prefix (reparam_hidden) cannot be initialised from tokens: its keys and "
-                             "values are the output of an MLP.")
-        if len(token_ids) < length:
-            raise ValueError(f"The prefix has {length} virtual tokens but only {len(token_ids)} token ids were given; "
-                             f"give at least {length}.")
-        ids = torch.as_tensor(list(token_ids[:length]), device=self.prefix.layer_mask.device).unsqueeze(0)
-        cache = DynamicCache()
-        self.transformer(input_ids=ids, use_cache=True, **{self.cache_keyword: cache})
-        for cached, layer in zip(cache.layers, self.prefix.layers):
-            # (kv_heads, tokens, head_dim) keys and values -> one row per token, as PrefixEncoder reads it.
-            kv = torch.stack([cached.keys[0], cached.values[0]]).permute(2, 0, 1, 3).reshape(length, -1)
-            layer.weight.copy_(kv)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``(batch, length, vocab)``: position ``t`` scores the token at ``t + 1``."""

@@ -10,14 +10,15 @@ declares them all); each capability is a ``typing.Protocol``, usable as a type a
 - :class:`PrunablePrefix` (``SharpnessLayerSelection``): ``prefix_layer_mask()`` and
   ``set_prefix_layer_mask(keep)``.
 - :class:`Distillable` and :class:`Cloneable` (``TeacherDistillation``): ``loss_terms``,
-  ``before_optimizers``, ``prefix`` and ``clone_untrained()``.
+  ``before_optimizers``, ``prefix`` and ``clone_untrained()``; :class:`Cloneable` also makes LiRA's shadows
+  (:func:`untrained_clone`).
 - :class:`TokenScores` (the Min-K% and zlib membership attacks): ``token_log_probs(batch)``, ``tokenizer``.
 - :class:`Private` (optional): ``engine``, ``ledger``, ``report_sections``. Without them the module is
   non-private, nothing is recorded and no report section is written.
 
 :func:`check_contract` raises one ``TypeError`` that lists every missing member of the capabilities
 asked for, each with what it must be. Optional members are read through the functions below
-(:func:`layer_groups`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
+(:func:`layer_groups`, :func:`untrained_clone`, :func:`privacy_engine`, :func:`privacy_ledger`, :func:`report_sections`,
 :func:`task_loss_mode` for ``loss_terms``), each with the fallback named in its docstring. A batch is any
 collection of tensors with one row per example; :func:`num_examples` counts them and :func:`physical_batches`
 cuts them into the chunks of one forward/backward pass. The README's section
@@ -168,6 +169,14 @@ def layer_groups(pl_module: pl.LightningModule) -> Dict[str, List[nn.Parameter]]
         if param.requires_grad:
             groups[name.rpartition(".")[0]].append(param)
     return dict(groups)
+
+
+def untrained_clone(pl_module: pl.LightningModule, **overrides: Any) -> pl.LightningModule:
+    """The module's ``clone_untrained`` (:class:`Cloneable`), given those ``overrides`` its signature accepts (all of
+    them when it takes ``**overrides``): the one way the teacher and LiRA's shadows are made."""
+    accepted = inspect.signature(pl_module.clone_untrained).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    return pl_module.clone_untrained(**{k: v for k, v in overrides.items() if takes_all or k in accepted})
 
 
 def num_examples(batch: Any) -> int:

@@ -7,7 +7,8 @@ full state), so whoever holds it can regenerate every noise draw of a seeded run
 - ``adapter.safetensors``: the trained modules (``model.trainable_modules()``: the prefix with its
   ``layer_mask``, and the linear head if any), nothing of the frozen backbone;
 - ``release.json``: the task module's class and the arguments that rebuild its architecture onto the
-  public backbone (:attr:`DPPrefixModule.RELEASE_ARGS`), and the tokenisation settings of the run's
+  public backbone (:attr:`DPPrefixModule.RELEASE_ARGS`; the ``prefix`` as its :class:`PrefixConfig`'s fields),
+  and the tokenisation settings of the run's
   datamodule that a user needs to predict the same (template, lengths, column names, and the label names
   of a datamodule already set up: the export never reads the data);
 - ``privacy_report.json`` and ``.md``: the run's report reduced to an allowlist of accountant, guarantee,
@@ -24,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,11 +38,15 @@ from safetensors.torch import load_file, save_file
 from pflat_lightning import __version__
 from pflat_lightning.runs import load_run, split_overrides
 from pflat_lightning.module import DPPrefixModule
+from pflat_lightning.prefix import PrefixConfig
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import build_report, noise_generator, write_report
 
 RELEASE_FORMAT = "pflat-release"
-RELEASE_VERSION = 1
+#: Version 2 holds the prefix's settings as one ``prefix`` (a :class:`PrefixConfig`'s fields); version 1, still
+#: read, named them as the modules' own arguments ``num_virtual_tokens`` and ``prefix_hidden``.
+RELEASE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 RELEASE_FILE = "release.json"
 ADAPTER_FILE = "adapter.safetensors"
 #: The report keys a release keeps: what the accountant spent, whether the guarantee holds and why, the
@@ -104,7 +110,7 @@ def export_release(
         "format": RELEASE_FORMAT,
         "format_version": RELEASE_VERSION,
         "module": _class_path(cls),
-        "init_args": {name: module.hparams[name] for name in cls.RELEASE_ARGS if name in module.hparams},
+        "init_args": _init_args(module),
         "tokenisation": None if datamodule is None else _tokenisation(datamodule),
         "pflat_lightning_version": __version__,
     }
@@ -134,9 +140,9 @@ def load_release(folder: str | Path, **overrides: Any) -> DPPrefixModule:
     if not path.is_file():
         raise ValueError(f"{folder} is not a release: it has no {RELEASE_FILE}.")
     info = json.loads(path.read_text())
-    if info.get("format") != RELEASE_FORMAT or info.get("format_version") != RELEASE_VERSION:
-        raise ValueError(f"{path} is not a {RELEASE_FORMAT} version {RELEASE_VERSION} file (format "
-                         f"{info.get('format')!r}, version {info.get('format_version')!r}).")
+    if info.get("format") != RELEASE_FORMAT or info.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path} is not a {RELEASE_FORMAT} file of version {' or '.join(map(str, READABLE_VERSIONS))} "
+                         f"(format {info.get('format')!r}, version {info.get('format_version')!r}).")
     # Only classes already imported are candidates: a release file never makes this process import a module.
     classes = _releasable_classes()
     cls = classes.get(info["module"])
@@ -147,7 +153,10 @@ def load_release(folder: str | Path, **overrides: Any) -> DPPrefixModule:
     if unknown:
         raise ValueError(f"load_release got {unknown}, which are not arguments of the release; allowed: "
                          f"{list(cls.RELEASE_ARGS)}.")
-    module = cls(**{**info["init_args"], **overrides}, privacy=PrivacyConfig(enabled=False))
+    args = {**_current_init_args(info["init_args"], info["format_version"]), **overrides}
+    if isinstance(args.get("prefix"), dict):
+        args["prefix"] = PrefixConfig(**args["prefix"])
+    module = cls(**args, privacy=PrivacyConfig(enabled=False))
     adapter = folder / ADAPTER_FILE
     tensors = load_file(str(adapter))
     names = _trainable_names(module)
@@ -224,6 +233,24 @@ def _releasable_classes() -> Dict[str, type]:
             if sub.RELEASE_ARGS:
                 found[_class_path(sub)] = sub
     return found
+
+
+def _init_args(module: DPPrefixModule) -> Dict[str, Any]:
+    """The module's :attr:`~DPPrefixModule.RELEASE_ARGS` as JSON values; the prefix as every field of the config the
+    model was built with, so that no later default changes the released architecture."""
+    args = {name: module.hparams[name] for name in type(module).RELEASE_ARGS if name in module.hparams}
+    if "prefix" in args:
+        args["prefix"] = dataclasses.asdict(module.prefix.config)
+    return args
+
+
+def _current_init_args(args: Dict[str, Any], version: int) -> Dict[str, Any]:
+    """A release's ``init_args`` as the current version names them."""
+    if version >= 2:
+        return args
+    args = dict(args)
+    args["prefix"] = {"num_virtual_tokens": args.pop("num_virtual_tokens"), "reparam_hidden": args.pop("prefix_hidden")}
+    return args
 
 
 def _trainable_names(module: DPPrefixModule) -> Dict[str, torch.nn.Module]:

@@ -17,7 +17,7 @@ from conftest import tiny_config  # noqa: E402
 from helpers import TokenDataModule  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig  # noqa: E402
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig  # noqa: E402
 from pflat_lightning.bundled import resolve_model  # noqa: E402
 from pflat_lightning.callbacks import (  # noqa: E402
     AdversarialWeightPerturbation,
@@ -54,7 +54,8 @@ def main(out: str, mode: str) -> None:
     cls(config).save_pretrained(Path(out, "model"))
     AutoTokenizer.from_pretrained(resolve_model("bundled-minilm")).save_pretrained(Path(out, "model"))
     private = mode in ("private", "dp_ddp")
-    model = PrefixTunedClassifier(str(Path(out, "model")), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=private))
+    model = PrefixTunedClassifier(str(Path(out, "model")), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                  privacy=PrivacyConfig(enabled=private))
     # Each rank measures on a different validation batch: only the broadcast makes them agree.
     callbacks = [SeedPerRank(), SharpnessLayerSelection(keep_layers=1, at_epoch=1, data="validation", num_batches=1), Record(out)]
     if mode == "dp_ddp":

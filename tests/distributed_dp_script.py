@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers import TokenDataModule  # noqa: E402
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig  # noqa: E402
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig  # noqa: E402
 from pflat_lightning.callbacks import AdversarialWeightPerturbation  # noqa: E402
 from pflat_lightning.privacy import PrivacyConfig as Config  # noqa: E402
 from pflat_lightning.privacy.engine import DPSGDEngine  # noqa: E402
@@ -45,7 +45,7 @@ class RecordSteps(Callback):
 def model(path, cls=PrefixTunedClassifier):
     torch.manual_seed(0)
     privacy = PrivacyConfig(noise_multiplier=NOISE, target_epsilon=None, max_grad_norm=CLIP, target_delta=1e-3, seed=3)
-    return cls(path, 2, num_virtual_tokens=2, privacy=privacy, max_physical_batch_size=5,
+    return cls(path, 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=privacy, max_physical_batch_size=5,
                optimizer=partial(torch.optim.SGD, lr=0.5))
 
 

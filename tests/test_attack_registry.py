@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.attacks import ATTACK_REGISTRY, ATTACKS, register_attack, run_audit
 from pflat_lightning.callbacks import MembershipInferenceAudit
 
@@ -21,7 +21,8 @@ def registry():
 
 def test_an_unknown_attack_is_refused_with_the_registered_names(tiny_model_dir):
     assert ATTACKS == ("loss", "reference", "min_k", "zlib", "lira") == tuple(ATTACK_REGISTRY)
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     for call in (lambda: MembershipInferenceAudit(("loss", "entropy")),
                  lambda: run_audit(module, TokenDataset(4), TokenDataset(4, seed=1), attacks=("entropy",), collate_fn=collate)):
         with pytest.raises(ValueError, match="entropy") as error:
@@ -41,7 +42,8 @@ def test_a_registered_attack_is_validated_run_and_summarised(tiny_model_dir, reg
         register_attack("other", needs=("teacher",))
     assert "margin" not in ATTACKS and tuple(registry)[-1] == "margin"  # run and reported after the built-ins
     torch.manual_seed(0)
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     members, non_members = TokenDataset(6), TokenDataset(6, seed=1)
     with pytest.raises(ValueError, match="'margin' attack needs reference="):
         run_audit(module, members, non_members, attacks=("margin",), collate_fn=collate)

@@ -15,7 +15,7 @@ from matplotlib.image import imread
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.attacks import (
     attack_metrics,
     balanced_subsets,
@@ -33,9 +33,9 @@ from pflat_lightning.attacks import (
     trainable_state,
 )
 from pflat_lightning.attacks.audit import formal_guarantee
-from pflat_lightning.attacks.lira import rebuild_module
 from pflat_lightning.callbacks import MembershipInferenceAudit
 from pflat_lightning.datamodules import TextClassificationDataModule
+from pflat_lightning.protocol import untrained_clone
 
 from helpers import TokenDataModule, TokenDataset, collate, quiet_trainer
 
@@ -74,7 +74,8 @@ def random_labelled(size, seed):
 
 def classifier(path, privacy=None, lr=0.1):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(path, NUM_LABELS, num_virtual_tokens=4, optimizer=partial(torch.optim.AdamW, lr=lr),
+    return PrefixTunedClassifier(path, NUM_LABELS, prefix=PrefixConfig(num_virtual_tokens=4),
+                                 optimizer=partial(torch.optim.AdamW, lr=lr),
                                  privacy=privacy or PrivacyConfig(enabled=False))
 
 
@@ -229,17 +230,17 @@ def test_lira_offline_scores_by_hand():
                                                         for i, v in enumerate(out_values)])
 
 
-def test_rebuild_module_copies_the_recipe_with_fresh_trainable_parameters(tiny_model_dir):
+def test_shadows_are_untrained_clones_of_the_audited_recipe_sharing_its_backbone(tiny_model_dir):
     module = classifier(tiny_model_dir("bert"), lr=0.05)
     torch.manual_seed(1)
-    shadow = rebuild_module(module)
+    shadow = untrained_clone(module)
     assert type(shadow) is type(module) and shadow.hparams == module.hparams
     assert shadow.optimizer_factory is module.optimizer_factory
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     theirs = dict(shadow.named_parameters())
     for name, param in module.named_parameters():
-        if ".pooler." not in name:  # the tiny checkpoint has no pooler: transformers draws it at random (unused)
-            assert torch.equal(param, theirs[name]) != (name in trainable), name
+        assert torch.equal(param, theirs[name]) != (name in trainable), name
+        assert (param.data_ptr() == theirs[name].data_ptr()) != (name in trainable), name
 
 
 # ---------------------------------------------------------------- scoring

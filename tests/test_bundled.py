@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.datamodules import TextClassificationDataModule
 from pflat_lightning.prefix_model import PrefixModel
@@ -17,7 +17,8 @@ from helpers import quiet_trainer
 
 
 def test_real_minilm_per_sample_gradients_equal_autograd():
-    model = PrefixModel(AutoModel.from_pretrained(resolve_model("bundled-minilm")), 2, num_virtual_tokens=4)
+    model = PrefixModel(AutoModel.from_pretrained(resolve_model("bundled-minilm")), 2,
+                        prefix=PrefixConfig(num_virtual_tokens=4))
     ids = torch.randint(2000, 5000, (3, 12))
     mask = torch.ones_like(ids)
     labels = torch.tensor([0, 1, 1])
@@ -89,5 +90,5 @@ def test_bundled_smollm2_dequantised_matches_the_gguf(smollm2_folder):
     saved = AutoModelForCausalLM.from_pretrained(smollm2_folder)
     ids = torch.randint(100, 1000, (1, 8))
     torch.testing.assert_close(saved(ids).logits, reference(ids).logits)
-    model = PrefixTunedClassifier(smollm2_folder, 2, num_virtual_tokens=2)
+    model = PrefixTunedClassifier(smollm2_folder, 2, prefix=PrefixConfig(num_virtual_tokens=2))
     assert model.model.family.name == "llama"

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+from pflat_lightning.checkpointing import trainable_state
 from pflat_lightning.landscape.measures import gradient_direction
 from pflat_lightning.protocol import layer_groups
 
@@ -21,7 +22,7 @@ from helpers import SEEDED_REASONS, StopAfter, TokenDataModule, assert_same_trai
 
 def make(path, privacy=None, **kwargs):
     torch.manual_seed(0)
-    kwargs.setdefault("num_virtual_tokens", 2)
+    kwargs.setdefault("prefix", PrefixConfig(num_virtual_tokens=2))
     return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(target_epsilon=3.0, seed=1), **kwargs)
 
 
@@ -256,7 +257,8 @@ def test_fresh_private_ascent_is_an_independent_poisson_draw(tiny_model_dir, tmp
     examples shared with the update's batch (the same batch would share all of them, about 128)."""
     path = tiny_model_dir("bert")
     torch.manual_seed(0)
-    module = Recording(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
+    module = Recording(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                       privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
     module.seen = []
     data = TokenDataModule()
     spy = AscentAndUpdateExamples(data.dataset)
@@ -435,7 +437,7 @@ def test_distillation_term_gradient_matches_autograd(tiny_model_dir):
         for p in teacher.prefix.parameters():
             p.add_(0.3)
     callback = TeacherDistillation("checkpoint", checkpoint_path="unused", weight=0.5, logit_weight=0.7)
-    callback.teacher_state = {k: v for k, v in teacher.model.state_dict().items() if k.startswith(("prefix.", "classifier."))}
+    callback.teacher_state = trainable_state(teacher)
     callback.on_train_start(None, student)
     data = TokenDataModule()
     batch = collate([data.dataset[i] for i in range(5)])
@@ -592,7 +594,7 @@ def test_teacher_sources_and_the_ledger(source, guarantee, tiny_model_dir, tmp_p
     report = module.privacy_report()
     assert report["formal_guarantee"] is guarantee
     assert [e["status"] for e in report["ledger"]] == ["public" if guarantee else "unaccounted"]
-    assert set(callback.teacher_state) >= {"prefix.layers.0.weight", "classifier.weight"}
+    assert set(callback.teacher_state) >= {"model.prefix.layers.0.weight", "model.classifier.weight"}
     assert not module.loss_terms, "the regulariser is removed when training ends"
 
 
@@ -604,8 +606,28 @@ def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
     callback = TeacherDistillation("checkpoint", checkpoint_path=str(tmp_path / "teacher.ckpt"))
     student = make(tiny_model_dir("bert"))
     quiet_trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(student, datamodule=TokenDataModule())
-    torch.testing.assert_close(callback.teacher_state["prefix.layers.0.weight"], teacher.prefix.layers[0].weight)
+    torch.testing.assert_close(callback.teacher_state["model.prefix.layers.0.weight"], teacher.prefix.layers[0].weight)
     assert callback.state_dict()["teacher_state"] is callback.teacher_state
+
+
+def test_a_teacher_state_saved_before_clone_untrained_still_resumes(tiny_model_dir):
+    """Checkpoints written before the teacher was a clone hold its tensors named inside the module's ``model``."""
+    student = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
+    teacher = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
+    with torch.no_grad():
+        for p in teacher.prefix.parameters():
+            p.add_(0.3)
+    teacher.prefix.set_layer_mask([True, False])
+    old = {k: v for k, v in teacher.model.state_dict().items() if k.startswith(("prefix.", "classifier."))}
+    callback = TeacherDistillation("public")
+    callback.load_state_dict({"teacher_state": old})
+    callback.on_train_start(None, student)
+    resumed = callback._teacher
+    assert resumed.model.backbone is student.model.backbone
+    assert resumed.prefix.layer_mask.tolist() == [True, False]
+    for name, tensor in teacher.model.named_parameters():
+        if name.startswith(("prefix.", "classifier.")):
+            assert torch.equal(dict(resumed.model.named_parameters())[name], tensor), name
 
 
 @pytest.mark.parametrize(

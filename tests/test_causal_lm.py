@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pflat_lightning import PrefixTunedCausalLM, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
 from pflat_lightning.datamodules.text_generation import GenerationCollator
 from pflat_lightning.privacy import PoissonDataLoader
@@ -69,7 +69,7 @@ class GenerationData(pl.LightningDataModule):
 
 def make(path, privacy=None, **kwargs):
     torch.manual_seed(0)
-    kwargs.setdefault("num_virtual_tokens", 3)
+    kwargs.setdefault("prefix", PrefixConfig(num_virtual_tokens=3))
     return PrefixTunedCausalLM(path, privacy=privacy or PrivacyConfig(enabled=False), **kwargs)
 
 
@@ -98,7 +98,8 @@ def test_prefix_initialised_from_tokens_reads_like_the_plain_lm_continuing_them(
     """The prefix (from real tokens' keys and values) sits before the tokens, at the positions after it: the
     log-probabilities equal the plain LM's on the concatenation, on a right-padded batch."""
     path = tiny_model_dir(family)
-    module = make(path, prefix_init_text="the film was long but the ending was worth it").eval()
+    module = make(path, prefix=PrefixConfig(num_virtual_tokens=3,
+                                            init_text="the film was long but the ending was worth it")).eval()
     init = module.tokenizer("the film was long but the ending was worth it", add_special_tokens=False)["input_ids"][:3]
     assert "prefix initialisation" in {e.component for e in module.ledger.entries}
     batch = batch_of(examples(pairs(4, seed=3)))
@@ -113,6 +114,21 @@ def test_prefix_initialised_from_tokens_reads_like_the_plain_lm_continuing_them(
     want = expected.gather(2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
     torch.testing.assert_close(log_probs[mask], want, atol=1e-5, rtol=1e-4)
     assert torch.all(log_probs[~mask] == 0)
+
+
+def test_clone_untrained_shares_the_backbone_and_restarts_from_the_init_text(tiny_model_dir):
+    text = "the film was long but the ending was worth it"
+    module = make(tiny_model_dir("llama"), prefix=PrefixConfig(num_virtual_tokens=3, init_text=text),
+                  generate_max_new_tokens=4)
+    initial = [p.detach().clone() for p in module.model.prefix.parameters()]
+    with torch.no_grad():
+        for p in module.model.prefix.parameters():
+            p.add_(1.0)  # as a training would
+    clone = module.clone_untrained()
+    assert type(clone) is PrefixTunedCausalLM and clone.generate_max_new_tokens == 4
+    assert clone.model.backbone is module.model.backbone and clone.model.lm_head is module.model.lm_head
+    for mine, first in zip(clone.model.prefix.parameters(), initial):
+        assert torch.equal(mine, first)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -176,7 +192,7 @@ def greedy_by_hand(module, ids, mask, steps, eos):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_generate_is_greedy_decoding_of_the_prefixed_model(family, tiny_model_dir):
     path = tiny_model_dir(family)
-    module = make(path, prefix_init_std=2.0).eval()
+    module = make(path, prefix=PrefixConfig(num_virtual_tokens=3, init_std=2.0)).eval()
     batch = batch_of(examples(pairs(4, seed=5), references=[["x"]] * 4))
     prompts, prompt_mask = batch["source_input_ids"], batch["source_attention_mask"]
     assert (prompt_mask[:, 0] == 0).any(), "the test needs left padding"
@@ -273,7 +289,8 @@ def test_bad_input_is_refused(tiny_model_dir):
         make(tiny_model_dir("bert"))
     with pytest.raises(ValueError, match="num_generation_batches must be an integer >= 0, got -1"):
         make(tiny_model_dir("gpt2"), num_generation_batches=-1)
-    with pytest.raises(ValueError, match="prefix_init_text='short' is 1 tokens, fewer than num_virtual_tokens=3"):
-        make(tiny_model_dir("gpt2"), prefix_init_text="short")
+    with pytest.raises(ValueError, match="init_text='short' is 1 tokens for this tokenizer, fewer than num_virtual_tokens=3"):
+        make(tiny_model_dir("gpt2"), prefix=PrefixConfig(num_virtual_tokens=3, init_text="short"))
     with pytest.raises(ValueError, match="reparametrised prefix"):
-        make(tiny_model_dir("gpt2"), prefix_hidden=8, prefix_init_text="a long enough public text")
+        make(tiny_model_dir("gpt2"),
+             prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=8, init_text="a long enough public text"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import TeacherDistillation
 from pflat_lightning.checkpointing import check_checkpoint_matches
 from pflat_lightning.runs import load_run
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def classifier(backbone, num_virtual_tokens=2):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(backbone, 2, num_virtual_tokens=num_virtual_tokens,
+    return PrefixTunedClassifier(backbone, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens),
                                  privacy=PrivacyConfig(enabled=False))
 
 
@@ -71,11 +71,11 @@ def test_testing_a_checkpoint_with_another_models_config_is_refused(other, bert_
 
 @pytest.mark.parametrize("family, tokens, message", [
     ("gpt2", "2", None),
-    ("bert", "3", r"num_virtual_tokens=2 in the checkpoint, 3 in this PrefixTunedClassifier"),
+    ("bert", "3", r"prefix.num_virtual_tokens=2 in the checkpoint, 3 in this PrefixTunedClassifier"),
 ])
 def test_load_run_of_a_checkpoint_with_another_models_config_is_refused(family, tokens, message, bert_checkpoint,
                                                                          tiny_model_dir):
-    overrides = ["--model.backbone", tiny_model_dir(family), "--model.num_virtual_tokens", tokens,
+    overrides = ["--model.backbone", tiny_model_dir(family), "--model.prefix.num_virtual_tokens", tokens,
                  "--model.privacy.enabled", "false"]
     with pytest.raises(ValueError, match=message or backbone_message(tiny_model_dir)):
         load_run([ROOT / "examples/configs/movie_reviews_dp.yaml"], bert_checkpoint, overrides)

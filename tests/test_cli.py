@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier
+from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrefixTunedClassifier
 from pflat_lightning import cli, runs
 from pflat_lightning.runs import load_run
 from pflat_lightning.datamodules import TextClassificationDataModule, TextGenerationDataModule
@@ -84,6 +85,19 @@ def test_load_run_rebuilds_either_task_with_the_tokenizer_linked(tiny_model_dir)
                                          "--model.privacy.enabled", "false"])
     assert isinstance(reviews, PrefixTunedClassifier) and isinstance(reviews_data, TextClassificationDataModule)
     assert reviews_data.num_labels == 3 and not reviews.is_private
+
+
+def test_the_prefix_config_travels_from_yaml_to_the_prefix_encoder_unchanged(tiny_model_dir, tmp_path):
+    text = "the film was long but the ending was worth it"
+    config = tmp_path / "prefix.yaml"
+    config.write_text(f"model:\n  init_args:\n    prefix:\n      num_virtual_tokens: 4\n      init_text: {text}\n")
+    model, _, _ = load_run([ROOT / "examples/configs/movie_reviews_dp.yaml", config], None,
+                           ["--model.backbone", tiny_model_dir("bert"), "--model.prefix.num_virtual_tokens", "3"])
+    expected = PrefixConfig(num_virtual_tokens=3, init_std=0.5, init_text=text)
+    assert model.model.prefix.config == expected and model.model.prefix.layers[0].weight.shape[0] == 3
+    plain = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=expected)  # the same text initialisation
+    assert all(torch.equal(a, b) for a, b in zip(model.model.prefix.parameters(), plain.model.prefix.parameters()))
+    assert "prefix initialisation" in {entry.component for entry in model.ledger.entries}
 
 
 def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):

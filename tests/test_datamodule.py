@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.bundled import corpus_file, resolve_model
 from pflat_lightning.datamodules import TextClassificationDataModule
 from pflat_lightning.datamodules import text_classification as module
@@ -594,7 +594,7 @@ POSITION_LIMITS = {"gpt2": 118, "bert": 128, "roberta": 127}
 
 @pytest.mark.parametrize("family, limit", POSITION_LIMITS.items())
 def test_max_length_must_fit_the_position_table_after_the_prefix(family, limit, tmp_path, tiny_model_dir):
-    model = classifier(tiny_model_dir(family), num_virtual_tokens=10)
+    model = classifier(tiny_model_dir(family), prefix=PrefixConfig(num_virtual_tokens=10))
     # The rule itself, from the backbone: `limit` real tokens run, one more indexes past the position table (the
     # encoders get explicit token types, else their token-type buffer, as long as the table, fails first).
     ids = torch.randint(2000, 3000, (1, limit + 1))
@@ -613,7 +613,7 @@ def test_max_length_must_fit_the_position_table_after_the_prefix(family, limit, 
 
 
 def test_rotary_models_have_no_position_table_limit(tmp_path, tiny_model_dir):
-    model = classifier(tiny_model_dir("llama"), num_virtual_tokens=10)
+    model = classifier(tiny_model_dir("llama"), prefix=PrefixConfig(num_virtual_tokens=10))
     assert model.model.position_limit() is None
     ids = torch.randint(2000, 3000, (1, 140))  # past max_position_embeddings=128 with the prefix
     assert torch.isfinite(model(ids, torch.ones_like(ids))).all()

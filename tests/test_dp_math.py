@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from opacus.accountants import PRVAccountant, RDPAccountant
 from transformers import AutoTokenizer
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.prefix_model import PrefixModel, load_backbone
 from pflat_lightning.privacy import DPSGDEngine
 from pflat_lightning.protocol import physical_batches
 
 from conftest import FAMILIES
-from helpers import SEEDED_REASONS, StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, collate, quiet_trainer
+from helpers import StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, collate, quiet_trainer
 
 HEADS = ["linear", "label_words"]
 
@@ -25,7 +25,7 @@ def tiny_prefix_model(path, head):
     tokenizer = AutoTokenizer.from_pretrained(path)
     words = tokenizer.convert_tokens_to_ids(["bad", "good"])
     return PrefixModel(backbone, 2, head=head, label_word_ids=words, mask_token_id=tokenizer.mask_token_id,
-                       num_virtual_tokens=3), tokenizer
+                       prefix=PrefixConfig(num_virtual_tokens=3)), tokenizer
 
 
 def batch_for(tokenizer, size=6, seed=1):
@@ -79,7 +79,7 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
     """Through the Lightning module: a logical batch of 8 in physical chunks of 3 (virtual steps)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
                               grad_sample_mode=mode),
@@ -120,7 +120,7 @@ def test_group_clipping_clips_the_prefix_and_the_head_apart(family, tiny_model_d
     head part were clipped separately, to C*sqrt(share) and C*sqrt(1 - share), by hand."""
     clip, share = 0.05, 0.02  # prefix bound 0.007: the tiny models' prefix norms are about 0.007-0.015
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False,
                               clipping="group", prefix_clip_share=share),
@@ -176,7 +176,7 @@ def test_group_bounds_measured_on_public_data_sit_at_each_groups_median_norm(tin
     """prefix_clip_share=None: before training, the bounds are set so that C_p / C_h is the ratio of the
     groups' median per-example gradient norms on the public split (here by per-example autograd), with
     C_p**2 + C_h**2 = C**2; the ledger records the public data use; a resumed run keeps the bounds."""
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                    privacy=PrivacyConfig(target_epsilon=3.0, clipping="group", max_grad_norm=0.5))
     data = TokenDataModule()
     reference = copy.deepcopy(module.model)
@@ -190,7 +190,7 @@ def test_group_bounds_measured_on_public_data_sit_at_each_groups_median_norm(tin
     assert module.engine.group_bounds == pytest.approx(expected, rel=1e-4)
     assert [e.status for e in module.ledger.entries if e.component == "group clipping bounds"] == ["public"]
 
-    resumed = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
+    resumed = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                     privacy=PrivacyConfig(target_epsilon=3.0, clipping="group", max_grad_norm=0.5))
     quiet_trainer(tmp_path / "b", max_epochs=1).fit(resumed, datamodule=data, ckpt_path=ckpt)
     assert resumed.engine.group_bounds == pytest.approx(expected, rel=1e-4), "measured once, at the run's start"
@@ -202,7 +202,8 @@ def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_token
 
     def make():
         torch.manual_seed(0)
-        return PrefixTunedClassifier(path, 2, num_virtual_tokens=num_virtual_tokens, privacy=privacy)
+        return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=num_virtual_tokens),
+                                     privacy=privacy)
 
     select = partial(SharpnessLayerSelection, layers=[0], at_epoch=1)
     whole = make()
@@ -232,7 +233,7 @@ def test_group_clipping_refusals(tiny_model_dir, tmp_path):
         PrivacyConfig(clipping="group", prefix_clip_share=1.0)
     with pytest.raises(ValueError, match=r"clipping must be one of \('flat', 'group'\), got 'split'"):
         PrivacyConfig(clipping="split")
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=3,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                    privacy=PrivacyConfig(target_epsilon=3.0, clipping="group"))
     with pytest.raises(ValueError, match="the datamodule has no public split"):
         quiet_trainer(tmp_path, max_epochs=1).fit(module, datamodule=NoPublicSplit())
@@ -249,7 +250,7 @@ def test_bf16_mixed_clips_fp32_per_example_gradients(family, tiny_model_dir, tmp
     under the same bf16 autocast (tolerance: bf16 batched vs. single-example arithmetic)."""
     clip = 0.05
     module = PrefixTunedClassifier(
-        tiny_model_dir(family), 2, num_virtual_tokens=3, max_physical_batch_size=3,
+        tiny_model_dir(family), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=3,
         optimizer=partial(torch.optim.SGD, lr=1.0),
         privacy=PrivacyConfig(noise_multiplier=0.0, target_epsilon=None, max_grad_norm=clip, poisson_sampling=False),
     )
@@ -289,7 +290,7 @@ def test_noise_has_the_calibrated_standard_deviation(tiny_model_dir):
 @pytest.mark.parametrize("accountant, reference", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
 def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference, tiny_model_dir, tmp_path):
     target = 3.0
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=target, accountant=accountant, secure_mode=True))
     data = TokenDataModule(size=64, batch_size=8)
     trainer = quiet_trainer(tmp_path, max_epochs=2)
@@ -307,14 +308,14 @@ def test_reported_epsilon_equals_a_fresh_opacus_accountant(accountant, reference
 
 
 def test_explicit_noise_that_cannot_reach_the_plan_is_refused(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=1.0, noise_multiplier=0.3))
     with pytest.raises(ValueError, match="noise_multiplier=0.3 and target_epsilon=1.0 contradict"):
         quiet_trainer(tmp_path, max_epochs=2).fit(module, datamodule=TokenDataModule())
 
 
 def test_pruned_layer_gets_no_gradient_no_noise_no_update(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(noise_multiplier=2.0, target_epsilon=None))
     module.model.prefix.set_layer_mask([False, True])
     pruned = module.model.prefix.layers[0].weight.detach().clone()
@@ -366,7 +367,7 @@ def test_clipping_after_a_pruning_covers_exactly_the_remaining_parameters(mode, 
 def test_ghost_clipping_trains_through_a_layer_selection(tiny_model_dir, tmp_path):
     from pflat_lightning.callbacks import SharpnessLayerSelection
 
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=3.0, grad_sample_mode="ghost", secure_mode=True))
     quiet_trainer(tmp_path, max_epochs=2, callbacks=[SharpnessLayerSelection(layers=[0], at_epoch=1)]).fit(
         module, datamodule=TokenDataModule())
@@ -383,16 +384,17 @@ def test_ghost_clipping_resumed_after_a_pruning_trains_as_the_uninterrupted_run(
     assert_same_trained_weights(resumed, whole)
 
 
-@pytest.mark.parametrize("prefix_hidden", [None, 2048])
-def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(prefix_hidden, tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2, num_virtual_tokens=3, prefix_hidden=prefix_hidden,
+@pytest.mark.parametrize("reparam_hidden", [None, 2048])
+def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(reparam_hidden, tiny_model_dir, tmp_path):
+    module = PrefixTunedClassifier(tiny_model_dir("gpt2"), 2,
+                                   prefix=PrefixConfig(num_virtual_tokens=3, reparam_hidden=reparam_hidden),
                                    max_physical_batch_size=16,
                                    privacy=PrivacyConfig(grad_sample_mode="auto", noise_multiplier=1.0, target_epsilon=None))
     # Independently: hooks hold one fp32 gradient per example and trainable parameter.
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     hooks_bytes = 16 * trainable * 4
     expected = "ghost" if hooks_bytes > 256 * 2**20 else "hooks"
-    assert expected == ("hooks" if prefix_hidden is None else "ghost"), "the test covers both choices"
+    assert expected == ("hooks" if reparam_hidden is None else "ghost"), "the test covers both choices"
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule(batch_size=16))
     assert module.engine.grad_sample_mode == expected
     report = module.privacy_report()

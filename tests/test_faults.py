@@ -34,7 +34,8 @@ model:
   init_args:
     backbone: {backbone}
     num_labels: 2
-    num_virtual_tokens: 2
+    prefix:
+      num_virtual_tokens: 2
     max_physical_batch_size: 32
     privacy:
       target_epsilon: 3.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 
 from helpers import TokenDataModule, quiet_trainer
 
@@ -35,7 +35,7 @@ def test_delta_must_be_below_one_over_n():
 
 @pytest.fixture
 def dp_module(tiny_model_dir):
-    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2))
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
@@ -60,7 +60,7 @@ def test_trainable_backbone_is_refused_with_dp(dp_module, tmp_path):
 def test_shuffled_loader_is_refused_unless_poisson_is_switched_off(dp_module, tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="needs a Poisson training loader"):
         quiet_trainer(tmp_path, max_steps=1).fit(dp_module, datamodule=TokenDataModule(poisson=False))
-    shuffled = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    shuffled = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                      privacy=PrivacyConfig(poisson_sampling=False))
     quiet_trainer(tmp_path, max_steps=1).fit(shuffled, datamodule=TokenDataModule(poisson=False))
     report = shuffled.privacy_report()
@@ -90,7 +90,8 @@ def test_unsupported_head_and_bad_sizes():
 @pytest.mark.parametrize("private", [True, False])
 def test_non_finite_loss_stops_before_the_update(private, tiny_model_dir, tmp_path):
     privacy = PrivacyConfig() if private else PrivacyConfig(enabled=False)
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=privacy)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=privacy)
     snapshot = {}
 
     class PoisonAtStep3(Callback):
@@ -134,13 +135,14 @@ def test_a_refused_or_failed_run_writes_nothing_over_an_earlier_run(case, tiny_m
         return pl.Trainer(default_root_dir=tmp_path, max_epochs=2, enable_progress_bar=False,
                           enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
 
-    earlier = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    earlier = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2))
     trainer().fit(earlier, datamodule=TokenDataModule())
     files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert any(p.name == "privacy_report.json" for p in files) and any(p.suffix == ".ckpt" for p in files)
 
     privacy, trainer_kwargs, data_kwargs, error, message = BAD_RUNS[case]
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(**privacy))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(**privacy))
     with pytest.raises(error, match=message):
         trainer(**trainer_kwargs).fit(module, datamodule=TokenDataModule(**data_kwargs))
     for path, content in files.items():

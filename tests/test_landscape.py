@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import LossLandscape
 from pflat_lightning.cli import main as pflat_main
 from pflat_lightning.landscape import (
@@ -185,7 +185,8 @@ def test_filter_normalisation_row_by_row():
 # ---------------------------------------------------------------- a tiny prefix-tuned BERT
 def classifier(path, privacy=None):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(enabled=False), num_virtual_tokens=2)
+    return PrefixTunedClassifier(path, 2, privacy=privacy or PrivacyConfig(enabled=False),
+                                 prefix=PrefixConfig(num_virtual_tokens=2))
 
 
 def token_batches(size=20, batch_size=8):
@@ -362,7 +363,7 @@ def test_released_direction_needs_a_private_module(tiny_model_dir, tmp_path):
 # ---------------------------------------------------------------- pflat landscape
 def test_cli_measures_a_saved_run_and_adds_to_its_report(tiny_model_dir, tmp_path, capsys):
     config = str(ROOT / "examples/configs/movie_reviews_dp.yaml")
-    run_args = ["--model.backbone", tiny_model_dir("bert"), "--model.num_virtual_tokens", "2",
+    run_args = ["--model.backbone", tiny_model_dir("bert"), "--model.prefix.num_virtual_tokens", "2",
                 "--data.source", "sms_spam", "--data.max_length", "16", "--data.batch_size", "64",
                 "--data.max_train_examples", "256", "--data.max_eval_examples", "64"]
     pflat_main(["fit", "--config", config, *run_args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",

@@ -5,7 +5,7 @@ from functools import partial
 import pytest
 import torch
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.privacy import epsilon_of
 
 from helpers import SEEDED_NOISE, SEEDED_REASONS, TokenDataModule, quiet_trainer
@@ -16,7 +16,8 @@ def test_label_word_head_reads_the_lm_logits_of_the_label_words(family, tiny_mod
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path = tiny_model_dir(family)
-    module = PrefixTunedClassifier(path, 2, head="label_words", label_words=["bad", "good"], num_virtual_tokens=2,
+    module = PrefixTunedClassifier(path, 2, head="label_words", label_words=["bad", "good"],
+                                   prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(enabled=False)).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = torch.tensor([[101, 2000, 2001, tokenizer.mask_token_id, 102]])
@@ -41,9 +42,10 @@ def test_multi_token_label_word_is_refused(tiny_model_dir):
 def test_non_private_mode_trains_the_identical_model_and_says_so(tiny_model_dir, tmp_path):
     path = tiny_model_dir("bert")
     torch.manual_seed(0)
-    private = PrefixTunedClassifier(path, 2, num_virtual_tokens=2)
+    private = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2))
     torch.manual_seed(0)
-    public = PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False),
+    public = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False),
                                    optimizer=partial(torch.optim.SGD, lr=0.5))
     assert [n for n, _ in private.named_parameters()] == [n for n, _ in public.named_parameters()]
     for a, b in zip(private.parameters(), public.parameters()):
@@ -58,7 +60,7 @@ def test_non_private_mode_trains_the_identical_model_and_says_so(tiny_model_dir,
 
 
 def test_empty_poisson_batches_are_noise_only_steps_and_epsilon_is_in_the_progress_bar(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(target_epsilon=8.0))
     seen = []
     original = module.training_step
@@ -81,7 +83,7 @@ def test_empty_poisson_batches_are_noise_only_steps_and_epsilon_is_in_the_progre
 def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2))
     trainer = quiet_trainer(tmp_path, max_epochs=1, logger=CSVLogger(tmp_path), limit_val_batches=1.0)
     trainer.fit(module, datamodule=TokenDataModule())
     trainer.test(module, datamodule=TokenDataModule())
@@ -100,7 +102,8 @@ def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
 
 
 def test_logging_the_training_loss_is_a_ledger_entry(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, log_train_loss=True)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   log_train_loss=True)
     quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=TokenDataModule())
     report = module.privacy_report()
     assert report["formal_guarantee"] is False
@@ -113,7 +116,7 @@ def test_selecting_on_a_validation_metric_is_a_held_out_ledger_entry(monitor, re
     data: recorded, the training set's guarantee unaffected. No monitor, or one on epsilon, reads none."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                    privacy=PrivacyConfig(secure_mode=True))
     callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=monitor)]
     if monitor is not None:
@@ -130,13 +133,14 @@ def test_selecting_on_a_validation_metric_is_a_held_out_ledger_entry(monitor, re
 
 
 def test_a_dp_report_says_that_aborting_on_a_non_finite_loss_is_outside_the_accountant(tiny_model_dir, tmp_path):
-    private = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2)
+    private = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2))
     quiet_trainer(tmp_path / "dp", max_steps=1).fit(private, datamodule=TokenDataModule())
     report = json.loads((tmp_path / "dp" / "privacy_report.json").read_text())
     assert len(report["caveats"]) == 1 and "non-finite loss" in report["caveats"][0]
     assert "one-bit, data-dependent signal outside the accountant" in report["caveats"][0]
     assert "Caveats:" in (tmp_path / "dp" / "privacy_report.md").read_text()
-    public = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    public = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     quiet_trainer(tmp_path / "plain", max_steps=1).fit(public, datamodule=TokenDataModule())
     assert json.loads((tmp_path / "plain" / "privacy_report.json").read_text())["caveats"] == []
 
@@ -147,7 +151,7 @@ def test_runs_without_a_logger_never_overwrite_each_others_report(tiny_model_dir
     from pflat_lightning.privacy.report import add_section, write_report
 
     def run(**kwargs):
-        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, **kwargs)
+        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), **kwargs)
         trainer = quiet_trainer(tmp_path, max_steps=2)
         trainer.fit(module, datamodule=TokenDataModule())
         trainer.test(module, datamodule=TokenDataModule())
@@ -171,3 +175,56 @@ def test_runs_without_a_logger_never_overwrite_each_others_report(tiny_model_dir
     with pytest.raises(FileExistsError, match="is the report of another run"):
         write_report({**reports[second.report_dir / "privacy_report.json"], "run_id": "another run"}, tmp_path)
     assert (tmp_path / "privacy_report.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- clone_untrained
+INIT_TEXT = "the film was long but the ending was worth it"
+
+
+def state_copy(module):
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("family, head", [("bert", "linear"), ("llama", "label_words")])
+def test_clone_untrained_shares_the_backbone_and_starts_untrained(family, head, tiny_model_dir, tmp_path):
+    path = tiny_model_dir(family)
+    prefix = PrefixConfig(num_virtual_tokens=3, init_text=INIT_TEXT)
+    words = {"label_words": ["bad", "good"]} if head == "label_words" else {}
+    module = PrefixTunedClassifier(path, 2, head=head, **words, prefix=prefix, privacy=PrivacyConfig(enabled=False),
+                                   optimizer=partial(torch.optim.SGD, lr=0.5))
+    quiet_trainer(tmp_path / "original", max_epochs=1).fit(module, datamodule=TokenDataModule(poisson=False))
+    trained = state_copy(module)
+
+    clone = module.clone_untrained(privacy=PrivacyConfig(target_epsilon=3.0, seed=1))
+    assert type(clone) is PrefixTunedClassifier and clone.is_private and not module.is_private
+    assert clone.hparams["prefix"] == prefix and clone.hparams["head"] == head
+    assert clone.optimizer_factory is module.optimizer_factory and clone.tokenizer is module.tokenizer
+    own = dict(clone.model.backbone.named_parameters())
+    for name, param in module.model.backbone.named_parameters():
+        assert own[name].data_ptr() == param.data_ptr(), f"{name} is a second copy"
+    # Untouched: the prefix the configuration gives an independently built module (its backbone read from disk).
+    fresh = PrefixTunedClassifier(path, 2, head=head, **words, prefix=prefix, privacy=PrivacyConfig(enabled=False))
+    for (name, mine), theirs in zip(clone.model.prefix.named_parameters(), fresh.model.prefix.parameters()):
+        torch.testing.assert_close(mine, theirs, msg=name)
+    assert not torch.allclose(clone.model.prefix.layers[0].weight, module.model.prefix.layers[0].weight)
+    assert [e.component for e in clone.ledger.entries] == ["prefix initialisation"]
+
+    quiet_trainer(tmp_path / "clone", max_epochs=1).fit(clone, datamodule=TokenDataModule())
+    assert clone.engine.updates > 0
+    assert not torch.equal(clone.model.prefix.layers[0].weight, fresh.model.prefix.layers[0].weight), "the clone trained"
+    after = module.state_dict()
+    for name, tensor in trained.items():
+        assert torch.equal(after[name], tensor), f"training the clone changed the original's {name}"
+
+
+def test_clone_untrained_draws_a_fresh_normal_prefix_and_keeps_the_architecture(tiny_model_dir):
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2))
+    torch.manual_seed(3)
+    first = module.clone_untrained()
+    torch.manual_seed(3)
+    second = module.clone_untrained()
+    assert torch.equal(first.model.prefix.layers[0].weight, second.model.prefix.layers[0].weight)  # the torch seed
+    assert not torch.equal(first.model.prefix.layers[0].weight, module.model.prefix.layers[0].weight)
+    with pytest.raises(ValueError, match=r"clone_untrained cannot override \['seed', 'head', 'prefix'\]: it takes "
+                                         r"PrefixTunedClassifier's constructor arguments except the architecture's"):
+        module.clone_untrained(seed=1, head="label_words", prefix=PrefixConfig(num_virtual_tokens=3))

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from opacus.accountants import RDPAccountant
 from torch.utils.data import TensorDataset
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.privacy import DPSGDEngine, PoissonDataLoader, PrivateTraining
 
 from helpers import StopAfter, TokenDataModule, quiet_trainer
@@ -32,7 +32,7 @@ class SecondRank(SingleDeviceStrategy):
 
 
 def module_run(tiny_model_dir):
-    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(**PRIVACY)), \
+    return PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=PrivacyConfig(**PRIVACY)), \
         TokenDataModule()
 
 

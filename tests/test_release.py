@@ -5,6 +5,7 @@ checkpoint predicts."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from opacus.accountants import PRVAccountant
 from safetensors import safe_open
 
-from pflat_lightning import PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.datamodules import TextClassificationDataModule
 from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning import release
@@ -92,7 +93,7 @@ def module_from_checkpoint(cls, ckpt_path, **kwargs):
 
 def fit_classifier(path, tmp_path, data):
     torch.manual_seed(0)
-    module = PrefixTunedClassifier(path, 2, num_virtual_tokens=3,
+    module = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                    privacy=PrivacyConfig(target_epsilon=8.0, seed=NOISE_SEED))
     module.prefix.set_layer_mask([True, False])  # a pruned layer must stay pruned in the release
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
@@ -111,7 +112,7 @@ def test_release_holds_prefix_head_and_report_and_predicts_as_the_checkpoint(tin
     folder = export_release(module, tmp_path / "release", datamodule=data)
 
     checkpoint_module, checkpoint = module_from_checkpoint(
-        PrefixTunedClassifier, ckpt, backbone=path, num_labels=2, num_virtual_tokens=3,
+        PrefixTunedClassifier, ckpt, backbone=path, num_labels=2, prefix=PrefixConfig(num_virtual_tokens=3),
         privacy=PrivacyConfig(target_epsilon=8.0, seed=NOISE_SEED))
     assert checkpoint["pflat_privacy"]["engine"]["generator"] is not None, "the checkpoint does hold the noise state"
     secrets = (corpus, cache, str(tmp_path / "run"), str(NOISE_SEED), str(DATA_SEED))
@@ -119,8 +120,10 @@ def test_release_holds_prefix_head_and_report_and_predicts_as_the_checkpoint(tin
 
     info = json.loads((folder / "release.json").read_text())
     assert info["module"] == "pflat_lightning.classifier.PrefixTunedClassifier"
+    assert info["format_version"] == 2
     assert info["init_args"] == {"backbone": path, "num_labels": 2, "head": "linear", "label_words": None,
-                                 "num_virtual_tokens": 3, "prefix_hidden": None}
+                                 "prefix": {"num_virtual_tokens": 3, "reparam_hidden": None, "init_std": 0.5,
+                                            "init_text": None}}
     assert info["tokenisation"] == {
         "datamodule": "pflat_lightning.datamodules.text_classification.TextClassificationDataModule",
         "tokenizer": path, "max_length": 24, "template": "{text} It was {mask}.", "text_column": "text",
@@ -142,9 +145,18 @@ def test_release_holds_prefix_head_and_report_and_predicts_as_the_checkpoint(tin
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     with torch.no_grad():
         released, expected = loaded(**inputs), checkpoint_module(**inputs)
-        untrained = PrefixTunedClassifier(path, 2, num_virtual_tokens=3).eval()(**inputs)
+        untrained = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=3)).eval()(**inputs)
     assert torch.equal(released, expected)
     assert not torch.allclose(released, untrained), "the released weights are the trained ones"
+
+    # A version-1 release (written before PrefixConfig: the prefix's settings as the module's own arguments) loads.
+    old = tmp_path / "release_v1"
+    shutil.copytree(folder, old)
+    args = {k: v for k, v in info["init_args"].items() if k != "prefix"}
+    (old / "release.json").write_text(json.dumps({**info, "format_version": 1, "init_args": {
+        **args, "num_virtual_tokens": 3, "prefix_hidden": None}}))
+    with torch.no_grad():
+        assert torch.equal(load_release(old)(**inputs), expected)
 
 
 def test_export_and_load_refuse_what_would_leak_or_mislead(tiny_model_dir, tmp_path):
@@ -152,10 +164,11 @@ def test_export_and_load_refuse_what_would_leak_or_mislead(tiny_model_dir, tmp_p
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "last.ckpt").write_text("x")
-    trained = PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    trained = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                    privacy=PrivacyConfig(enabled=False))
     with pytest.raises(ValueError, match=f"Refusing to export into {occupied}: it is not an empty folder"):
         export_release(trained, occupied, report={})
-    private = PrefixTunedClassifier(path, 2, num_virtual_tokens=2)
+    private = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="private but holds no privacy state"):
         export_release(private, tmp_path / "none")
     with pytest.raises(ValueError, match="attached to the trainer that fitted it"):
@@ -208,7 +221,7 @@ def test_pflat_export_writes_the_release_of_a_fit_run(tiny_model_dir, tmp_path, 
                 "dataset_size", "formal_guarantee"):
         assert report[key] == fit_report[key], key
     info = json.loads((tmp_path / "release/release.json").read_text())
-    assert info["tokenisation"]["max_length"] == 16 and info["init_args"]["num_virtual_tokens"] == 10
+    assert info["tokenisation"]["max_length"] == 16 and info["init_args"]["prefix"]["num_virtual_tokens"] == 10
 
     loaded = load_release(tmp_path / "release")
     ids = torch.randint(2000, 3000, (4, 9), generator=torch.Generator().manual_seed(1))
@@ -230,7 +243,8 @@ def test_causal_lm_release_keeps_no_generated_samples_and_predicts_as_the_checkp
     path = tiny_model_dir("gpt2")
     torch.manual_seed(0)
     privacy = PrivacyConfig(target_epsilon=8.0, seed=NOISE_SEED)
-    module = PrefixTunedCausalLM(path, num_virtual_tokens=3, generate_max_new_tokens=2, privacy=privacy)
+    module = PrefixTunedCausalLM(path, prefix=PrefixConfig(num_virtual_tokens=3),
+                                 generate_max_new_tokens=2, privacy=privacy)
     data = GenerationData(size=32, batch_size=8, val=None, seed=0)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
     trainer = quiet_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[checkpoints])
@@ -240,7 +254,8 @@ def test_causal_lm_release_keeps_no_generated_samples_and_predicts_as_the_checkp
     folder = export_release(module, tmp_path / "release")
 
     checkpoint_module, checkpoint = module_from_checkpoint(
-        PrefixTunedCausalLM, tmp_path / "checkpoints/last.ckpt", backbone=path, num_virtual_tokens=3, privacy=privacy)
+        PrefixTunedCausalLM, tmp_path / "checkpoints/last.ckpt", backbone=path, prefix=PrefixConfig(num_virtual_tokens=3),
+        privacy=privacy)
     assert_releases_nothing_secret(folder, ("a reply", str(NOISE_SEED)), checkpoint["state_dict"])
     loaded = load_release(folder)
     assert json.loads((folder / "release.json").read_text())["tokenisation"] is None

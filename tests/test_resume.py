@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, TeacherDistillation
 
 from helpers import StopAfter, TokenDataModule, assert_same_trained_weights, quiet_trainer
@@ -10,7 +10,8 @@ from helpers import StopAfter, TokenDataModule, assert_same_trained_weights, qui
 
 def make(path):
     torch.manual_seed(0)
-    return PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(target_epsilon=3.0, seed=7))
+    return PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                 privacy=PrivacyConfig(target_epsilon=3.0, seed=7))
 
 
 @pytest.mark.parametrize("stop_at", [5, 8, 11])
@@ -35,7 +36,8 @@ def test_resume_gives_the_same_epsilon_steps_and_weights(stop_at, tiny_model_dir
 
 def test_resume_without_privacy_state_is_refused(tiny_model_dir, tmp_path):
     path = tiny_model_dir("bert")
-    public = PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    public = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(public, datamodule=TokenDataModule(poisson=False))
     ckpt = tmp_path / "public.ckpt"

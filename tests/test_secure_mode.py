@@ -8,7 +8,7 @@ from opacus.accountants import PRVAccountant
 from scipy import stats
 from torch import nn
 
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 from pflat_lightning.black_box.tuner import ZerothOrderMechanism
 from pflat_lightning.privacy import DPSGDEngine, PoissonBatchSampler, PoissonDataLoader
 from pflat_lightning.privacy.report import SEEDED_NOISE, SEEDED_SAMPLING
@@ -77,7 +77,8 @@ def test_two_secure_fits_after_the_same_seeds_release_different_gradients(tiny_m
     released = []
     for run in range(2):
         torch.manual_seed(0)
-        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, optimizer=partial(torch.optim.SGD, lr=0.0),
+        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                       optimizer=partial(torch.optim.SGD, lr=0.0),
                                        privacy=secure_privacy(target_epsilon=3.0))
         module.engine.keep_released_gradient = True
         quiet_trainer(tmp_path / str(run), max_steps=1).fit(module, datamodule=TokenDataModule(seed=0))
@@ -126,14 +127,16 @@ def generator_states(obj, path="checkpoint"):
 
 def test_a_secure_checkpoint_holds_no_generator_and_a_resume_keeps_the_spend(tiny_model_dir, tmp_path):
     path = tiny_model_dir("bert")
-    make = lambda: PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=secure_privacy(target_epsilon=3.0))
+    make = lambda: PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                         privacy=secure_privacy(target_epsilon=3.0))
     ckpt = tmp_path / "interrupted.ckpt"
     first = make()
     quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(5, ckpt)]).fit(first, datamodule=TokenDataModule())
     checkpoint = torch.load(ckpt, weights_only=False)
     assert checkpoint["pflat_privacy"]["engine"]["generator"] is None
     assert generator_states(checkpoint) == []
-    seeded = PrefixTunedClassifier(path, 2, num_virtual_tokens=2, privacy=PrivacyConfig(target_epsilon=3.0))
+    seeded = PrefixTunedClassifier(path, 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(target_epsilon=3.0))
     quiet_trainer(tmp_path / "s", max_epochs=2, callbacks=[StopAfter(5, tmp_path / "seeded.ckpt")]).fit(
         seeded, datamodule=TokenDataModule())
     assert generator_states(torch.load(tmp_path / "seeded.ckpt", weights_only=False)), "the search finds a seeded state"
@@ -158,7 +161,8 @@ class SeededUserData(TokenDataModule):
 
 
 def test_secure_mode_refuses_a_seeded_training_loader(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=secure_privacy())
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=secure_privacy())
     with pytest.raises(ValueError, match=r"secure_mode=True\) needs a secure Poisson training loader, got "
                                          r"PoissonDataLoader\(secure=False\)"):
         quiet_trainer(tmp_path, max_epochs=1).fit(module, datamodule=SeededUserData())
@@ -168,7 +172,8 @@ def test_secure_mode_refuses_a_seeded_training_loader(tiny_model_dir, tmp_path):
 
 
 def test_a_seeded_run_reports_no_formal_guarantee(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(seed=918273))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(seed=918273))
     quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=TokenDataModule(seed=564738))
     report = module.privacy_report()
     assert report["formal_guarantee"] is False and report["reasons"] == [SEEDED_NOISE, SEEDED_SAMPLING]

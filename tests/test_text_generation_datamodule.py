@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pflat_lightning import PrefixTunedCausalLM, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrivacyConfig
 from pflat_lightning.bundled import BUNDLED_GGUF_MODELS, corpus_file, package_folder
 from pflat_lightning.datamodules import TextGenerationDataModule
 from pflat_lightning.datamodules import text_generation as module
@@ -511,7 +511,8 @@ def smollm2_llama_dir(smollm2_dir, tmp_path_factory):
 
 
 def causal_lm(path, **kwargs):
-    return PrefixTunedCausalLM(path, num_virtual_tokens=10, privacy=PrivacyConfig(enabled=False), **kwargs)
+    return PrefixTunedCausalLM(path, prefix=PrefixConfig(num_virtual_tokens=10),
+                               privacy=PrivacyConfig(enabled=False), **kwargs)
 
 
 def test_without_a_tokenizer_the_datamodule_tokenises_with_the_models(tmp_path, smollm2_llama_dir, tiny_model_dir):

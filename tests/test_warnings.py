@@ -3,7 +3,7 @@ import re
 import warnings
 
 from helpers import TokenDataModule, quiet_trainer
-from pflat_lightning import PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
 
 EVAL_MODE = "module(s) in eval mode at the start of training"
 BACKWARD_HOOK = re.compile(r"(non-full|Full) backward hook")
@@ -18,7 +18,7 @@ def fit_warnings(tmp_path, module):
 
 def test_a_dp_fit_warns_neither_about_the_frozen_backbone_nor_about_opacus_hooks(tiny_model_dir, tmp_path):
     for mode in ("hooks", "ghost"):
-        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2,
+        module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
                                        privacy=PrivacyConfig(target_epsilon=8.0, grad_sample_mode=mode))
         messages = fit_warnings(tmp_path / mode, module)
         assert module.engine.updates == 4
@@ -27,6 +27,7 @@ def test_a_dp_fit_warns_neither_about_the_frozen_backbone_nor_about_opacus_hooks
 
 
 def test_a_trainable_module_in_eval_mode_is_still_warned_about(tiny_model_dir, tmp_path):
-    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, num_virtual_tokens=2, privacy=PrivacyConfig(enabled=False))
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
     module.model.prefix.eval()  # not the library's choice: the user's, and Lightning's warning must reach them
     assert any(EVAL_MODE in m for m in fit_warnings(tmp_path, module))

@@ -1,7 +1,8 @@
 """LiRA offline (Carlini et al. 2022): shadow prefixes trained on random halves of the audit pool.
 
-Each shadow is a copy of the audited module's recipe (same class and hyperparameters, freshly
-initialised trainable parameters, the same ``PrivacyConfig`` unless overridden) trained by a nested
+Each shadow is an untrained clone of the audited module (its ``clone_untrained``: same class and
+configuration, the frozen backbone shared, freshly initialised trainable parameters, the same
+``PrivacyConfig`` unless overridden) trained by a nested
 ``pl.Trainer`` on a seeded half of the pool (members and non-members together). An example is then
 scored against the shadows that did NOT train on it (OUT): the offline, one-sided variant of the test.
 Training shadows reads private training data; the audit records that in the ledger as ``"evaluation"``.
@@ -9,7 +10,6 @@ Training shadows reads private training data; the audit records that in the ledg
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.sampling import PoissonDataLoader
-from pflat_lightning.protocol import TokenScores
+from pflat_lightning.protocol import Cloneable, TokenScores, check_contract, untrained_clone
 
 #: The scaled confidences that LiRA fits Gaussians to: the logit of the true-class probability
 #: (classifiers) or the negative loss (language models, whose loss is a mean over tokens).
@@ -96,21 +96,6 @@ def keep_matrix(num_shadows: int, pool_size: int, seed: int) -> torch.Tensor:
     return order < num_shadows // 2
 
 
-def rebuild_module(pl_module: pl.LightningModule, **overrides: Any) -> pl.LightningModule:
-    """A new instance of ``pl_module``'s class from its saved hyperparameters, its optimizer and scheduler
-    factories (``optimizer_factory``/``lr_scheduler_factory`` when it has them) and ``overrides``.
-
-    The trainable parameters are freshly initialised (from the current torch seed).
-    """
-    accepted = inspect.signature(type(pl_module).__init__).parameters
-    kwargs = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
-    for attribute, argument in (("optimizer_factory", "optimizer"), ("lr_scheduler_factory", "lr_scheduler")):
-        if argument in accepted and hasattr(pl_module, attribute):
-            kwargs[argument] = getattr(pl_module, attribute)
-    kwargs.update(overrides)
-    return type(pl_module)(**kwargs)
-
-
 def train_shadows(
     pl_module: pl.LightningModule,
     pool: Dataset,
@@ -128,7 +113,7 @@ def train_shadows(
     """Train one shadow per row of ``keep`` and score the pool with each.
 
     Args:
-        pl_module: the audited module, whose recipe the shadows copy.
+        pl_module: the audited module, whose untrained clones (``clone_untrained``) the shadows are.
         pool: the audit pool (members then non-members).
         keep: ``[K, len(pool)]``, which examples shadow ``k`` trains on (see :func:`keep_matrix`).
         score: a shadow -> its scaled confidence on every pool example, in pool order.
@@ -147,6 +132,7 @@ def train_shadows(
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"shadow epochs and batch_size must be >= 1, got {epochs} and {batch_size}.")
+    check_contract(pl_module, Cloneable, who="LiRA's train_shadows")
     base = privacy if privacy is not None else getattr(pl_module, "privacy", None)
     confidences, seconds = [], []
     for k, row in enumerate(keep):
@@ -157,7 +143,7 @@ def train_shadows(
         overrides: Dict[str, Any] = {} if config is None else {"privacy": config}
         with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as scratch:
             torch.manual_seed(seed + k)
-            shadow = rebuild_module(pl_module, **overrides)
+            shadow = untrained_clone(pl_module, **overrides)
             subset = Subset(pool, torch.nonzero(row).flatten().tolist())
             size = min(batch_size, len(subset))
             if config is not None and config.enabled and config.poisson_sampling:
@@ -169,6 +155,7 @@ def train_shadows(
                                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                                  limit_val_batches=0, accelerator=accelerator, devices=devices)
             trainer.fit(shadow, train_dataloaders=loader)
+            # The trainer's teardown moved the shadow to the CPU, and with it the backbone it shares with pl_module.
             confidences.append(score(shadow.to(pl_module.device)))
         del shadow, trainer
         seconds.append(time.perf_counter() - start)

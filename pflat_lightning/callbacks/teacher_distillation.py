@@ -1,10 +1,8 @@
 """Cross-model flattening: a teacher prefix regularises the private one."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
-import inspect
 import os
 import tempfile
 from functools import partial
@@ -16,9 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from pflat_lightning.checkpointing import TRAINED_PREFIXES, check_checkpoint_matches, trainable_state
-from pflat_lightning.module import DPPrefixModule
-from pflat_lightning.prefix import PrefixEncoder
+from pflat_lightning.checkpointing import check_checkpoint_matches, trainable_state
 from pflat_lightning.prefix_model import MODEL_INPUTS
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.protocol import (
@@ -29,6 +25,7 @@ from pflat_lightning.protocol import (
     privacy_engine,
     privacy_ledger,
     report_sections,
+    untrained_clone,
 )
 
 SOURCES = ("checkpoint", "public", "private_dp", "private_nonprivate")
@@ -78,9 +75,9 @@ class TeacherDistillation(Callback):
     The module declares :class:`~pflat_lightning.protocol.Distillable` (``loss_terms``,
     ``before_optimizers``, ``prefix``) and :class:`~pflat_lightning.protocol.Cloneable`
     (``clone_untrained(**overrides)``: the untrained teacher, given ``privacy=`` and ``optimizer=`` where its
-    signature accepts them; a :class:`~pflat_lightning.module.DPPrefixModule` without it is rebuilt from its
-    ``hparams``). A checkpoint teacher is read from the checkpoint's ``state_dict``: the entries named like
-    the module's trainable parameters. Logit distillation calls the teacher with the batch's model inputs
+    signature accepts them; :meth:`~pflat_lightning.module.DPPrefixModule.clone_untrained` shares the
+    student's frozen backbone). A checkpoint teacher is read from the checkpoint's ``state_dict``: the entries
+    named like the module's trainable parameters. Logit distillation calls the teacher with the batch's model inputs
     (``input_ids``, ``attention_mask``, ``token_type_ids``).
 
     Args:
@@ -162,8 +159,7 @@ class TeacherDistillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        rebuilt = isinstance(pl_module, DPPrefixModule) and not isinstance(pl_module, Cloneable)
-        check_contract(pl_module, Distillable, *(() if rebuilt else (Cloneable,)), who=type(self).__name__)
+        check_contract(pl_module, Distillable, Cloneable, who=type(self).__name__)
         if self.source == "private_dp":  # refused before anything is trained or recorded
             if privacy_engine(pl_module) is None:
                 raise ValueError("teacher='private_dp' composes into the student's accountant: the student must be private.")
@@ -198,12 +194,8 @@ class TeacherDistillation(Callback):
         if self.source == "checkpoint":
             checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             check_checkpoint_matches(pl_module, checkpoint, f"TeacherDistillation(checkpoint_path={self.checkpoint_path!r})")
-            if isinstance(pl_module, Cloneable):
-                names = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-                self.teacher_state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
-            else:
-                self.teacher_state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items()
-                                      if k.startswith(TRAINED_PREFIXES)}
+            names = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+            self.teacher_state = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         else:
             # Every rank trains a teacher (no rank waits idle in a collective); rank 0's is used by all.
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
@@ -238,14 +230,7 @@ class TeacherDistillation(Callback):
             raise ValueError(f"TeacherDistillation(teacher={self.source!r}) needs the trainer's datamodule.")
         overrides = {"privacy": self._teacher_privacy(pl_module),
                      "optimizer": partial(torch.optim.AdamW, lr=self.teacher_lr, weight_decay=0.0)}
-        if isinstance(pl_module, Cloneable):
-            accepted = inspect.signature(pl_module.clone_untrained).parameters
-            takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-            teacher = pl_module.clone_untrained(**{k: v for k, v in overrides.items() if takes_all or k in accepted})
-        else:
-            accepted = inspect.signature(type(pl_module).__init__).parameters
-            hparams = {k: v for k, v in pl_module.hparams.items() if k in accepted}  # LightningCLI adds its own keys
-            teacher = type(pl_module)(**{**hparams, **overrides})
+        teacher = untrained_clone(pl_module, **overrides)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         device = trainer.strategy.root_device
         with tempfile.TemporaryDirectory() as scratch:
@@ -273,17 +258,16 @@ class TeacherDistillation(Callback):
                     datamodule.batch_size, datamodule.trainer = saved
                     if seed is not None:
                         datamodule.seed = seed
-        if isinstance(pl_module, Cloneable):
-            state = trainable_state(teacher)
-        else:
-            state = {k: v.detach().clone() for k, v in teacher.model.state_dict().items()
-                     if k.startswith(("prefix.", "classifier."))}
+        # The nested trainer's teardown moved the teacher to the CPU, and with it the backbone it may share with
+        # the student: both go back to the student's device.
+        teacher.to(pl_module.device)
+        state = trainable_state(teacher)
         engine = privacy_engine(teacher)
         return state, list(engine.history) if engine is not None else []
 
     # ------------------------------------------------------------------ the regulariser
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        teacher = self._cloned_teacher(pl_module) if isinstance(pl_module, Cloneable) else self._rebuilt_teacher(pl_module)
+        teacher = self._cloned_teacher(pl_module)
         teacher.eval()
         self._teacher, self._student = teacher, pl_module
         with torch.no_grad():
@@ -298,31 +282,15 @@ class TeacherDistillation(Callback):
         """The trained teacher: an untrained clone of the module with the teacher's trainable parameters."""
         teacher = pl_module.clone_untrained().to(pl_module.device)
         expected = {n for n, p in teacher.named_parameters() if p.requires_grad}
-        loaded = teacher.load_state_dict(self.teacher_state, strict=False)
-        wrong = sorted(expected - set(self.teacher_state)) + loaded.unexpected_keys
+        names = teacher.state_dict().keys()
+        # Checkpoints written before clone_untrained named a library module's teacher tensors inside its `model`.
+        state = {f"model.{k}" if k not in names and f"model.{k}" in names else k: v
+                 for k, v in self.teacher_state.items()}
+        loaded = teacher.load_state_dict(state, strict=False)
+        wrong = sorted(expected - set(state)) + loaded.unexpected_keys
         if wrong:
             raise ValueError(f"The teacher does not match the student's architecture: {wrong}")
         teacher.requires_grad_(False)
-        return teacher
-
-    def _rebuilt_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        """The trained teacher's ``PrefixModel``, rebuilt by hand around the student's frozen backbone."""
-        model = pl_module.model
-        # The teacher shares the student's frozen backbone and gets a fresh prefix and classifier.
-        teacher = copy.copy(model)
-        teacher._modules = dict(model._modules)
-        student_prefix = model.prefix
-        teacher.prefix = PrefixEncoder(student_prefix.geometry, num_virtual_tokens=student_prefix.num_virtual_tokens,
-                                       reparam_hidden=student_prefix.reparam_hidden)
-        if model.classifier is not None:
-            teacher.classifier = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
-        missing = teacher.load_state_dict(self.teacher_state, strict=False)
-        unexpected = [k for k in missing.missing_keys if k.startswith(("prefix.", "classifier."))]
-        if unexpected or missing.unexpected_keys:
-            raise ValueError(f"The teacher does not match the student's architecture: {unexpected + missing.unexpected_keys}")
-        teacher.prefix.requires_grad_(False)
-        if teacher.classifier is not None:
-            teacher.classifier.requires_grad_(False)
         return teacher
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -20,7 +20,6 @@ from opacus.accountants import create_accountant
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping, get_optimizer_class
 from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
-from opacus.optimizers.utils import params as optimizer_params
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
