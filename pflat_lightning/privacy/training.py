@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
@@ -47,8 +45,7 @@ class PrivateTraining(pl.LightningModule):
     (and, under ``secure_mode``, CSPRNG) sampling and the ledger entries of callbacks that select on
     validation metrics; a stop once the planned updates are spent; the replay of an interrupted Poisson
     epoch; ``privacy_report.json``/``.md`` after fit and after test, written by global rank zero; and the
-    privacy state and run id in every checkpoint, restored on resume. Checkpoints are written atomically
-    (:class:`~pflat_lightning.checkpointing.AtomicCheckpointIO`) unless the trainer has its own writer.
+    privacy state and run id in every checkpoint, restored on resume.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -113,11 +110,8 @@ class PrivateTraining(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        trainer = self.trainer
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if self.is_private:
-            configure_sampling(trainer.datamodule, self.privacy)
+            configure_sampling(self.trainer.datamodule, self.privacy)
             self._record_validation_monitors()
 
     def _record_validation_monitors(self) -> None:
