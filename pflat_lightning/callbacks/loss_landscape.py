@@ -8,14 +8,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.checks import check_choice, check_count
 from pflat_lightning.landscape.measures import (
     DATA_SPLITS,
     DEFAULT_ALPHAS,
     PRIVATE_EVALUATION,
     SECTION,
     LandscapeSettings,
-    check_choice,
-    check_count,
     collect_batches,
     landscape_section,
     measure_landscape,

@@ -8,14 +8,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file
+from pflat_lightning.checks import check_count
+from pflat_lightning.datamodules.private_splits import (
+    EVAL_SUBSET_OFFSET,
+    TRAIN_SUBSET_OFFSET,
+    PrivateSplitsDataModule,
+    column_values,
+    load_tokenizer,
+    special_tokens,
+)
 from pflat_lightning.prefix_model import MODEL_INPUTS
-from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule, load_tokenizer
 
-#: ``source`` values that read local files given by ``data_files``.
-FILE_FORMATS = ("csv", "json", "parquet")
-#: Names that sources give their held-out splits, in order of preference.
-VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "validation_matched")
-TEST_SPLITS = ("test", "test_matched")
 #: The fields a ``template`` may use.
 TEMPLATE_FIELDS = ("text", "text_pair", "mask")
 
@@ -267,6 +270,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         batch = next(iter(data.train_dataloader()))  # input_ids, attention_mask, token_type_ids, labels
     """
 
+    builtin_corpora = BUILTIN_CORPORA
+
     def __init__(
         self,
         source: str = "movie_reviews",
@@ -293,8 +298,13 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        _check_source(source, subset, data_files)
+        super().__init__(
+            source, subset=subset, data_files=data_files, tokenizer=tokenizer, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
+            public_fraction=public_fraction, max_train_examples=max_train_examples,
+            max_eval_examples=max_eval_examples, poisson_sampling=poisson_sampling, seed=seed,
+            num_workers=num_workers, cache_dir=cache_dir,
+        )
         columns = {"text_column": text_column, "label_column": label_column}
         if text_pair_column is not None:
             columns["text_pair_column"] = text_pair_column
@@ -302,54 +312,22 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             raise ValueError(
                 f"text_column, text_pair_column and label_column must be different columns, got {columns}."
             )
-        for name, value, least in (
-            ("max_length", max_length, 2),
-            ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
-        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be None (all) or an integer >= 1, got {value}.")
+        check_count("max_length", max_length, 2)
         if num_labels is not None and num_labels < 2:
             raise ValueError(f"num_labels must be None (inferred) or an integer >= 2, got {num_labels}.")
-        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
-        for name, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        if sum(fractions.values()) >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction + public_fraction must be < 1 so that training data remains, got "
-                f"{val_fraction} + {test_fraction} + {public_fraction} = {sum(fractions.values())}."
-            )
         if template is not None:
             _parse_template(template, text_pair_column)
         # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
         self.save_hyperparameters(ignore=["num_labels"] if num_labels is None else None)
 
-        self.source, self.subset, self.data_files = source, subset, data_files
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.num_labels = num_labels
-        self.tokenizer_name, self.max_length, self.template = tokenizer, max_length, template
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
-        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.max_length, self.template = max_length, template
         self.keep_text = keep_text
-        self.poisson_sampling = poisson_sampling
-        self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
-
-        self.tokenizer = None
+        self.label_names: Optional[List[str]] = None
+        self.collate_fn: Optional[PaddingCollator] = None
         if tokenizer is not None:
             self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
-
-        self.label_names: Optional[List[str]] = None
-        self.train_dataset: Optional[datasets.Dataset] = None
-        self.val_dataset: Optional[datasets.Dataset] = None
-        self.test_dataset: Optional[datasets.Dataset] = None
-        self.public_dataset: Optional[datasets.Dataset] = None
-        self.collate_fn: Optional[PaddingCollator] = None
 
     # ------------------------------------------------------------------ hooks
 
@@ -418,29 +396,12 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         self._carve(splits)
         return {role: data.with_format("torch") for role, data in splits.items()}, num_labels, label_names
 
-    def _load(self) -> Dict[str, datasets.Dataset]:
-        if self.source in BUILTIN_CORPORA:
-            return {"train": unique_texts(BUILTIN_CORPORA[self.source](self.cache_dir))}
-        if self.source in FILE_FORMATS:
-            try:
-                return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
-            except Exception as error:  # the readers raise their own types (pandas, pyarrow) for unreadable files
-                raise ValueError(
-                    f"data_files={self.data_files!r} could not be read as {self.source}: {error}"
-                ) from error
-        return dict(
-            datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir)
-        )
+    def _load_builtin(self) -> datasets.Dataset:
+        return unique_texts(BUILTIN_CORPORA[self.source](self.cache_dir))
 
     def _select(self, raw: Dict[str, datasets.Dataset]) -> Dict[str, datasets.Dataset]:
         """The train/validation/test splits, reduced to columns ``text`` [``text_pair``] ``label``."""
-        if "train" not in raw:
-            raise ValueError(f"source={self.source!r} has no 'train' split; its splits are {sorted(raw)}.")
-        chosen = {"train": raw["train"]}
-        for role, names in (("validation", VALIDATION_SPLITS), ("test", TEST_SPLITS)):
-            name = next((name for name in names if name in raw), None)
-            if name is not None:
-                chosen[role] = raw[name]
+        chosen = self._chosen_splits(raw)
         wanted = {"text_column": (self.text_column, "text"), "label_column": (self.label_column, "label")}
         if self.text_pair_column is not None:
             wanted["text_pair_column"] = (self.text_pair_column, "text_pair")
@@ -452,7 +413,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
                         f"{argument}={column!r} is not a column of the {role} split; its columns are "
                         f"{data.column_names}."
                     )
-            if role != "train" and _unlabelled(_values(data, self.label_column), data.features[self.label_column]):
+            if role != "train" and _unlabelled(column_values(data, self.label_column), data.features[self.label_column]):
                 rank_zero_info(
                     f"The {role} split of {self.source!r} is unlabelled; carving one from the training split."
                 )
@@ -466,7 +427,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         for argument, column in (("text_column", "text"), ("text_pair_column", "text_pair")):
             if column not in data.column_names:
                 continue
-            for row, value in enumerate(_values(data, column)):
+            for row, value in enumerate(column_values(data, column)):
                 if not isinstance(value, str):
                     raise ValueError(
                         f"{argument}={getattr(self, argument)!r} must hold strings, but row {row} of the {role} split "
@@ -484,9 +445,9 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if isinstance(feature, datasets.ClassLabel):
             names = list(feature.names)
         elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-            names = sorted({value for value in _values(train, "label") if isinstance(value, str)})
+            names = sorted({value for value in column_values(train, "label") if isinstance(value, str)})
             mapping = {name: i for i, name in enumerate(names)}
-        values = {role: _values(data, "label") for role, data in splits.items()}
+        values = {role: column_values(data, "label") for role, data in splits.items()}
         ids = {role: self._label_ids(role, column, mapping) for role, column in values.items()}
         classes = len(names) if names is not None else max(ids["train"]) + 1
         num_labels = classes if self.num_labels is None else self.num_labels
@@ -538,35 +499,16 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     def _carve(self, splits: Dict[str, datasets.Dataset]) -> None:
         """Hold out, with seeds, the test, validation and public splits that the source lacks."""
         train = splits["train"]
-        total = len(train)
-        plan = (
-            ("test", "test_fraction", self.test_fraction),
-            ("validation", "val_fraction", self.val_fraction),
-            ("public", "public_fraction", self.public_fraction),
-        )
-        for offset, (role, argument, fraction) in enumerate(plan):
-            if role in splits or fraction == 0:
-                continue
-            count = max(1, round(fraction * total))
-            if count >= len(train):
-                raise ValueError(
-                    f"The training split ({total} examples) is too small to hold out the {role} split "
-                    f"({argument}={fraction}) and keep training data."
-                )
-            parts = train.train_test_split(test_size=count, seed=self.seed + offset)
+        for offset, role, size in self._held_out_sizes(splits, len(train), "examples"):
+            parts = train.train_test_split(test_size=size, seed=self.seed + offset)
             train, splits[role] = parts["train"], parts["test"]
         splits["train"] = train
-        for offset, (roles, limit) in enumerate(((("train",), self.max_train_examples),
-                                                 (("validation", "test"), self.max_eval_examples)), start=len(plan)):
+        for offset, roles, limit in ((TRAIN_SUBSET_OFFSET, ("train",), self.max_train_examples),
+                                     (EVAL_SUBSET_OFFSET, ("validation", "test"), self.max_eval_examples)):
             for role in roles:
                 if limit is not None and role in splits and len(splits[role]) > limit:
                     splits[role] = splits[role].shuffle(seed=self.seed + offset).select(range(limit))
-        train = splits["train"]
-        if self.batch_size > len(train):
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training split ({len(train)} examples after "
-                f"holding out validation, test and public data); use batch_size <= {len(train)}."
-            )
+        self._check_batch_size(len(splits["train"]), "examples after holding out validation, test and public data")
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -617,24 +559,6 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         return parts
 
 
-def _check_source(source: str, subset: Optional[str], data_files: Optional[Union[str, Dict[str, str]]]) -> None:
-    if not source:
-        raise ValueError(
-            f"source must name a built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)} or a "
-            f"hub dataset, got {source!r}."
-        )
-    if source in BUILTIN_CORPORA and (subset is not None or data_files is not None):
-        raise ValueError(
-            f"source={source!r} is a built-in corpus: it takes no subset or data_files, got subset={subset!r}, "
-            f"data_files={data_files!r}."
-        )
-    if source in FILE_FORMATS:
-        if data_files is None:
-            raise ValueError(f"source={source!r} reads local files: pass data_files (a file or {{split: file}}).")
-        if subset is not None:
-            raise ValueError(f"subset={subset!r} is only for hub datasets, not for source={source!r}.")
-
-
 def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tuple[str, Optional[str]]]:
     """``(literal, field)`` pieces of ``template``, checked: one ``{text}``, one ``{mask}``, known fields only."""
     try:
@@ -658,26 +582,11 @@ def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tupl
     return pieces
 
 
-def special_tokens(tokenizer: PreTrainedTokenizerBase, name: str) -> Tuple[List[int], List[int]]:
-    """The special tokens ``tokenizer`` (called ``name`` in errors) puts before and after one sequence."""
-    word = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    start = next((i for i in range(len(full) - len(word) + 1) if full[i : i + len(word)] == word), None)
-    if start is None:
-        raise ValueError(f"Cannot locate the special tokens that tokenizer={name!r} adds.")
-    return full[:start], full[start + len(word) :]
-
-
 def _classes_shown(names: Optional[List[str]], classes: int, label_column: str) -> str:
     """The classes of the data, for messages: their names, or the range of the integer labels."""
     if names is not None:
         return f"label_names {names}"
     return f"integer labels 0..{classes - 1} in label_column={label_column!r}"
-
-
-def _values(data: datasets.Dataset, column: str) -> List[Any]:
-    """A column as Python values (through Arrow: iterating a ``Column`` is slow)."""
-    return data.with_format("arrow")[column].to_pylist()
 
 
 def _unlabelled(labels: List[Any], feature: Any) -> bool:
