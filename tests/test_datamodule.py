@@ -25,7 +25,7 @@ from pflat_lightning.datamodules import text_classification as module
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 from conftest import tiny_config
-from helpers import quiet_trainer
+from helpers import check_cli_arguments, quiet_trainer
 
 
 def write_csv(path, rows, header=("text", "label")):
@@ -498,11 +498,10 @@ def test_bad_arguments_are_refused_at_once(kwargs, message):
 
 
 def test_public_api_is_typed_for_lightning_cli():
-    hints = TextClassificationDataModule.__init__.__annotations__
-    assert set(hints) >= {"source", "subset", "data_files", "text_column", "text_pair_column", "label_column",
-                          "num_labels", "tokenizer", "max_length", "template", "batch_size", "eval_batch_size",
-                          "val_fraction", "test_fraction", "public_fraction", "poisson_sampling", "seed",
-                          "num_workers", "cache_dir"}
+    check_cli_arguments(TextClassificationDataModule, {
+        "source", "subset", "data_files", "text_column", "text_pair_column", "label_column", "num_labels",
+        "tokenizer", "max_length", "template", "batch_size", "eval_batch_size", "val_fraction", "test_fraction",
+        "public_fraction", "poisson_sampling", "seed", "num_workers", "cache_dir"})
     assert resolve_model("bundled-minilm")  # the default tokenizer is local
 
 

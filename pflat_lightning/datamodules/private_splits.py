@@ -43,11 +43,41 @@ class PrivateSplitsDataModule(LightningDataModule):
     training module from ``PrivacyConfig.secure_mode``) its draws come from the OS's CSPRNG and ignore
     ``seed``.
 
-    The constructor checks and keeps the settings every task shares (where the data comes from, how it is
-    split, batched and sampled); a subclass documents them with its own arguments, checks its own, and names
-    its built-in corpora in :attr:`builtin_corpora`. :meth:`_load` reads the source's splits,
-    :meth:`_chosen_splits` picks its training and held-out splits, :meth:`_held_out_sizes` plans the splits
-    to carve.
+    The constructor takes, checks and logs (``save_hyperparameters``, together with the subclass' own
+    arguments) the settings every task shares: where the data comes from and how it is split, batched and
+    sampled. A subclass passes them on as ``**kwargs``, checks its own arguments and names its built-in
+    corpora in :attr:`builtin_corpora`. :meth:`_load` reads the source's splits, :meth:`_chosen_splits` picks
+    its training and held-out splits, :meth:`_held_out_sizes` plans the splits to carve.
+
+    Args:
+        source: a built-in corpus of the task (:attr:`builtin_corpora`), a file format (``"csv"``, ``"json"``
+            for .json/.jsonl, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``),
+            loaded with ``datasets.load_dataset(source, subset)``.
+        subset: the hub dataset's configuration (``"sst2"``); only for hub datasets.
+        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for
+            hub datasets, refused for built-in corpora.
+        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's
+            own, taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer
+            must be the model's (same vocabulary and encoding).
+        batch_size: the logical training batch size (the expected size under Poisson sampling).
+        eval_batch_size: batch size of the validation, test and public loaders.
+        val_fraction: fraction of the training split held out for validation when the source has none (of
+            its examples; of its distinct sources for generation).
+        test_fraction: likewise for test.
+        public_fraction: likewise set aside (removed from training) as public data, served by
+            ``public_dataloader()``; ``0`` for none.
+        max_train_examples: keep a seeded random subset of this many (private) training examples, after
+            the held-out splits are carved (``None``: all); for runs sized to a small machine.
+        max_eval_examples: likewise for each of the validation and test splits (for generation: distinct
+            sources).
+        poisson_sampling: draw Poisson training batches (set by the DP training module).
+        seed: seed of the splits, the subsets and the Poisson draws.
+        num_workers: dataloader worker processes.
+        cache_dir: ``datasets`` cache folder (``None``: its default).
+
+    Raises:
+        ValueError: for a bad argument: an unknown or empty ``source``, ``subset`` or ``data_files`` where the
+            source takes none, a count below its minimum, fractions outside ``[0, 1)`` or summing to 1 or more.
 
     The tokenizer follows the model: :meth:`_follow_model` (called by the subclass' ``prepare_data`` and
     ``setup``, before anything is tokenised) takes the trainer's LightningModule's own ``tokenizer`` when none
@@ -67,25 +97,28 @@ class PrivateSplitsDataModule(LightningDataModule):
     secure_sampling: bool = False
     #: The names of the task's built-in corpora (values of ``source`` that read no file and no hub dataset).
     builtin_corpora: ClassVar[Collection[str]] = ()
+    #: The subclass' arguments left out of ``hparams`` when ``None`` (Lightning refuses to merge a datamodule's
+    #: hparams with the model's when a key holds different values in both).
+    unlogged_when_none: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(
         self,
         source: str,
         *,
-        subset: Optional[str],
-        data_files: Optional[Union[str, Dict[str, str]]],
-        tokenizer: Optional[str],
-        batch_size: int,
-        eval_batch_size: int,
-        val_fraction: float,
-        test_fraction: float,
-        public_fraction: float,
-        max_train_examples: Optional[int],
-        max_eval_examples: Optional[int],
-        poisson_sampling: bool,
-        seed: int,
-        num_workers: int,
-        cache_dir: Optional[str],
+        subset: Optional[str] = None,
+        data_files: Optional[Union[str, Dict[str, str]]] = None,
+        tokenizer: Optional[str] = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        public_fraction: float = 0.0,
+        max_train_examples: Optional[int] = None,
+        max_eval_examples: Optional[int] = None,
+        poisson_sampling: bool = False,
+        seed: int = 42,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
         self._check_source(source, subset, data_files)
@@ -102,6 +135,11 @@ class PrivateSplitsDataModule(LightningDataModule):
                 f"val_fraction + test_fraction + public_fraction must be < 1 so that training data remains, got "
                 f"{val_fraction} + {test_fraction} + {public_fraction} = {sum(fractions.values())}."
             )
+        # Lightning collects the arguments of this constructor and of the subclass' that called it.
+        self.save_hyperparameters()
+        unlogged = [name for name in self.unlogged_when_none if self.hparams.get(name, "") is None]
+        if unlogged:
+            self.save_hyperparameters(ignore=unlogged)
         self.source, self.subset, self.data_files = source, subset, data_files
         self.tokenizer_name = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

@@ -1,6 +1,6 @@
 """``TextClassificationDataModule``: tokenised text classification data, Poisson-sampled for DP training."""
 import string
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import torch
@@ -213,20 +213,13 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
 
     Args:
         source: a built-in corpus (``"movie_reviews"``, ``"sms_spam"``, ``"trec"``), a file format (``"csv"``,
-            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``),
-            loaded with ``datasets.load_dataset(source, subset)``.
-        subset: the hub dataset's configuration (``"sst2"``); only for hub datasets.
-        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for
-            hub datasets, refused for built-in corpora.
+            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``).
         text_column: column holding the text.
         text_pair_column: second text column of sentence-pair tasks (QNLI, MNLI), tokenised as a pair.
         label_column: column holding the labels (integers, or strings mapped to ids).
         num_labels: number of classes; inferred from the training labels when ``None``. Either way it must
             equal the data's (the number of label names, or the largest integer label + 1) and, at setup
             under a trainer, the model's ``num_labels``.
-        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's
-            own, taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer
-            must be the model's (same vocabulary and encoding).
         max_length: maximum tokens per example; at most the tokenizer's ``model_max_length`` and, at setup,
             what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the prefix
             length; BERT: ``max_position_embeddings``; RoBERTa: ``max_position_embeddings - padding_idx - 1``;
@@ -235,21 +228,11 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             ``{mask}`` becomes the mask token of masked LMs; a tokenizer without mask token (causal LMs)
             gets the prompt cut at ``{mask}``, so the sequence ends right before the label word.
             Truncation shortens the texts, never the template.
-        batch_size: the logical training batch size (the expected size under Poisson sampling).
-        eval_batch_size: batch size of the validation, test and public loaders.
-        val_fraction: fraction of the training split held out for validation when the source has none.
-        test_fraction: fraction of the training split held out for test when the source has none.
-        public_fraction: fraction of the training split set aside (removed from training) as public
-            data, served by ``public_dataloader()``; ``0`` for none.
-        max_train_examples: keep a seeded random subset of this many (private) training examples, after
-            the held-out splits are carved (``None``: all); for runs sized to a small machine.
-        max_eval_examples: likewise for each of the validation and test splits.
         keep_text: also carry the raw texts in every batch (``text``, and ``text_pair`` for pairs, as lists
             of strings), for models that receive text rather than token ids (a black-box scoring API).
-        poisson_sampling: draw Poisson training batches (set by the DP training module).
-        seed: seed of the splits, the subsets and the Poisson draws.
-        num_workers: dataloader worker processes.
-        cache_dir: ``datasets`` cache folder (``None``: its default).
+        **kwargs: the settings every datamodule shares, documented in
+            :class:`~pflat_lightning.datamodules.private_splits.PrivateSplitsDataModule` (``subset``,
+            ``data_files``, ``tokenizer``, ``batch_size``, the held-out fractions, ...).
 
     Raises:
         ValueError: at construction for a bad argument; in ``prepare_data``/``setup`` for bad data (a
@@ -271,40 +254,23 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     """
 
     builtin_corpora = BUILTIN_CORPORA
+    # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
+    unlogged_when_none = ("num_labels",)
 
     def __init__(
         self,
         source: str = "movie_reviews",
         *,
-        subset: Optional[str] = None,
-        data_files: Optional[Union[str, Dict[str, str]]] = None,
         text_column: str = "text",
         text_pair_column: Optional[str] = None,
         label_column: str = "label",
         num_labels: Optional[int] = None,
-        tokenizer: Optional[str] = None,
         max_length: int = 128,
         template: Optional[str] = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        public_fraction: float = 0.0,
-        max_train_examples: Optional[int] = None,
-        max_eval_examples: Optional[int] = None,
         keep_text: bool = False,
-        poisson_sampling: bool = False,
-        seed: int = 42,
-        num_workers: int = 0,
-        cache_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            source, subset=subset, data_files=data_files, tokenizer=tokenizer, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
-            public_fraction=public_fraction, max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples, poisson_sampling=poisson_sampling, seed=seed,
-            num_workers=num_workers, cache_dir=cache_dir,
-        )
+        super().__init__(source, **kwargs)
         columns = {"text_column": text_column, "label_column": label_column}
         if text_pair_column is not None:
             columns["text_pair_column"] = text_pair_column
@@ -317,8 +283,6 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             raise ValueError(f"num_labels must be None (inferred) or an integer >= 2, got {num_labels}.")
         if template is not None:
             _parse_template(template, text_pair_column)
-        # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
-        self.save_hyperparameters(ignore=["num_labels"] if num_labels is None else None)
 
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.num_labels = num_labels
@@ -326,8 +290,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         self.keep_text = keep_text
         self.label_names: Optional[List[str]] = None
         self.collate_fn: Optional[PaddingCollator] = None
-        if tokenizer is not None:
-            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
+        if self.tokenizer_name is not None:
+            self._use_tokenizer(load_tokenizer(self.tokenizer_name, self._input_length()))
 
     # ------------------------------------------------------------------ hooks
 

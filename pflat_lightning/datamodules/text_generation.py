@@ -1,7 +1,7 @@
 """``TextGenerationDataModule``: (source, target) text pairs for conditional generation, Poisson-sampled for DP."""
 import random
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import torch
@@ -197,16 +197,10 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             ``"GEM/e2e_nlg"``: meaning representations linearised by :func:`linearise_meaning_representation`;
             ``"dart"``, ``"Yale-LILY/dart"``, ``"GEM/dart"``: triples linearised by :func:`linearise_triples`) or
             any other hub dataset with text columns ``source_column`` and ``target_column``.
-        subset: the hub dataset's configuration; only for hub datasets.
-        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for hub
-            datasets, refused for the built-in corpus.
         source_column: column of the source texts, for files and hub datasets without a known layout
             (``None``: ``"source"``).
         target_column: column of the target texts (a string, or a list of reference strings per row) for files
             and hub datasets without a known layout (``None``: ``"target"``).
-        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's own,
-            taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer must be the
-            model's (same vocabulary and encoding).
         separator: text between source and target (default ``" => "``); it must give at least one token, so
             that the model sees where the source ends.
         max_source_length: maximum tokens of the prompt (start tokens + source + separator); longer sources are
@@ -216,20 +210,10 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             against what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the
             prefix length; rotary models such as Llama have no such limit), as is
             ``max_source_length + generate_max_new_tokens - 1`` when the model generates during evaluation.
-        batch_size: the logical training batch size (the expected size under Poisson sampling).
-        eval_batch_size: batch size of the validation, test and public loaders.
-        val_fraction: fraction of the training split's distinct sources held out for validation when the source
-            has no validation split.
-        test_fraction: likewise for test.
-        public_fraction: fraction of the training split's distinct sources set aside (removed from training) as
-            public data, served by ``public_dataloader()``; ``0`` for none.
-        max_train_examples: keep a seeded random subset of this many (private) training pairs, after the
-            held-out splits are carved (``None``: all); for runs sized to a small machine.
-        max_eval_examples: likewise, distinct sources of each of the validation and test splits.
-        poisson_sampling: draw Poisson training batches (set by the DP training module).
-        seed: seed of the splits, the subsets and the Poisson draws.
-        num_workers: dataloader worker processes.
-        cache_dir: ``datasets`` cache folder (``None``: its default).
+        **kwargs: the settings every datamodule shares, documented in
+            :class:`~pflat_lightning.datamodules.private_splits.PrivateSplitsDataModule` (``data_files``,
+            ``tokenizer``, ``batch_size``, the held-out fractions, ...); here the fractions and
+            ``max_eval_examples`` count distinct sources, ``max_train_examples`` (source, target) pairs.
 
     Raises:
         ValueError: at construction for a bad argument; in ``setup`` for bad data (a missing column, a
@@ -253,46 +237,26 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         self,
         source: str = "movie_dialog",
         *,
-        subset: Optional[str] = None,
-        data_files: Optional[Union[str, Dict[str, str]]] = None,
         source_column: Optional[str] = None,
         target_column: Optional[str] = None,
-        tokenizer: Optional[str] = None,
         separator: str = " => ",
         max_source_length: int = 128,
         max_target_length: int = 64,
-        batch_size: int = 256,
-        eval_batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        public_fraction: float = 0.0,
-        max_train_examples: Optional[int] = None,
-        max_eval_examples: Optional[int] = None,
-        poisson_sampling: bool = False,
-        seed: int = 42,
-        num_workers: int = 0,
-        cache_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            source, subset=subset, data_files=data_files, tokenizer=tokenizer, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, val_fraction=val_fraction, test_fraction=test_fraction,
-            public_fraction=public_fraction, max_train_examples=max_train_examples,
-            max_eval_examples=max_eval_examples, poisson_sampling=poisson_sampling, seed=seed,
-            num_workers=num_workers, cache_dir=cache_dir,
-        )
+        super().__init__(source, **kwargs)
         _check_columns(source, source_column, target_column)
         check_count("max_source_length", max_source_length, 2)
         check_count("max_target_length", max_target_length, 2)
         if not separator:
             raise ValueError("separator must be a non-empty string (such as ' => ' or '\\n'), got ''.")
-        self.save_hyperparameters()
 
         self.source_column, self.target_column = source_column or "source", target_column or "target"
         self.separator = separator
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
         self.collate_fn: Optional[GenerationCollator] = None
-        if tokenizer is not None:
-            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
+        if self.tokenizer_name is not None:
+            self._use_tokenizer(load_tokenizer(self.tokenizer_name, self._input_length()))
 
     def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
