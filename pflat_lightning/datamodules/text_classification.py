@@ -207,7 +207,8 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     ``Trainer(use_distributed_sampler=False)``); the shuffled loader's ``batch_size`` is per rank.
 
     String labels are mapped to ids in the sorted order of the distinct training labels, and the names
-    are kept in :attr:`label_names` (also filled from a ``ClassLabel`` feature). Held-out splits whose
+    are kept in :attr:`label_names` (also filled from a ``ClassLabel`` feature) and logged (info) at setup.
+    Held-out splits whose
     labels are all negative (GLUE's unlabelled test sets use ``-1``) are dropped and carved from the
     training split instead.
 
@@ -308,6 +309,9 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if self.train_dataset is None:
             splits, num_labels, label_names = self._build()
             self.num_labels, self.label_names = num_labels, label_names
+            if label_names is not None:
+                rank_zero_info(f"label_column={self.label_column!r}: " + ", ".join(
+                    f"{name!r} is label {index}" for index, name in enumerate(label_names)) + " (label_names).")
             self.train_dataset = splits["train"]
             self.val_dataset = splits.get("validation")
             self.test_dataset = splits.get("test")
