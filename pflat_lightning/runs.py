@@ -5,7 +5,8 @@ script uses to pick up a finished run::
 
     from pflat_lightning.runs import load_run
 
-    model, datamodule, trainer = load_run(["runs/x/config.yaml"], "runs/x/checkpoints/last.ckpt")
+    run = "runs/movie_reviews_dp/lightning_logs/version_0"
+    model, datamodule, trainer = load_run([f"{run}/config.yaml"], f"{run}/checkpoints/epoch=2-step=99.ckpt")
 
 :class:`RunCLI` is the one parser of a run's config (``pflat fit`` extends it with the command line).
 """

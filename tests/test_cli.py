@@ -26,6 +26,7 @@ def pflat(*args, cwd):
     ("movie_reviews_dp.yaml", "bundled-minilm"), ("movie_reviews_nonprivate.yaml", "bundled-minilm"),
     ("privacy_flat_strict.yaml", "bundled-minilm"), ("privacy_flat_paper.yaml", "bundled-minilm"),
     ("movie_dialog_dp.yaml", "bundled-smollm2"), ("movie_dialog_nonprivate.yaml", "bundled-smollm2"),
+    ("own_csv.yaml", "bundled-minilm"),
 ])
 def test_shipped_configs_parse(config, backbone, tmp_path):
     result = pflat("fit", "--config", str(ROOT / "examples/configs" / config), "--print_config", cwd=tmp_path)
