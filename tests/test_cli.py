@@ -28,7 +28,7 @@ SHIPPED_CONFIGS = [
     ("privacy_flat_strict.yaml", "bundled-minilm"), ("privacy_flat_paper.yaml", "bundled-minilm"),
     ("movie_dialog_dp.yaml", "bundled-smollm2"), ("movie_dialog_nonprivate.yaml", "bundled-smollm2"),
     ("movie_reviews_prompt_dp.yaml", "bundled-smollm2"), ("sms_spam_prompt_dp.yaml", "bundled-smollm2"),
-    ("trec_prompt_dp.yaml", "bundled-smollm2"),
+    ("trec_prompt_dp.yaml", "bundled-smollm2"), ("own_csv.yaml", "bundled-minilm"),
 ]
 #: Composed with a run config, not run alone (test_dp_ddp_config_composes_with_a_run_config).
 FRAGMENTS = {"movie_reviews_dp_ddp.yaml"}
