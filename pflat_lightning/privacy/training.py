@@ -108,9 +108,7 @@ class PrivateTraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.is_private:
+        if stage == "fit" and self.is_private:
             configure_sampling(self.trainer.datamodule, self.privacy)
             self._record_validation_monitors()
 
