@@ -13,12 +13,8 @@ if TYPE_CHECKING:
     from pflat_lightning.black_box.tuner import BlackBoxPromptTuner
 
 # The black-box scorers, the attacks and the landscape are imported on first use: a DP fit needs none of them.
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "BlackBoxPromptTuner": "pflat_lightning.black_box.tuner",
-    "attacks": "pflat_lightning.attacks",
-    "black_box": "pflat_lightning.black_box",
-    "landscape": "pflat_lightning.landscape",
-})
+__getattr__, __dir__ = lazy_exports(__name__, {"BlackBoxPromptTuner": "pflat_lightning.black_box.tuner"},
+                                    subpackages=("attacks", "black_box", "landscape"))
 
 __all__ = [
     "BlackBoxPromptTuner",

@@ -105,8 +105,8 @@ class PrefixEncoder(nn.Module):
     With ``config.reparam_hidden`` set, the prefix is reparametrised as in Li & Liang (2021): shared virtual
     token embeddings pass through ``Linear -> tanh`` and a per-layer output ``Linear``; otherwise each
     layer's keys and values are free parameters, drawn from ``N(0, config.init_std**2)`` (the text
-    initialisation needs the backbone: :meth:`~pflat_lightning.prefix_model.PrefixedBackbone.init_prefix`
-    applies it through :meth:`assign`).
+    initialisation needs the backbone: :class:`~pflat_lightning.prefix_model.PrefixedBackbone` applies it
+    through :meth:`assign`).
 
     A pruned layer (``layer_mask[l] == False``) gets all-zero keys and values (as in Privacy-Flat, the
     attention mask still covers its positions) and its parameters stop requiring gradients.

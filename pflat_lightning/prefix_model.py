@@ -91,9 +91,9 @@ class PrefixedBackbone(nn.Module):
         self.prefix = PrefixEncoder(kv_geometry(backbone.config), prefix)
         #: A trainable head on the hidden states, or ``None`` (subclasses set it).
         self.classifier: Optional[nn.Module] = None
-        self.init_prefix(tokenizer)
+        self._init_from_text(tokenizer)
 
-    def init_prefix(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
+    def _init_from_text(self, tokenizer: Optional[PreTrainedTokenizerBase]) -> None:
         """Apply the text initialisation of the prefix's config, if it has one (the normal one is the
         :class:`PrefixEncoder`'s own): the prefix becomes the backbone's keys and values of the first
         ``num_virtual_tokens`` tokens of ``init_text`` (see :meth:`init_prefix_from_tokens`).

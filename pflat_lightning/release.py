@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pflat_lightning import __version__
-from pflat_lightning.runs import load_run, split_overrides
+from pflat_lightning.runs import load_run, parse_run_command, run_command_parser
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixConfig
 from pflat_lightning.privacy.config import PrivacyConfig
@@ -288,24 +288,20 @@ def _released_report(report: Dict[str, Any], config: PrivacyConfig) -> Dict[str,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pflat export",
-        description="Write a shareable release of a trained run: prefix + head (adapter.safetensors), the config "
-                    "that rebuilds them onto the public backbone (release.json) and the privacy report; no seeds, "
-                    "no generator or optimizer state, no data.",
-        epilog="Arguments after `--` are passed to the run's config like `pflat fit` overrides.",
+    parser = run_command_parser(
+        "pflat export",
+        "Write a shareable release of a trained run: prefix + head (adapter.safetensors), the config that rebuilds "
+        "them onto the public backbone (release.json) and the privacy report; no seeds, no generator or optimizer "
+        "state, no data.",
     )
-    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable, in order)")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
     parser.add_argument("--out", required=True, help="the release folder (new or empty)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``pflat export`` with ``argv`` (without the command name); return the exit status."""
-    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, overrides = parse_run_command(parser, sys.argv[1:] if argv is None else argv)
     try:
         folder = export_checkpoint(args.config, args.ckpt_path, args.out, overrides)
     except ValueError as error:

@@ -5,12 +5,14 @@ script uses to pick up a finished run::
 
     from pflat_lightning.runs import load_run
 
-    model, datamodule, trainer = load_run(["runs/x/config.yaml"], "runs/x/checkpoints/last.ckpt")
+    run = "runs/movie_reviews_dp/lightning_logs/version_0"
+    model, datamodule, trainer = load_run([f"{run}/config.yaml"], f"{run}/checkpoints/epoch=2-step=99.ckpt")
 
 :class:`RunCLI` is the one parser of a run's config (``pflat fit`` extends it with the command line).
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
@@ -71,6 +73,29 @@ def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
         return argv, []
     at = argv.index("--")
     return argv[:at], argv[at + 1:]
+
+
+def run_command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a command that works on a finished ``pflat fit`` run: its ``--config`` (repeatable) and a
+    ``--ckpt_path`` it wrote; the command adds its own arguments, :func:`parse_run_command` parses."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog="Arguments after `--` are passed to the run's config like `pflat fit` overrides "
+               "(e.g. `-- --data.eval_batch_size 32`).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable, in order)")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    return parser
+
+
+def parse_run_command(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """The command's arguments in ``argv`` and, after ``--``, the run's ``pflat fit`` overrides; a
+    ``--ckpt_path`` that is not a file is a usage error (``parser.error``: exit status 2)."""
+    own, overrides = split_overrides(argv)
+    args = parser.parse_args(own)
+    if not Path(args.ckpt_path).is_file():
+        parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file.")
+    return args, overrides
 
 
 def run_folder(ckpt_path: str | Path) -> Path:

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+from argparse import ArgumentError
 import signal
 import subprocess
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from jsonargparse import ArgumentParser
 
 from pflat_lightning.privacy import PoissonDataLoader
 from pflat_lightning.privacy.report import SEEDED_NOISE, SEEDED_SAMPLING
@@ -137,3 +139,20 @@ def greedy_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, eos
         ids = torch.cat([ids, token[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
     return ids
+
+
+def check_cli_arguments(cls: type, expected: Set[str]) -> None:
+    """Assert that LightningCLI's parser (jsonargparse, which follows ``**kwargs`` into a base class) knows each
+    ``expected`` argument of ``cls`` and its type: an int, a float and a bool argument refuse a word."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+    arguments = {action.dest.split(".", 1)[1] for action in parser._actions if action.dest.startswith("data.")}
+    assert arguments >= expected, expected - arguments
+    parsed = parser.parse_args(["--data.batch_size", "8", "--data.public_fraction", "0.2"])
+    assert (parsed.data.batch_size, parsed.data.public_fraction) == (8, 0.2)
+    for argument, value in (("batch_size", "many"), ("val_fraction", "tenth"), ("poisson_sampling", "maybe")):
+        try:
+            parser.parse_args([f"--data.{argument}", value])
+        except ArgumentError:
+            continue
+        raise AssertionError(f"--data.{argument} {value} was accepted")

@@ -92,3 +92,23 @@ def test_bundled_smollm2_dequantised_matches_the_gguf(smollm2_folder):
     torch.testing.assert_close(saved(ids).logits, reference(ids).logits)
     model = PrefixTunedClassifier(smollm2_folder, 2, prefix=PrefixConfig(num_virtual_tokens=2))
     assert model.model.family.name == "llama"
+
+
+def test_smollm2_label_word_classifier_with_an_instruction_prefix_reads_like_the_lm_after_it(smollm2_folder):
+    """Issue 23's recipe: the un-tuned classifier's class logits are the plain LM's label-word logits at the last
+    token of the instruction's first 10 tokens followed by the input."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    instruction = "Decide whether this movie review is positive or negative, then answer with one word."
+    model = PrefixTunedClassifier(smollm2_folder, 2, head="label_words", label_words=["negative", "positive"],
+                                  prefix=PrefixConfig(num_virtual_tokens=10, init_text=instruction),
+                                  privacy=PrivacyConfig(enabled=False)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    prompt = tokenizer(" A tender, funny film. The review is", return_tensors="pt")
+    words = [tokenizer.encode(" " + word, add_special_tokens=False)[0] for word in ("negative", "positive")]
+    plain = AutoModelForCausalLM.from_pretrained(smollm2_folder).eval()
+    head = tokenizer(instruction, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :10]
+    with torch.no_grad():
+        logits = model(prompt["input_ids"], prompt["attention_mask"])
+        expected = plain(input_ids=torch.cat([head, prompt["input_ids"]], 1)).logits[:, -1, words]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

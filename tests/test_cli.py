@@ -23,11 +23,23 @@ def pflat(*args, cwd):
                           timeout=600)
 
 
-@pytest.mark.parametrize("config, backbone", [
+SHIPPED_CONFIGS = [
     ("movie_reviews_dp.yaml", "bundled-minilm"), ("movie_reviews_nonprivate.yaml", "bundled-minilm"),
     ("privacy_flat_strict.yaml", "bundled-minilm"), ("privacy_flat_paper.yaml", "bundled-minilm"),
     ("movie_dialog_dp.yaml", "bundled-smollm2"), ("movie_dialog_nonprivate.yaml", "bundled-smollm2"),
-])
+    ("movie_reviews_prompt_dp.yaml", "bundled-smollm2"), ("sms_spam_prompt_dp.yaml", "bundled-smollm2"),
+    ("trec_prompt_dp.yaml", "bundled-smollm2"), ("own_csv.yaml", "bundled-minilm"),
+]
+#: Composed with a run config, not run alone (test_dp_ddp_config_composes_with_a_run_config).
+FRAGMENTS = {"movie_reviews_dp_ddp.yaml"}
+
+
+def test_every_shipped_config_is_tested():
+    shipped = {p.name for p in (ROOT / "examples/configs").glob("*.yaml")}
+    assert shipped == {config for config, _ in SHIPPED_CONFIGS} | FRAGMENTS
+
+
+@pytest.mark.parametrize("config, backbone", SHIPPED_CONFIGS)
 def test_shipped_configs_parse(config, backbone, tmp_path):
     result = pflat("fit", "--config", str(ROOT / "examples/configs" / config), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

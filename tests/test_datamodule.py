@@ -25,7 +25,7 @@ from pflat_lightning.datamodules import text_classification as module
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 from conftest import tiny_config
-from helpers import quiet_trainer
+from helpers import check_cli_arguments, quiet_trainer
 
 
 def write_csv(path, rows, header=("text", "label")):
@@ -199,18 +199,20 @@ def test_no_public_split_by_default(tmp_path):
 # ---------------------------------------------------------------------------------------------- local files
 
 
-def test_json_files_with_named_columns_and_string_labels(tmp_path):
+def test_json_files_with_named_columns_and_string_labels(tmp_path, caplog):
     path = tmp_path / "reviews.json"
-    names = ["bad", "good", "meh"]
+    names = ["meh", "good", "bad"]  # first seen in this order: the ids follow the sorted names
     path.write_text("\n".join(json.dumps({"review": f"review {i}", "y": names[i % 3]}) for i in range(30)))
     data = TextClassificationDataModule("json", tokenizer="bundled-minilm", data_files=str(path), text_column="review",
                                         label_column="y", batch_size=4, cache_dir=str(tmp_path / "cache"))
-    data.setup()
+    with caplog.at_level(logging.INFO):
+        data.setup()
     assert data.label_names == ["bad", "good", "meh"] and data.num_labels == 3
+    assert "label_column='y': 'bad' is label 0, 'good' is label 1, 'meh' is label 2 (label_names)." in caplog.text
     tokenizer = data.tokenizer
     for example in data.train_dataset:
         number = int(tokenizer.decode(example["input_ids"], skip_special_tokens=True).split()[-1])
-        assert example["labels"].item() == number % 3
+        assert example["labels"].item() == ["bad", "good", "meh"].index(names[number % 3])
 
 
 def test_csv_split_files_are_used_as_given(tmp_path):
@@ -498,11 +500,10 @@ def test_bad_arguments_are_refused_at_once(kwargs, message):
 
 
 def test_public_api_is_typed_for_lightning_cli():
-    hints = TextClassificationDataModule.__init__.__annotations__
-    assert set(hints) >= {"source", "subset", "data_files", "text_column", "text_pair_column", "label_column",
-                          "num_labels", "tokenizer", "max_length", "template", "batch_size", "eval_batch_size",
-                          "val_fraction", "test_fraction", "public_fraction", "poisson_sampling", "seed",
-                          "num_workers", "cache_dir"}
+    check_cli_arguments(TextClassificationDataModule, {
+        "source", "subset", "data_files", "text_column", "text_pair_column", "label_column", "num_labels",
+        "tokenizer", "max_length", "template", "batch_size", "eval_batch_size", "val_fraction", "test_fraction",
+        "public_fraction", "poisson_sampling", "seed", "num_workers", "cache_dir"})
     assert resolve_model("bundled-minilm")  # the default tokenizer is local
 
 

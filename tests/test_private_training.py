@@ -2,11 +2,16 @@
 (BlackBoxPromptTuner) share its report, its checkpointed privacy state and its rank-zero writing."""
 import json
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from opacus.accountants import RDPAccountant
+from torch.utils.data import TensorDataset
 
 from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig
+from pflat_lightning.privacy import DPSGDEngine, PoissonDataLoader, PrivateTraining
 
 from helpers import StopAfter, TokenDataModule, quiet_trainer
 from test_black_box import data_for, reviews, scorers, tuner_for  # noqa: F401  (the last two are fixtures)
@@ -95,3 +100,58 @@ def test_a_checkpoint_saved_before_training_keeps_the_restored_privacy_state(tin
     quiet_trainer(tmp_path, max_steps=4).fit(resumed, datamodule=data, ckpt_path=tmp_path / "again.ckpt")
     assert resumed.engine.updates == 4
     assert resumed.engine.history == [(model.engine.noise_multiplier, model.engine.sample_rate, 4)]
+
+
+class LinearTask(PrivateTraining):
+    """PrivateTraining's docstring example: a private fit of a linear model, written from scratch."""
+
+    MECHANISM = DPSGDEngine
+
+    def __init__(self, privacy: PrivacyConfig) -> None:
+        super().__init__(privacy=privacy)
+        self.net = torch.nn.Linear(4, 2)
+
+    def configure_optimizers(self):
+        dataset_size, expected_batch, planned = self.plan_private_fit()
+        return self.engine.attach(self.net, torch.optim.SGD(self.net.parameters(), lr=0.1),
+                                  dataset_size=dataset_size, expected_batch_size=expected_batch, planned_steps=planned)
+
+    def training_step(self, batch, batch_idx):
+        self.engine.backward(F.cross_entropy(self.net(batch["x"]), batch["labels"], reduction="none"))
+        self.optimizers().step()
+        self.optimizers().zero_grad(set_to_none=True)
+        self.log_epsilon()
+
+
+class Points(pl.LightningDataModule):
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 2, (40,), generator=g))
+        return PoissonDataLoader(data, expected_batch_size=4, seed=0, collate_fn=lambda items: {
+            "x": torch.stack([x for x, _ in items]) if items else torch.zeros(0, 4),
+            "labels": torch.stack([y for _, y in items]) if items else torch.zeros(0, dtype=torch.long)})
+
+
+def test_a_new_lightning_module_gets_the_whole_private_fit_from_private_training(tmp_path):
+    task = LinearTask(PrivacyConfig(target_epsilon=2.0, accountant="rdp"))
+    trainer = quiet_trainer(tmp_path, max_epochs=3)
+    trainer.fit(task, datamodule=Points())
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    engine = task.engine
+    assert engine.updates == 30 and engine.sample_rate == 4 / 40  # every planned step, empty batches included
+    reference = RDPAccountant()
+    reference.history = [(engine.noise_multiplier, 4 / 40, 30)]
+    epsilon = reference.get_epsilon(delta=40 ** -1.1)
+    assert 2.0 * 0.97 < epsilon <= 2.0
+    report = json.loads((tmp_path / "privacy_report.json").read_text())
+    assert report["epsilon"] == pytest.approx(epsilon, rel=1e-9) and report["steps"] == 30
+    assert float(trainer.callback_metrics["epsilon"]) == pytest.approx(epsilon, rel=1e-6)
+    assert torch.load(tmp_path / "run.ckpt", weights_only=False)["pflat_privacy"]["engine"]["updates"] == 30
+
+
+def test_a_subclass_must_name_its_mechanism():
+    class NoMechanism(PrivateTraining):
+        pass
+
+    with pytest.raises(TypeError, match="NoMechanism must name its privacy mechanism in the class attribute MECHANISM"):
+        NoMechanism()

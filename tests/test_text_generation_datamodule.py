@@ -22,7 +22,7 @@ from pflat_lightning.datamodules.text_generation import linearise_meaning_repres
 from pflat_lightning.privacy.sampling import PoissonDataLoader
 
 from conftest import tiny_config
-from helpers import quiet_trainer
+from helpers import check_cli_arguments, quiet_trainer
 
 
 def write_csv(path, rows, header=("source", "target")):
@@ -488,11 +488,11 @@ def test_bad_arguments_are_refused_at_once(kwargs, message, tiny_model_dir):
 
 
 def test_public_api_is_typed_for_lightning_cli():
-    hints = TextGenerationDataModule.__init__.__annotations__
-    assert set(hints) >= {"source", "subset", "data_files", "source_column", "target_column", "tokenizer", "separator",
-                          "max_source_length", "max_target_length", "batch_size", "eval_batch_size", "val_fraction",
-                          "test_fraction", "public_fraction", "max_train_examples", "max_eval_examples",
-                          "poisson_sampling", "seed", "num_workers", "cache_dir"}
+    check_cli_arguments(TextGenerationDataModule, {
+        "source", "subset", "data_files", "source_column", "target_column", "tokenizer", "separator",
+        "max_source_length", "max_target_length", "batch_size", "eval_batch_size", "val_fraction", "test_fraction",
+        "public_fraction", "max_train_examples", "max_eval_examples", "poisson_sampling", "seed", "num_workers",
+        "cache_dir"})
 
 
 # ---------------------------------------------------------------------------------------------- following the model

@@ -17,29 +17,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from pflat_lightning.attacks.audit import (
-    ATTACKS,
-    SECTION,
-    datamodule_splits,
-    format_table,
-    record_evaluation,
-    report_section,
-    run_audit,
-    trainable_state,
-    write_audit,
-)
-from pflat_lightning.runs import load_run, run_folder, split_overrides
+from pflat_lightning.attacks.audit import ATTACKS, SECTION, datamodule_splits, format_table, report_section, trainable_state
+from pflat_lightning.callbacks.membership_inference_audit import MembershipInferenceAudit
 from pflat_lightning.privacy.report import add_section
+from pflat_lightning.runs import load_run, parse_run_command, run_command_parser, run_folder
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pflat audit",
-        description="Membership-inference audit of a trained run (members: training split, non-members: test split).",
-        epilog="Arguments after `--` are passed to the run's config like `pflat fit` overrides.",
+    parser = run_command_parser(
+        "pflat audit", "Membership-inference audit of a trained run (members: training split, non-members: test split)."
     )
-    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable, in order)")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
     parser.add_argument("--attacks", nargs="+", default=["loss", "reference"], choices=ATTACKS, help="attacks to run")
     parser.add_argument("--reference", default="initial",
                         help="reference of the 'reference' attack: 'initial' (the model freshly built from the config) "
@@ -59,39 +46,36 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``pflat audit`` with ``argv`` (without the command name); return the exit status."""
-    argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_args(argv)
-    if not Path(args.ckpt_path).is_file():
-        parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file.")
+    args, overrides = parse_run_command(parser, sys.argv[1:] if argv is None else argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    try:
+        audit = MembershipInferenceAudit(
+            args.attacks, num_examples=args.num_examples, reference=args.reference, shadow_models=args.shadow_models,
+            shadow_epochs=args.shadow_epochs, shadow_batch_size=args.shadow_batch_size, min_k=args.min_k,
+            batch_size=args.batch_size, seed=args.seed,
+        )
+    except ValueError as error:
+        parser.error(str(error))
 
     model, datamodule, trainer = load_run(args.config, args.ckpt_path, overrides)
-    reference, reference_name = args.reference, f"checkpoint {args.reference}"
+    reference_name = f"checkpoint {args.reference}"
     if "reference" in args.attacks and args.reference == "initial":
         fresh, _, _ = load_run(args.config, None, overrides)
-        reference, reference_name = trainable_state(fresh), "initial (the model freshly built from the config)"
+        audit.initial_state, reference_name = trainable_state(fresh), "initial (the model freshly built from the config)"
         del fresh
-    shadow_epochs = args.shadow_epochs or (trainer.max_epochs if (trainer.max_epochs or 0) > 0 else None)
-    if "lira" in args.attacks and shadow_epochs is None:
+    if "lira" in args.attacks and not (args.shadow_epochs or (trainer.max_epochs or 0) > 0):
         parser.error("the run's config has no max_epochs for the LiRA shadows: pass --shadow_epochs.")
     datamodule.setup("fit")
-    members, non_members, collate_fn, batch_size = datamodule_splits(datamodule)
+    out = Path(args.out) if args.out is not None else run_folder(args.ckpt_path)
     try:
-        result = run_audit(
-            model.to(device), members, non_members, attacks=args.attacks, reference=reference,
-            reference_name=reference_name, num_examples=args.num_examples, collate_fn=collate_fn,
-            batch_size=args.batch_size or batch_size, seed=args.seed, min_k=args.min_k,
-            shadow_models=args.shadow_models, shadow_epochs=shadow_epochs or 1,
-            shadow_batch_size=args.shadow_batch_size or getattr(datamodule, "batch_size", batch_size),
-            accelerator="gpu" if device.type == "cuda" else "cpu",
+        result, files, detail = audit.audit(
+            model.to(device), datamodule_splits(datamodule), out, max_epochs=trainer.max_epochs,
+            datamodule=datamodule, reference_name=reference_name, accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=[device.index or 0] if device.type == "cuda" else 1,
         )
     except (ValueError, TypeError) as error:
         parser.error(str(error))
-    out = Path(args.out) if args.out is not None else run_folder(args.ckpt_path)
-    files = write_audit(result, out)
-    detail = record_evaluation(model, result.summary["attacks"])
     report_path = add_section(out, SECTION, report_section(result, files), evaluation=detail,
                               run_id=getattr(model, "run_id", None))
     print(f"Membership-inference audit of {args.ckpt_path} ({result.summary['num_members']} members / non-members)\n")

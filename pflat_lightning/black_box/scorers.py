@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
-from pflat_lightning.datamodules.text_classification import special_tokens
+from pflat_lightning.datamodules.private_splits import special_tokens
 from pflat_lightning.families import family_for, lm_head
 from pflat_lightning.prefix_model import label_word_ids, load_backbone
 

@@ -2,20 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, Iterable, List, Literal, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.checks import check_choice, check_count
 from pflat_lightning.landscape.measures import (
     DATA_SPLITS,
     DEFAULT_ALPHAS,
     PRIVATE_EVALUATION,
     SECTION,
     LandscapeSettings,
-    check_choice,
-    check_count,
     collect_batches,
     landscape_section,
     measure_landscape,
@@ -113,9 +112,7 @@ class LossLandscape(Callback):
                 ledger.record(SECTION, "evaluation", PRIVATE_EVALUATION)
         if not trainer.is_global_zero:
             return
-        batches = collect_batches(self._loader(trainer), self.num_batches, pl_module.device)
-        self.result = measure_landscape(pl_module, batches, self.settings, data=self.data)
-        files = write_landscape(self.result, folder)
+        files = self.measure(pl_module, self._loader(trainer), folder)
         report_sections(pl_module)[SECTION] = {**landscape_section(self.result), "folder": str(folder)}
         metrics = {"sharpness": self.result["sharpness"], "sam_sharpness": self.result["sam_sharpness"]}
         for logger in trainer.loggers:
@@ -124,6 +121,13 @@ class LossLandscape(Callback):
         rank_zero_info(f"LossLandscape on {self.result['examples']} {self.data} examples: loss {self.result['loss']:.4g}, "
                        f"sharpness {metrics['sharpness']:.4g}, SAM sharpness {metrics['sam_sharpness']:.4g}; "
                        f"files {sorted(files.values())}")
+
+    def measure(self, pl_module: pl.LightningModule, loader: Iterable[Any], folder: Path) -> Dict[str, str]:
+        """Measure ``pl_module`` on the first ``num_batches`` batches of ``loader`` (the result in :attr:`result`)
+        and write ``landscape.json`` and the plots into ``folder``; returns the files written, by name."""
+        batches = collect_batches(loader, self.num_batches, pl_module.device)
+        self.result = measure_landscape(pl_module, batches, self.settings, data=self.data)
+        return write_landscape(self.result, folder)
 
     def _loader(self, trainer: pl.Trainer) -> Any:
         if trainer.datamodule is not None:

@@ -1,6 +1,7 @@
 """Membership-inference audit at the end of fit: how much the trained model reveals about its training set."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pflat_lightning.attacks.audit import (
     SECTION,
+    AuditResult,
     check_attacks,
     datamodule_splits,
     format_table,
@@ -142,21 +144,12 @@ class MembershipInferenceAudit(Callback):
         folder = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank
         if not trainer.is_global_zero:
             return
-        members, non_members, collate_fn, batch_size = self._data(trainer)
         device = pl_module.device
-        reference = self.initial_state if self.reference == "initial" else self.reference
-        result = run_audit(
-            pl_module, members, non_members, attacks=self.attacks, reference=reference,
-            reference_name="initial" if self.reference == "initial" else None, num_examples=self.num_examples,
-            collate_fn=collate_fn, batch_size=self.batch_size or batch_size, seed=self.seed, min_k=self.min_k,
-            shadow_models=self.shadow_models, shadow_epochs=self.shadow_epochs or trainer.max_epochs,
-            shadow_batch_size=self.shadow_batch_size or getattr(trainer.datamodule, "batch_size", None) or batch_size,
-            shadow_privacy=self.shadow_privacy, accelerator=trainer.accelerator,
+        result, files, _ = self.audit(
+            pl_module, self._data(trainer), folder, max_epochs=trainer.max_epochs, datamodule=trainer.datamodule,
+            reference_name="initial" if self.reference == "initial" else None, accelerator=trainer.accelerator,
             devices=[device.index] if device.type == "cuda" else 1,
         )
-        files = write_audit(result, folder)
-        self.results = result.summary
-        record_evaluation(pl_module, self.attacks)
         report_sections(pl_module)[SECTION] = report_section(result, files)
         metrics = {}
         for name, m in result.summary["attacks"].items():
@@ -167,6 +160,39 @@ class MembershipInferenceAudit(Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         rank_zero_info(f"Membership-inference audit ({result.summary['num_members']} members / non-members), "
                        f"{files['json']}:\n{format_table(result.summary)}")
+
+    def audit(
+        self,
+        pl_module: pl.LightningModule,
+        data: Tuple[Dataset, Dataset, Optional[Callable], int],
+        folder: Union[str, Path],
+        *,
+        max_epochs: Optional[int],
+        datamodule: Optional[pl.LightningDataModule],
+        reference_name: Optional[str],
+        accelerator: Any,
+        devices: Any,
+    ) -> Tuple[AuditResult, Dict[str, str], str]:
+        """Attack ``pl_module`` with ``data`` (members, non-members, their ``collate_fn`` and evaluation batch size),
+        write ``roc.png`` and ``membership_inference.json`` into ``folder`` and record the ledger entry.
+
+        The shadows train for ``shadow_epochs`` (else ``max_epochs``) epochs at ``shadow_batch_size`` (else the
+        ``datamodule``'s ``batch_size``); ``reference_name`` names the reference in the results. Returns the
+        result (its summary also in :attr:`results`), the files written and the ledger entry's detail.
+        """
+        members, non_members, collate_fn, batch_size = data
+        reference = self.initial_state if self.reference == "initial" else self.reference
+        result = run_audit(
+            pl_module, members, non_members, attacks=self.attacks, reference=reference, reference_name=reference_name,
+            num_examples=self.num_examples, collate_fn=collate_fn, batch_size=self.batch_size or batch_size,
+            seed=self.seed, min_k=self.min_k, shadow_models=self.shadow_models,
+            shadow_epochs=self.shadow_epochs or (max_epochs if (max_epochs or 0) > 0 else 1),
+            shadow_batch_size=self.shadow_batch_size or getattr(datamodule, "batch_size", None) or batch_size,
+            shadow_privacy=self.shadow_privacy, accelerator=accelerator, devices=devices,
+        )
+        files = write_audit(result, folder)
+        self.results = result.summary
+        return result, files, record_evaluation(pl_module, self.attacks)
 
     def _data(self, trainer: pl.Trainer) -> Tuple[Dataset, Dataset, Optional[Callable], int]:
         if self.members is None:

@@ -1,6 +1,6 @@
 """``TextClassificationDataModule``: tokenised text classification data, Poisson-sampled for DP training."""
 import string
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import torch
@@ -8,14 +8,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file
+from pflat_lightning.checks import check_count
+from pflat_lightning.datamodules.private_splits import (
+    EVAL_SUBSET_OFFSET,
+    TRAIN_SUBSET_OFFSET,
+    PrivateSplitsDataModule,
+    column_values,
+    load_tokenizer,
+    special_tokens,
+)
 from pflat_lightning.prefix_model import MODEL_INPUTS
-from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule, load_tokenizer
 
-#: ``source`` values that read local files given by ``data_files``.
-FILE_FORMATS = ("csv", "json", "parquet")
-#: Names that sources give their held-out splits, in order of preference.
-VALIDATION_SPLITS = ("validation", "valid", "val", "dev", "validation_matched")
-TEST_SPLITS = ("test", "test_matched")
 #: The fields a ``template`` may use.
 TEMPLATE_FIELDS = ("text", "text_pair", "mask")
 
@@ -204,26 +207,20 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     ``Trainer(use_distributed_sampler=False)``); the shuffled loader's ``batch_size`` is per rank.
 
     String labels are mapped to ids in the sorted order of the distinct training labels, and the names
-    are kept in :attr:`label_names` (also filled from a ``ClassLabel`` feature). Held-out splits whose
+    are kept in :attr:`label_names` (also filled from a ``ClassLabel`` feature) and logged (info) at setup.
+    Held-out splits whose
     labels are all negative (GLUE's unlabelled test sets use ``-1``) are dropped and carved from the
     training split instead.
 
     Args:
         source: a built-in corpus (``"movie_reviews"``, ``"sms_spam"``, ``"trec"``), a file format (``"csv"``,
-            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``),
-            loaded with ``datasets.load_dataset(source, subset)``.
-        subset: the hub dataset's configuration (``"sst2"``); only for hub datasets.
-        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for
-            hub datasets, refused for built-in corpora.
+            ``"json"``, ``"parquet"``) read from ``data_files``, or a hub dataset path (``"glue"``).
         text_column: column holding the text.
         text_pair_column: second text column of sentence-pair tasks (QNLI, MNLI), tokenised as a pair.
         label_column: column holding the labels (integers, or strings mapped to ids).
         num_labels: number of classes; inferred from the training labels when ``None``. Either way it must
             equal the data's (the number of label names, or the largest integer label + 1) and, at setup
             under a trainer, the model's ``num_labels``.
-        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's
-            own, taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer
-            must be the model's (same vocabulary and encoding).
         max_length: maximum tokens per example; at most the tokenizer's ``model_max_length`` and, at setup,
             what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the prefix
             length; BERT: ``max_position_embeddings``; RoBERTa: ``max_position_embeddings - padding_idx - 1``;
@@ -232,21 +229,11 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             ``{mask}`` becomes the mask token of masked LMs; a tokenizer without mask token (causal LMs)
             gets the prompt cut at ``{mask}``, so the sequence ends right before the label word.
             Truncation shortens the texts, never the template.
-        batch_size: the logical training batch size (the expected size under Poisson sampling).
-        eval_batch_size: batch size of the validation, test and public loaders.
-        val_fraction: fraction of the training split held out for validation when the source has none.
-        test_fraction: fraction of the training split held out for test when the source has none.
-        public_fraction: fraction of the training split set aside (removed from training) as public
-            data, served by ``public_dataloader()``; ``0`` for none.
-        max_train_examples: keep a seeded random subset of this many (private) training examples, after
-            the held-out splits are carved (``None``: all); for runs sized to a small machine.
-        max_eval_examples: likewise for each of the validation and test splits.
         keep_text: also carry the raw texts in every batch (``text``, and ``text_pair`` for pairs, as lists
             of strings), for models that receive text rather than token ids (a black-box scoring API).
-        poisson_sampling: draw Poisson training batches (set by the DP training module).
-        seed: seed of the splits, the subsets and the Poisson draws.
-        num_workers: dataloader worker processes.
-        cache_dir: ``datasets`` cache folder (``None``: its default).
+        **kwargs: the settings every datamodule shares, documented in
+            :class:`~pflat_lightning.datamodules.private_splits.PrivateSplitsDataModule` (``subset``,
+            ``data_files``, ``tokenizer``, ``batch_size``, the held-out fractions, ...).
 
     Raises:
         ValueError: at construction for a bad argument; in ``prepare_data``/``setup`` for bad data (a
@@ -267,34 +254,24 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         batch = next(iter(data.train_dataloader()))  # input_ids, attention_mask, token_type_ids, labels
     """
 
+    builtin_corpora = BUILTIN_CORPORA
+    # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
+    unlogged_when_none = ("num_labels",)
+
     def __init__(
         self,
         source: str = "movie_reviews",
         *,
-        subset: Optional[str] = None,
-        data_files: Optional[Union[str, Dict[str, str]]] = None,
         text_column: str = "text",
         text_pair_column: Optional[str] = None,
         label_column: str = "label",
         num_labels: Optional[int] = None,
-        tokenizer: Optional[str] = None,
         max_length: int = 128,
         template: Optional[str] = None,
-        batch_size: int = 256,
-        eval_batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        public_fraction: float = 0.0,
-        max_train_examples: Optional[int] = None,
-        max_eval_examples: Optional[int] = None,
         keep_text: bool = False,
-        poisson_sampling: bool = False,
-        seed: int = 42,
-        num_workers: int = 0,
-        cache_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        _check_source(source, subset, data_files)
+        super().__init__(source, **kwargs)
         columns = {"text_column": text_column, "label_column": label_column}
         if text_pair_column is not None:
             columns["text_pair_column"] = text_pair_column
@@ -302,54 +279,20 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
             raise ValueError(
                 f"text_column, text_pair_column and label_column must be different columns, got {columns}."
             )
-        for name, value, least in (
-            ("max_length", max_length, 2),
-            ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
-        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be None (all) or an integer >= 1, got {value}.")
+        check_count("max_length", max_length, 2)
         if num_labels is not None and num_labels < 2:
             raise ValueError(f"num_labels must be None (inferred) or an integer >= 2, got {num_labels}.")
-        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
-        for name, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        if sum(fractions.values()) >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction + public_fraction must be < 1 so that training data remains, got "
-                f"{val_fraction} + {test_fraction} + {public_fraction} = {sum(fractions.values())}."
-            )
         if template is not None:
             _parse_template(template, text_pair_column)
-        # An inferred num_labels (None) is not logged: Lightning would refuse to merge it with the model's.
-        self.save_hyperparameters(ignore=["num_labels"] if num_labels is None else None)
 
-        self.source, self.subset, self.data_files = source, subset, data_files
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.num_labels = num_labels
-        self.tokenizer_name, self.max_length, self.template = tokenizer, max_length, template
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
-        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.max_length, self.template = max_length, template
         self.keep_text = keep_text
-        self.poisson_sampling = poisson_sampling
-        self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
-
-        self.tokenizer = None
-        if tokenizer is not None:
-            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
-
         self.label_names: Optional[List[str]] = None
-        self.train_dataset: Optional[datasets.Dataset] = None
-        self.val_dataset: Optional[datasets.Dataset] = None
-        self.test_dataset: Optional[datasets.Dataset] = None
-        self.public_dataset: Optional[datasets.Dataset] = None
         self.collate_fn: Optional[PaddingCollator] = None
+        if self.tokenizer_name is not None:
+            self._use_tokenizer(load_tokenizer(self.tokenizer_name, self._input_length()))
 
     # ------------------------------------------------------------------ hooks
 
@@ -366,6 +309,9 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if self.train_dataset is None:
             splits, num_labels, label_names = self._build()
             self.num_labels, self.label_names = num_labels, label_names
+            if label_names is not None:
+                rank_zero_info(f"label_column={self.label_column!r}: " + ", ".join(
+                    f"{name!r} is label {index}" for index, name in enumerate(label_names)) + " (label_names).")
             self.train_dataset = splits["train"]
             self.val_dataset = splits.get("validation")
             self.test_dataset = splits.get("test")
@@ -418,29 +364,12 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         self._carve(splits)
         return {role: data.with_format("torch") for role, data in splits.items()}, num_labels, label_names
 
-    def _load(self) -> Dict[str, datasets.Dataset]:
-        if self.source in BUILTIN_CORPORA:
-            return {"train": unique_texts(BUILTIN_CORPORA[self.source](self.cache_dir))}
-        if self.source in FILE_FORMATS:
-            try:
-                return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
-            except Exception as error:  # the readers raise their own types (pandas, pyarrow) for unreadable files
-                raise ValueError(
-                    f"data_files={self.data_files!r} could not be read as {self.source}: {error}"
-                ) from error
-        return dict(
-            datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir)
-        )
+    def _load_builtin(self) -> datasets.Dataset:
+        return unique_texts(BUILTIN_CORPORA[self.source](self.cache_dir))
 
     def _select(self, raw: Dict[str, datasets.Dataset]) -> Dict[str, datasets.Dataset]:
         """The train/validation/test splits, reduced to columns ``text`` [``text_pair``] ``label``."""
-        if "train" not in raw:
-            raise ValueError(f"source={self.source!r} has no 'train' split; its splits are {sorted(raw)}.")
-        chosen = {"train": raw["train"]}
-        for role, names in (("validation", VALIDATION_SPLITS), ("test", TEST_SPLITS)):
-            name = next((name for name in names if name in raw), None)
-            if name is not None:
-                chosen[role] = raw[name]
+        chosen = self._chosen_splits(raw)
         wanted = {"text_column": (self.text_column, "text"), "label_column": (self.label_column, "label")}
         if self.text_pair_column is not None:
             wanted["text_pair_column"] = (self.text_pair_column, "text_pair")
@@ -452,7 +381,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
                         f"{argument}={column!r} is not a column of the {role} split; its columns are "
                         f"{data.column_names}."
                     )
-            if role != "train" and _unlabelled(_values(data, self.label_column), data.features[self.label_column]):
+            if role != "train" and _unlabelled(column_values(data, self.label_column), data.features[self.label_column]):
                 rank_zero_info(
                     f"The {role} split of {self.source!r} is unlabelled; carving one from the training split."
                 )
@@ -466,7 +395,7 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         for argument, column in (("text_column", "text"), ("text_pair_column", "text_pair")):
             if column not in data.column_names:
                 continue
-            for row, value in enumerate(_values(data, column)):
+            for row, value in enumerate(column_values(data, column)):
                 if not isinstance(value, str):
                     raise ValueError(
                         f"{argument}={getattr(self, argument)!r} must hold strings, but row {row} of the {role} split "
@@ -484,9 +413,9 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         if isinstance(feature, datasets.ClassLabel):
             names = list(feature.names)
         elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-            names = sorted({value for value in _values(train, "label") if isinstance(value, str)})
+            names = sorted({value for value in column_values(train, "label") if isinstance(value, str)})
             mapping = {name: i for i, name in enumerate(names)}
-        values = {role: _values(data, "label") for role, data in splits.items()}
+        values = {role: column_values(data, "label") for role, data in splits.items()}
         ids = {role: self._label_ids(role, column, mapping) for role, column in values.items()}
         classes = len(names) if names is not None else max(ids["train"]) + 1
         num_labels = classes if self.num_labels is None else self.num_labels
@@ -538,35 +467,16 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
     def _carve(self, splits: Dict[str, datasets.Dataset]) -> None:
         """Hold out, with seeds, the test, validation and public splits that the source lacks."""
         train = splits["train"]
-        total = len(train)
-        plan = (
-            ("test", "test_fraction", self.test_fraction),
-            ("validation", "val_fraction", self.val_fraction),
-            ("public", "public_fraction", self.public_fraction),
-        )
-        for offset, (role, argument, fraction) in enumerate(plan):
-            if role in splits or fraction == 0:
-                continue
-            count = max(1, round(fraction * total))
-            if count >= len(train):
-                raise ValueError(
-                    f"The training split ({total} examples) is too small to hold out the {role} split "
-                    f"({argument}={fraction}) and keep training data."
-                )
-            parts = train.train_test_split(test_size=count, seed=self.seed + offset)
+        for offset, role, size in self._held_out_sizes(splits, len(train), "examples"):
+            parts = train.train_test_split(test_size=size, seed=self.seed + offset)
             train, splits[role] = parts["train"], parts["test"]
         splits["train"] = train
-        for offset, (roles, limit) in enumerate(((("train",), self.max_train_examples),
-                                                 (("validation", "test"), self.max_eval_examples)), start=len(plan)):
+        for offset, roles, limit in ((TRAIN_SUBSET_OFFSET, ("train",), self.max_train_examples),
+                                     (EVAL_SUBSET_OFFSET, ("validation", "test"), self.max_eval_examples)):
             for role in roles:
                 if limit is not None and role in splits and len(splits[role]) > limit:
                     splits[role] = splits[role].shuffle(seed=self.seed + offset).select(range(limit))
-        train = splits["train"]
-        if self.batch_size > len(train):
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training split ({len(train)} examples after "
-                f"holding out validation, test and public data); use batch_size <= {len(train)}."
-            )
+        self._check_batch_size(len(splits["train"]), "examples after holding out validation, test and public data")
 
     # ------------------------------------------------------------------ tokenisation
 
@@ -617,24 +527,6 @@ class TextClassificationDataModule(PrivateSplitsDataModule):
         return parts
 
 
-def _check_source(source: str, subset: Optional[str], data_files: Optional[Union[str, Dict[str, str]]]) -> None:
-    if not source:
-        raise ValueError(
-            f"source must name a built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)} or a "
-            f"hub dataset, got {source!r}."
-        )
-    if source in BUILTIN_CORPORA and (subset is not None or data_files is not None):
-        raise ValueError(
-            f"source={source!r} is a built-in corpus: it takes no subset or data_files, got subset={subset!r}, "
-            f"data_files={data_files!r}."
-        )
-    if source in FILE_FORMATS:
-        if data_files is None:
-            raise ValueError(f"source={source!r} reads local files: pass data_files (a file or {{split: file}}).")
-        if subset is not None:
-            raise ValueError(f"subset={subset!r} is only for hub datasets, not for source={source!r}.")
-
-
 def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tuple[str, Optional[str]]]:
     """``(literal, field)`` pieces of ``template``, checked: one ``{text}``, one ``{mask}``, known fields only."""
     try:
@@ -658,26 +550,11 @@ def _parse_template(template: str, text_pair_column: Optional[str]) -> List[Tupl
     return pieces
 
 
-def special_tokens(tokenizer: PreTrainedTokenizerBase, name: str) -> Tuple[List[int], List[int]]:
-    """The special tokens ``tokenizer`` (called ``name`` in errors) puts before and after one sequence."""
-    word = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    start = next((i for i in range(len(full) - len(word) + 1) if full[i : i + len(word)] == word), None)
-    if start is None:
-        raise ValueError(f"Cannot locate the special tokens that tokenizer={name!r} adds.")
-    return full[:start], full[start + len(word) :]
-
-
 def _classes_shown(names: Optional[List[str]], classes: int, label_column: str) -> str:
     """The classes of the data, for messages: their names, or the range of the integer labels."""
     if names is not None:
         return f"label_names {names}"
     return f"integer labels 0..{classes - 1} in label_column={label_column!r}"
-
-
-def _values(data: datasets.Dataset, column: str) -> List[Any]:
-    """A column as Python values (through Arrow: iterating a ``Column`` is slow)."""
-    return data.with_format("arrow")[column].to_pylist()
 
 
 def _unlabelled(labels: List[Any], feature: Any) -> bool:

@@ -1,7 +1,7 @@
 """``TextGenerationDataModule``: (source, target) text pairs for conditional generation, Poisson-sampled for DP."""
 import random
 import re
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import torch
@@ -9,12 +9,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from pflat_lightning.bundled import corpus_file
-from pflat_lightning.datamodules.private_splits import PrivateSplitsDataModule, load_tokenizer
-from pflat_lightning.datamodules.text_classification import (
+from pflat_lightning.checks import check_count
+from pflat_lightning.datamodules.private_splits import (
+    EVAL_SUBSET_OFFSET,
     FILE_FORMATS,
-    TEST_SPLITS,
-    VALIDATION_SPLITS,
-    _values,
+    TRAIN_SUBSET_OFFSET,
+    PrivateSplitsDataModule,
+    column_values,
+    load_tokenizer,
     special_tokens,
 )
 
@@ -195,16 +197,10 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             ``"GEM/e2e_nlg"``: meaning representations linearised by :func:`linearise_meaning_representation`;
             ``"dart"``, ``"Yale-LILY/dart"``, ``"GEM/dart"``: triples linearised by :func:`linearise_triples`) or
             any other hub dataset with text columns ``source_column`` and ``target_column``.
-        subset: the hub dataset's configuration; only for hub datasets.
-        data_files: a file or a ``{split: file}`` mapping; required by the file formats, passed on for hub
-            datasets, refused for the built-in corpus.
         source_column: column of the source texts, for files and hub datasets without a known layout
             (``None``: ``"source"``).
         target_column: column of the target texts (a string, or a list of reference strings per row) for files
             and hub datasets without a known layout (``None``: ``"target"``).
-        tokenizer: bundled model name, hub id or folder of the tokenizer; ``None`` (default): the model's own,
-            taken at setup from the trainer's LightningModule (its ``tokenizer``). A named tokenizer must be the
-            model's (same vocabulary and encoding).
         separator: text between source and target (default ``" => "``); it must give at least one token, so
             that the model sees where the source ends.
         max_source_length: maximum tokens of the prompt (start tokens + source + separator); longer sources are
@@ -214,20 +210,10 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
             against what the model's position table holds after its prefix (GPT-2: ``n_positions`` minus the
             prefix length; rotary models such as Llama have no such limit), as is
             ``max_source_length + generate_max_new_tokens - 1`` when the model generates during evaluation.
-        batch_size: the logical training batch size (the expected size under Poisson sampling).
-        eval_batch_size: batch size of the validation, test and public loaders.
-        val_fraction: fraction of the training split's distinct sources held out for validation when the source
-            has no validation split.
-        test_fraction: likewise for test.
-        public_fraction: fraction of the training split's distinct sources set aside (removed from training) as
-            public data, served by ``public_dataloader()``; ``0`` for none.
-        max_train_examples: keep a seeded random subset of this many (private) training pairs, after the
-            held-out splits are carved (``None``: all); for runs sized to a small machine.
-        max_eval_examples: likewise, distinct sources of each of the validation and test splits.
-        poisson_sampling: draw Poisson training batches (set by the DP training module).
-        seed: seed of the splits, the subsets and the Poisson draws.
-        num_workers: dataloader worker processes.
-        cache_dir: ``datasets`` cache folder (``None``: its default).
+        **kwargs: the settings every datamodule shares, documented in
+            :class:`~pflat_lightning.datamodules.private_splits.PrivateSplitsDataModule` (``data_files``,
+            ``tokenizer``, ``batch_size``, the held-out fractions, ...); here the fractions and
+            ``max_eval_examples`` count distinct sources, ``max_train_examples`` (source, target) pairs.
 
     Raises:
         ValueError: at construction for a bad argument; in ``setup`` for bad data (a missing column, a
@@ -245,74 +231,32 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         batch["references"][0]  # every reply to the first statement
     """
 
+    builtin_corpora = BUILTIN_CORPORA
+
     def __init__(
         self,
         source: str = "movie_dialog",
         *,
-        subset: Optional[str] = None,
-        data_files: Optional[Union[str, Dict[str, str]]] = None,
         source_column: Optional[str] = None,
         target_column: Optional[str] = None,
-        tokenizer: Optional[str] = None,
         separator: str = " => ",
         max_source_length: int = 128,
         max_target_length: int = 64,
-        batch_size: int = 256,
-        eval_batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        public_fraction: float = 0.0,
-        max_train_examples: Optional[int] = None,
-        max_eval_examples: Optional[int] = None,
-        poisson_sampling: bool = False,
-        seed: int = 42,
-        num_workers: int = 0,
-        cache_dir: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        _check_source(source, subset, data_files, source_column, target_column)
-        for name, value, least in (
-            ("max_source_length", max_source_length, 2),
-            ("max_target_length", max_target_length, 2),
-            ("batch_size", batch_size, 1),
-            ("eval_batch_size", eval_batch_size, 1),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
-        for name, value in (("max_train_examples", max_train_examples), ("max_eval_examples", max_eval_examples)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be None (all) or an integer >= 1, got {value}.")
-        fractions = {"val_fraction": val_fraction, "test_fraction": test_fraction, "public_fraction": public_fraction}
-        for name, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
-        if sum(fractions.values()) >= 1.0:
-            raise ValueError(
-                f"val_fraction + test_fraction + public_fraction must be < 1 so that training data remains, got "
-                f"{val_fraction} + {test_fraction} + {public_fraction} = {sum(fractions.values())}."
-            )
+        super().__init__(source, **kwargs)
+        _check_columns(source, source_column, target_column)
+        check_count("max_source_length", max_source_length, 2)
+        check_count("max_target_length", max_target_length, 2)
         if not separator:
             raise ValueError("separator must be a non-empty string (such as ' => ' or '\\n'), got ''.")
-        self.save_hyperparameters()
 
-        self.source, self.subset, self.data_files = source, subset, data_files
         self.source_column, self.target_column = source_column or "source", target_column or "target"
-        self.tokenizer_name, self.separator = tokenizer, separator
+        self.separator = separator
         self.max_source_length, self.max_target_length = max_source_length, max_target_length
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_fraction, self.test_fraction, self.public_fraction = val_fraction, test_fraction, public_fraction
-        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
-        self.poisson_sampling = poisson_sampling
-        self.seed, self.num_workers, self.cache_dir = seed, num_workers, cache_dir
-
-        self.train_dataset: Optional[datasets.Dataset] = None
-        self.val_dataset: Optional[datasets.Dataset] = None
-        self.test_dataset: Optional[datasets.Dataset] = None
-        self.public_dataset: Optional[datasets.Dataset] = None
-        self.tokenizer, self.collate_fn = None, None
-        if tokenizer is not None:
-            self._use_tokenizer(load_tokenizer(tokenizer, self._input_length()))
+        self.collate_fn: Optional[GenerationCollator] = None
+        if self.tokenizer_name is not None:
+            self._use_tokenizer(load_tokenizer(self.tokenizer_name, self._input_length()))
 
     def _use_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
@@ -364,16 +308,12 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         if self.train_dataset is not None:
             return
         groups = self._carve(self._group(self._load()))
-        pairs = self._sample(_pairs(groups["train"]), self.max_train_examples, offset=3)
-        if self.batch_size > len(pairs):
-            raise ValueError(
-                f"batch_size={self.batch_size} is larger than the training split ({len(pairs)} (source, target) pairs "
-                f"after holding out validation, test and public sources); use batch_size <= {len(pairs)}."
-            )
+        pairs = self._sample(_pairs(groups["train"]), self.max_train_examples, offset=TRAIN_SUBSET_OFFSET)
+        self._check_batch_size(len(pairs), "(source, target) pairs after holding out validation, test and public sources")
         held_out = {}
         for role in ("validation", "test"):
             if role in groups:
-                sources = self._sample(list(groups[role]), self.max_eval_examples, offset=4)
+                sources = self._sample(list(groups[role]), self.max_eval_examples, offset=EVAL_SUBSET_OFFSET)
                 held_out[role] = self._encode_groups({source: groups[role][source] for source in sources})
         self.train_dataset = self._encode_pairs(pairs)
         self.val_dataset, self.test_dataset = held_out.get("validation"), held_out.get("test")
@@ -381,31 +321,18 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
 
     # ------------------------------------------------------------------ building the splits
 
-    def _load(self) -> Dict[str, datasets.Dataset]:
-        if self.source in BUILTIN_CORPORA:
-            file = str(corpus_file(self.source))
-            return {"train": datasets.load_dataset("csv", data_files=file, split="train", cache_dir=self.cache_dir)}
-        if self.source in FILE_FORMATS:
-            try:
-                return dict(datasets.load_dataset(self.source, data_files=self.data_files, cache_dir=self.cache_dir))
-            except Exception as error:  # the readers raise their own types (pandas, pyarrow) for unreadable files
-                raise ValueError(
-                    f"data_files={self.data_files!r} could not be read as {self.source}: {error}"
-                ) from error
-        return dict(
-            datasets.load_dataset(self.source, self.subset, data_files=self.data_files, cache_dir=self.cache_dir)
-        )
+    @classmethod
+    def _sources(cls) -> str:
+        return (f"the built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)}, a hub dataset "
+                f"with a known layout {sorted(HUB_LAYOUTS)} or another hub dataset")
+
+    def _load_builtin(self) -> datasets.Dataset:
+        file = str(corpus_file(self.source))
+        return datasets.load_dataset("csv", data_files=file, split="train", cache_dir=self.cache_dir)
 
     def _group(self, raw: Dict[str, datasets.Dataset]) -> Dict[str, Groups]:
         """The train/validation/test splits as {source: distinct targets}."""
-        if "train" not in raw:
-            raise ValueError(f"source={self.source!r} has no 'train' split; its splits are {sorted(raw)}.")
-        chosen = {"train": raw["train"]}
-        for role, names in (("validation", VALIDATION_SPLITS), ("test", TEST_SPLITS)):
-            name = next((name for name in names if name in raw), None)
-            if name is not None:
-                chosen[role] = raw[name]
-        grouped = {role: self._group_split(role, data) for role, data in chosen.items()}
+        grouped = {role: self._group_split(role, data) for role, data in self._chosen_splits(raw).items()}
         if not grouped["train"]:
             raise ValueError(f"The training split of source={self.source!r} has no (source, target) pair.")
         return grouped
@@ -430,7 +357,7 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
                 )
         groups: Groups = {}
         dropped = 0
-        for row, values in enumerate(zip(*(_values(data, column) for column in columns))):
+        for row, values in enumerate(zip(*(column_values(data, column) for column in columns))):
             try:
                 source, targets = row_function(*values)
             except ValueError as error:
@@ -466,22 +393,8 @@ class TextGenerationDataModule(PrivateSplitsDataModule):
         """Hold out, with seeds and by distinct source, the test, validation and public splits the source lacks."""
         train = groups["train"]
         sources = list(train)
-        total = len(sources)
-        plan = (
-            ("test", "test_fraction", self.test_fraction),
-            ("validation", "val_fraction", self.val_fraction),
-            ("public", "public_fraction", self.public_fraction),
-        )
-        for offset, (role, argument, fraction) in enumerate(plan):
-            if role in groups or fraction == 0:
-                continue
-            count = max(1, round(fraction * total))
-            if count >= len(sources):
-                raise ValueError(
-                    f"The training split ({total} distinct sources) is too small to hold out the {role} split "
-                    f"({argument}={fraction}) and keep training data."
-                )
-            held = set(random.Random(self.seed + offset).sample(range(len(sources)), count))
+        for offset, role, size in self._held_out_sizes(groups, len(sources), "distinct sources"):
+            held = set(random.Random(self.seed + offset).sample(range(len(sources)), size))
             groups[role] = {sources[i]: train[sources[i]] for i in sorted(held)}
             sources = [source for i, source in enumerate(sources) if i not in held]
         groups["train"] = {source: train[source] for source in sources}
@@ -539,28 +452,7 @@ def _sequences(prompts: List[List[int]], targets: List[List[int]]) -> Dict[str, 
     }
 
 
-def _check_source(
-    source: str,
-    subset: Optional[str],
-    data_files: Optional[Union[str, Dict[str, str]]],
-    source_column: Optional[str],
-    target_column: Optional[str],
-) -> None:
-    if not source:
-        raise ValueError(
-            f"source must name the built-in corpus {sorted(BUILTIN_CORPORA)}, a file format {list(FILE_FORMATS)}, a "
-            f"hub dataset with a known layout {sorted(HUB_LAYOUTS)} or another hub dataset, got {source!r}."
-        )
-    if source in BUILTIN_CORPORA and (subset is not None or data_files is not None):
-        raise ValueError(
-            f"source={source!r} is a built-in corpus: it takes no subset or data_files, got subset={subset!r}, "
-            f"data_files={data_files!r}."
-        )
-    if source in FILE_FORMATS:
-        if data_files is None:
-            raise ValueError(f"source={source!r} reads local files: pass data_files (a file or {{split: file}}).")
-        if subset is not None:
-            raise ValueError(f"subset={subset!r} is only for hub datasets, not for source={source!r}.")
+def _check_columns(source: str, source_column: Optional[str], target_column: Optional[str]) -> None:
     if (source in BUILTIN_CORPORA or source in HUB_LAYOUTS) and (source_column or target_column):
         raise ValueError(
             f"source={source!r} has a known layout: source_column and target_column are only for files and other hub "

@@ -15,31 +15,23 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from pflat_lightning.runs import load_run, run_folder, split_overrides
+from pflat_lightning.callbacks.loss_landscape import LossLandscape
 from pflat_lightning.landscape.measures import (
     DATA_SPLITS,
     DEFAULT_ALPHAS,
     PRIVATE_EVALUATION,
     SECTION,
     LandscapeSettings,
-    collect_batches,
     landscape_section,
-    measure_landscape,
     split_loader,
 )
-from pflat_lightning.landscape.plots import write_landscape
 from pflat_lightning.privacy.report import add_section
+from pflat_lightning.runs import load_run, parse_run_command, run_command_parser, run_folder
 
 
 def _parser() -> argparse.ArgumentParser:
     defaults = LandscapeSettings()
-    parser = argparse.ArgumentParser(
-        prog="pflat landscape",
-        description="Loss landscape and sharpness of a trained pflat run (arguments after `--` are passed on as "
-                    "`pflat fit` overrides, e.g. `-- --data.eval_batch_size 32`).",
-    )
-    parser.add_argument("--config", action="append", required=True, help="the run's YAML config (repeatable)")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    parser = run_command_parser("pflat landscape", "Loss landscape and sharpness of a trained pflat run.")
     parser.add_argument("--data", default="validation", choices=DATA_SPLITS, help="evaluation split")
     parser.add_argument("--out", default=None, help="output folder (default: RUN/landscape)")
     parser.add_argument("--num_batches", type=int, default=4, help="evaluation batches averaged over")
@@ -56,28 +48,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     """Run ``pflat landscape`` with the arguments ``argv`` (without the command name); returns the exit code."""
-    argv, overrides = split_overrides(argv)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, overrides = parse_run_command(parser, argv)
     try:
-        settings = LandscapeSettings(alphas=args.alphas, radius=args.radius, sam_rho=args.sam_rho,
-                                     sam_steps=args.sam_steps, slice_1d_points=args.slice_1d_points,
-                                     slice_2d_points=args.slice_2d_points, span=args.span, seed=args.seed)
-        if args.num_batches < 1:
-            raise ValueError(f"num_batches must be an integer >= 1, got {args.num_batches}.")
+        landscape = LossLandscape(args.data, num_batches=args.num_batches, alphas=args.alphas, radius=args.radius,
+                                  sam_rho=args.sam_rho, sam_steps=args.sam_steps, slice_1d_points=args.slice_1d_points,
+                                  slice_2d_points=args.slice_2d_points, span=args.span, seed=args.seed)
     except ValueError as error:
         parser.error(str(error))
-    if not Path(args.ckpt_path).is_file():
-        parser.error(f"ckpt_path={args.ckpt_path!r} is not a file.")
 
     model, datamodule, trainer = load_run(args.config, args.ckpt_path, overrides)
     datamodule.setup("fit")
     model.to(trainer.strategy.root_device)
-    batches = collect_batches(split_loader(datamodule, args.data), args.num_batches, trainer.strategy.root_device)
-    result = measure_landscape(model, batches, settings, data=args.data)
     folder = run_folder(args.ckpt_path)
     out = Path(args.out) if args.out is not None else folder / "landscape"
-    files = write_landscape(result, out)
+    files = landscape.measure(model, split_loader(datamodule, args.data), out)
+    result, settings = landscape.result, landscape.settings
     section = {**landscape_section(result), "folder": str(out), "checkpoint": str(Path(args.ckpt_path).resolve())}
     report = add_section(folder, SECTION, section, evaluation=PRIVATE_EVALUATION if args.data == "private" else None,
                          run_id=getattr(model, "run_id", None))

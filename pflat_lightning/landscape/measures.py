@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pflat_lightning.checks import check_choice, check_count
 from pflat_lightning.protocol import (
     PerExampleLosses,
     check_contract,
@@ -76,18 +77,6 @@ def check_alphas(alphas: Sequence[float]) -> List[float]:
 def _check_positive(name: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}.")
-
-
-def check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    """Refuse a ``value`` of argument ``name`` outside ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
-
-
-def check_count(name: str, value: int, minimum: int) -> None:
-    """Refuse a count ``value`` of argument ``name`` below ``minimum``."""
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
 
 
 def _check_slice(dims: int, points: int, span: float, one_dim: str) -> None:

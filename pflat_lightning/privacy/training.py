@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
@@ -47,8 +45,7 @@ class PrivateTraining(pl.LightningModule):
     (and, under ``secure_mode``, CSPRNG) sampling and the ledger entries of callbacks that select on
     validation metrics; a stop once the planned updates are spent; the replay of an interrupted Poisson
     epoch; ``privacy_report.json``/``.md`` after fit and after test, written by global rank zero; and the
-    privacy state and run id in every checkpoint, restored on resume. Checkpoints are written atomically
-    (:class:`~pflat_lightning.checkpointing.AtomicCheckpointIO`) unless the trainer has its own writer.
+    privacy state and run id in every checkpoint, restored on resume.
 
     Args:
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
@@ -58,6 +55,7 @@ class PrivateTraining(pl.LightningModule):
     Raises:
         ValueError: for an ``epsilon_every_n_steps`` that is not an integer >= 1; at fit start for a plan that
             breaks DP (see :meth:`plan_private_fit`).
+        TypeError: for a subclass without ``MECHANISM``.
 
     Example::
 
@@ -84,6 +82,9 @@ class PrivateTraining(pl.LightningModule):
         super().__init__()
         if not isinstance(epsilon_every_n_steps, int) or epsilon_every_n_steps < 1:
             raise ValueError(f"epsilon_every_n_steps must be an integer >= 1, got {epsilon_every_n_steps!r}.")
+        if not hasattr(type(self), "MECHANISM"):
+            raise TypeError(f"{type(self).__name__} must name its privacy mechanism in the class attribute MECHANISM "
+                            "(a PrivacyAccounting subclass, e.g. DPSGDEngine).")
         self.automatic_optimization = False
         self.privacy = privacy if privacy is not None else PrivacyConfig()
         self.epsilon_every_n_steps = epsilon_every_n_steps
@@ -107,13 +108,8 @@ class PrivateTraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        trainer = self.trainer
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if self.is_private:
-            configure_sampling(trainer.datamodule, self.privacy)
+        if stage == "fit" and self.is_private:
+            configure_sampling(self.trainer.datamodule, self.privacy)
             self._record_validation_monitors()
 
     def _record_validation_monitors(self) -> None:
