@@ -1,6 +1,7 @@
 """``PrefixTunedCausalLM``: DP prefix tuning of a frozen causal LM for conditional generation."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -8,12 +9,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
-from transformers import AutoModelForCausalLM
 
 from pflat_lightning.callbacks.teacher_distillation import TeacherDistillation
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixConfig, record_initialisation
-from pflat_lightning.prefix_model import PrefixCausalLM
+from pflat_lightning.prefix_model import PrefixCausalLM, load_backbone
 from pflat_lightning.pretrained import load_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
 
@@ -21,8 +21,8 @@ STAGES = ("val", "test")
 
 
 class PrefixTunedCausalLM(DPPrefixModule):
-    """A frozen causal LM (GPT-2, Llama incl. grouped-query attention, Mistral, Qwen2) whose only trainable
-    part is a prefix, trained to continue a source text with its target (data-to-text, dialogue).
+    """A frozen causal LM (any decoder family: Llama, Qwen, Gemma, Mistral, Phi-3, OLMo 2, GPT-2, OPT, ...) whose
+    only trainable part is a prefix, trained to continue a source text with its target (data-to-text, dialogue).
 
     Training scores only the target tokens (``labels != -100``) and gives DP one loss per example: the mean
     negative log-likelihood of that example's target tokens. Everything private (Poisson sampling,
@@ -52,6 +52,11 @@ class PrefixTunedCausalLM(DPPrefixModule):
         num_generation_batches: evaluation batches (from the first) whose prompts are generated from; 0
             turns BLEU, ROUGE-L and samples off (generation is the slow part of evaluation on a CPU).
         num_samples: generations shown in the log and the report per evaluation.
+        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
+            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
+            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
+            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
+            config before any weights load.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory, stepped once per logical batch.
@@ -88,6 +93,7 @@ class PrefixTunedCausalLM(DPPrefixModule):
         generate_max_new_tokens: int = 20,
         num_generation_batches: int = 1,
         num_samples: int = 3,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
@@ -109,7 +115,8 @@ class PrefixTunedCausalLM(DPPrefixModule):
             if value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value}.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        backbone_model, self.tokenizer = load_pretrained(backbone, AutoModelForCausalLM.from_pretrained)
+        load = partial(load_backbone, head="causal_lm", **(backbone_kwargs or {}))
+        backbone_model, self.tokenizer = load_pretrained(backbone, load)
         self.model = PrefixCausalLM(backbone_model, prefix, tokenizer=self.tokenizer)
         record_initialisation(self.ledger, self.model.prefix.config)
         self.generate_max_new_tokens = generate_max_new_tokens

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,11 @@ class PrefixTunedClassifier(DPPrefixModule):
         label_words: one word per class, e.g. ``["terrible", "great"]``.
         prefix: the prefix's length, reparametrisation and initialisation (from an instruction text with
             ``init_text``, for every head and family); ``None`` means ``PrefixConfig()``.
+        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
+            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
+            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
+            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
+            config before any weights load.
         privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
         optimizer: optimizer factory over the trainable parameters.
         lr_scheduler: optional scheduler factory, stepped once per logical batch.
@@ -69,6 +74,7 @@ class PrefixTunedClassifier(DPPrefixModule):
         head: Literal["linear", "label_words"] = "linear",
         label_words: Optional[List[str]] = None,
         prefix: Optional[PrefixConfig] = None,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
         privacy: Optional[PrivacyConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
@@ -85,7 +91,8 @@ class PrefixTunedClassifier(DPPrefixModule):
             epsilon_every_n_steps=epsilon_every_n_steps,
         )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        model, self.tokenizer = load_pretrained(backbone, partial(load_backbone, head=head))
+        load = partial(load_backbone, head=head, **(backbone_kwargs or {}))
+        model, self.tokenizer = load_pretrained(backbone, load)
         word_ids = None
         if head == "label_words":
             if not label_words:

@@ -1,13 +1,24 @@
 """A frozen transformer with a trainable prefix, read by a classifier or by its causal LM head."""
 from __future__ import annotations
 
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from pflat_lightning.families import FAMILIES, cache_keyword, family_for, kv_geometry, lm_head
+from pflat_lightning.families import (
+    after_prefix_limit,
+    after_prefix_positions,
+    cache_keyword,
+    causal_lm_family,
+    family_for,
+    kv_geometry,
+    lm_head,
+    sliding_layer_types,
+)
 from pflat_lightning.prefix import PrefixConfig, PrefixEncoder
 
 HEADS = ("linear", "label_words")
@@ -15,6 +26,10 @@ HEADS = ("linear", "label_words")
 IGNORE_INDEX = -100
 #: The tokenizer outputs a tokenised batch carries into the model.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: What ``load_backbone`` reads the backbone as, for each use.
+BACKBONE_USES = ("linear", "label_words", "causal_lm")
+#: ``from_pretrained`` arguments that also decide which config is read (the rest only concern the weights).
+CONFIG_KWARGS = ("revision", "trust_remote_code", "subfolder", "cache_dir", "local_files_only", "token")
 
 
 def label_word_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str], prefix: str) -> List[int]:
@@ -38,6 +53,11 @@ class PrefixedBackbone(nn.Module):
     the prefix, feeds it to the backbone as a key/value cache (under the cache keyword of the installed
     transformers) with the positions its family gives the real tokens, and returns the last hidden states.
 
+    Sliding-window layers (Mistral, Phi-3, the hybrid Gemma 2/3 and Qwen layouts) would hide the prefix from every
+    token further than the window from the start; their masks are built here with the prefix visible to every
+    token (the window still applies among the real tokens), in the forward pass and in ``generate`` alike.
+    A backbone loaded in 16 bits computes in 16 bits; the prefix and its gradients stay fp32.
+
     Args:
         backbone: a Hugging Face model; its parameters are frozen here.
         prefix: the prefix's :class:`~pflat_lightning.prefix.PrefixConfig`, passed unchanged to
@@ -60,6 +80,14 @@ class PrefixedBackbone(nn.Module):
         self.backbone = backbone.requires_grad_(False)
         self.transformer = backbone.base_model
         self.cache_keyword = cache_keyword(self.transformer.forward)
+        self.sliding_layer_types = sliding_layer_types(backbone.config)
+        attention = backbone.config._attn_implementation
+        if self.sliding_layer_types is not None and "flash" in str(attention):
+            raise ValueError(
+                f"backbone uses attn_implementation={attention!r} with sliding-window layers: flash attention applies "
+                "the window itself and would drop the prefix once a sequence passes it. Load the backbone with "
+                "attn_implementation='sdpa' or 'eager'."
+            )
         self.prefix = PrefixEncoder(kv_geometry(backbone.config), prefix)
         #: A trainable head on the hidden states, or ``None`` (subclasses set it).
         self.classifier: Optional[nn.Module] = None
@@ -109,7 +137,7 @@ class PrefixedBackbone(nn.Module):
         mask = torch.ones_like(ids)
         cache = DynamicCache()
         self.transformer(input_ids=ids, attention_mask=mask, use_cache=True,
-                         position_ids=self.family.position_ids(mask, 0, self.backbone.config),
+                         position_ids=self.position_ids(mask, prefix_length=0),
                          **{self.cache_keyword: cache})
         self.prefix.assign([(layer.keys[0], layer.values[0]) for layer in cache.layers])
 
@@ -117,11 +145,32 @@ class PrefixedBackbone(nn.Module):
         """What training updates: the prefix and the head, if any (everything else is frozen)."""
         return [m for m in (self.prefix, self.classifier) if m is not None]
 
+    def position_ids(self, attention_mask: torch.Tensor, prefix_length: Optional[int] = None) -> torch.Tensor:
+        """The position ids of the real tokens: an encoder's pretrained numbering, or after the prefix (after
+        ``prefix_length`` virtual tokens; by default this prefix's)."""
+        if prefix_length is None:
+            prefix_length = self.prefix.num_virtual_tokens
+        if self.family.encoder is not None:
+            return self.family.encoder.position_ids(attention_mask, prefix_length, self.backbone.config)
+        return after_prefix_positions(attention_mask, prefix_length)
+
     def position_limit(self) -> Optional[Tuple[int, str]]:
         """``(limit, reason)``: the most real tokens (after the prefix) whose positions the backbone's position
         table holds, or ``None`` for a backbone without one (rotary positions)."""
-        limit = self.family.position_limit
-        return None if limit is None else limit(self.backbone.config, self.prefix.num_virtual_tokens)
+        config, prefix_length = self.backbone.config, self.prefix.num_virtual_tokens
+        if self.family.encoder is not None:
+            return self.family.encoder.position_limit(config, prefix_length)
+        table = getattr(config, "max_position_embeddings", None)
+        return after_prefix_limit(table, prefix_length) if self._has_position_table(table) else None
+
+    def _has_position_table(self, table: Optional[int]) -> bool:
+        # A learned absolute position table is an embedding other than the input one with a row per position
+        # (OPT's has 2 extra); rotary models have none.
+        words = self.transformer.get_input_embeddings()
+        return table is not None and any(
+            isinstance(module, nn.Embedding) and module is not words and module.num_embeddings >= table
+            for module in self.transformer.modules()
+        )
 
     def per_example_gradient_bytes(self, batch_size: int) -> Dict[str, int]:
         """Estimated memory that clipping ``batch_size`` examples needs for their trainable gradients:
@@ -142,19 +191,55 @@ class PrefixedBackbone(nn.Module):
     def prefix_cache(
         self, batch_size: int, past: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
     ) -> DynamicCache:
-        """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples); under
-        autocast its keys and values take the backbone's 16-bit compute dtype."""
+        """A fresh cache holding the prefix (``past``, or this prefix for ``batch_size`` examples), its keys and
+        values in the backbone's compute dtype (autocast's, or that of its weights)."""
+        # Built without the config: every layer keeps all it is given (a sliding-window layer would drop the
+        # prefix once the window passes it); the masks decide what each layer reads.
         cache = DynamicCache()
         device = self.prefix.layer_mask.device
         if past is None:
             with full_precision(device):
                 past = self.prefix(batch_size)
-        compute = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        # The backbone computes in its 16-bit autocast or weight dtype; the prefix and its gradients stay fp32.
+        autocast = torch.is_autocast_enabled(device.type)
+        compute = torch.get_autocast_dtype(device.type) if autocast else self.backbone.dtype
         for layer, (key, value) in enumerate(past):
-            if compute is not None:  # the backbone computes in 16 bits; the prefix and its gradients stay fp32
-                key, value = key.to(compute), value.to(compute)
-            cache.update(key, value, layer)
+            cache.update(key.to(compute), value.to(compute), layer)
         return cache
+
+    @contextmanager
+    def prefix_visible(self) -> Iterator[None]:
+        """Within this context the backbone's sliding-window layers see the prefix: a forward pre-hook replaces the
+        2D attention mask by the masks of the backbone's layer types, built by transformers with the prefix's
+        cache positions visible to every query (padding, the prefix's own mask columns included, still hides)."""
+        if self.sliding_layer_types is None:
+            yield
+            return
+        handle = self.transformer.register_forward_pre_hook(self._show_prefix, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _show_prefix(self, module: nn.Module, args: tuple, kwargs: Dict[str, Any]):
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            return None
+        tokens = kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None else kwargs["input_ids"]
+        dtype = self.transformer.get_input_embeddings().weight.dtype
+        # The mask builders read only the batch size, query length, dtype and device of the embeddings.
+        shape = torch.empty(tokens.shape[0], tokens.shape[1], 0, dtype=dtype, device=mask.device)
+        prefix_length = self.prefix.num_virtual_tokens
+
+        def prefix_column(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx < prefix_length
+
+        inputs = (self.backbone.config, shape, mask, kwargs.get(self.cache_keyword), kwargs.get("position_ids"))
+        builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        masks = {kind: builders[kind](*inputs, or_mask_function=prefix_column) for kind in set(self.sliding_layer_types)}
+        hybrid = getattr(self.backbone.config, "layer_types", None) is not None
+        kwargs["attention_mask"] = masks if hybrid else masks["sliding_attention"]
+        return args, kwargs
 
     def hidden_states(
         self,
@@ -165,17 +250,22 @@ class PrefixedBackbone(nn.Module):
     ) -> torch.Tensor:
         batch = input_ids.shape[0]
         cache = self.prefix_cache(batch, past)
-        prefix_length = self.prefix.num_virtual_tokens
-        prefix_mask = attention_mask.new_ones(batch, prefix_length)
+        prefix_mask = attention_mask.new_ones(batch, self.prefix.num_virtual_tokens)
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": torch.cat([prefix_mask, attention_mask], dim=1),
-            "position_ids": self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
+            "position_ids": self.position_ids(attention_mask),
             self.cache_keyword: cache,
         }
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        return self.transformer(**kwargs).last_hidden_state
+        with self.prefix_visible():
+            return self.transformer(**kwargs).last_hidden_state
+
+    def vocabulary_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``hidden`` in the head's own dtype (16 bits for a 16-bit backbone), as fp32 logits."""
+        dtype = next(self.lm_head.parameters()).dtype
+        return self.lm_head(hidden.to(dtype)).float()
 
 
 class PrefixModel(PrefixedBackbone):
@@ -257,7 +347,7 @@ class PrefixModel(PrefixedBackbone):
         features = hidden[rows, position]
         if self.head_kind == "linear":
             return self.classifier(features)
-        return self.lm_head(features)[:, self.label_word_ids]
+        return self.vocabulary_logits(features)[:, self.label_word_ids]
 
 
 class PrefixCausalLM(PrefixedBackbone):
@@ -270,7 +360,8 @@ class PrefixCausalLM(PrefixedBackbone):
     language-model head runs only on them.
 
     Args:
-        backbone: a Hugging Face causal LM (GPT-2, Llama, Mistral, Qwen2); its parameters are frozen here.
+        backbone: a Hugging Face causal LM of a decoder family (``families.FAMILIES``); its parameters are frozen
+            here.
         prefix, tokenizer: see :class:`PrefixedBackbone`.
 
     Raises:
@@ -290,12 +381,7 @@ class PrefixCausalLM(PrefixedBackbone):
         *,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
     ) -> None:
-        family = family_for(backbone.config)
-        if family.bidirectional:
-            raise ValueError(
-                f"backbone is a {family.name} masked LM (model_type={backbone.config.model_type!r}); generation "
-                "needs a causal LM: " + ", ".join(f.name for f in FAMILIES.values() if not f.bidirectional) + "."
-            )
+        causal_lm_family(backbone.config, "backbone")
         super().__init__(backbone, prefix, tokenizer=tokenizer)
         self.lm_head = lm_head(backbone, self.family)
 
@@ -303,7 +389,7 @@ class PrefixCausalLM(PrefixedBackbone):
         """Vocabulary logits ``(batch, length, vocab)``: position ``t`` scores the token at ``t + 1``."""
         hidden = self.hidden_states(input_ids, attention_mask)
         with full_precision(input_ids.device):
-            return self.lm_head(hidden.float())
+            return self.vocabulary_logits(hidden)
 
     def target_log_probs(
         self,
@@ -326,7 +412,7 @@ class PrefixCausalLM(PrefixedBackbone):
         scored[:, 0] = False
         with full_precision(input_ids.device):
             # The hidden state before each scored token predicts it; the head runs on those rows only.
-            logits = self.lm_head(hidden[:, :-1][scored[:, 1:]].float())
+            logits = self.vocabulary_logits(hidden[:, :-1][scored[:, 1:]])
             token = logits.log_softmax(-1).gather(1, labels[scored].unsqueeze(1)).squeeze(1)
             log_probs = hidden.new_zeros(scored.shape, dtype=token.dtype).masked_scatter(scored, token)
         if return_logits:
@@ -340,15 +426,16 @@ class PrefixCausalLM(PrefixedBackbone):
         Returns the prompts followed by the new tokens (as ``generate`` does). ``generate_kwargs`` go to
         ``generate`` (``max_new_tokens``, ``do_sample``, ``num_beams``...)."""
         batch, prefix_length = input_ids.shape[0], self.prefix.num_virtual_tokens
-        return self.backbone.generate(
-            input_ids=input_ids,
-            # The full mask (prefix + prompt) with only the prompt as input ids: generate feeds the whole prompt
-            # after the cached prefix, with the positions the forward pass gives the same tokens.
-            attention_mask=torch.cat([attention_mask.new_ones(batch, prefix_length), attention_mask], dim=1),
-            position_ids=self.family.position_ids(attention_mask, prefix_length, self.backbone.config),
-            **{self.cache_keyword: self.prefix_cache(batch)},
-            **generate_kwargs,
-        )
+        with self.prefix_visible():
+            return self.backbone.generate(
+                input_ids=input_ids,
+                # The full mask (prefix + prompt) with only the prompt as input ids: generate feeds the whole prompt
+                # after the cached prefix, with the positions the forward pass gives the same tokens.
+                attention_mask=torch.cat([attention_mask.new_ones(batch, prefix_length), attention_mask], dim=1),
+                position_ids=self.position_ids(attention_mask),
+                **{self.cache_keyword: self.prefix_cache(batch)},
+                **generate_kwargs,
+            )
 
 
 def full_precision(device: torch.device):
@@ -357,9 +444,31 @@ def full_precision(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def load_backbone(name_or_path: str, head: str, **kwargs) -> PreTrainedModel:
-    """Load a backbone for ``head``: the base model, or the masked/causal LM for label words."""
-    config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-    family = family_for(config)
+def load_backbone(name_or_path: str, head: str, **from_pretrained_kwargs: Any) -> PreTrainedModel:
+    """Load a backbone for ``head`` the way Hugging Face users load models, refusing an unsupported one from its
+    config before any weights are read.
+
+    Args:
+        name_or_path: a hub id or a local folder.
+        head: ``"linear"`` (the base model), ``"label_words"`` (the masked or causal LM) or ``"causal_lm"`` (a
+            causal LM, for generation).
+        from_pretrained_kwargs: passed to ``from_pretrained``: ``dtype`` (``"bfloat16"`` loads a frozen backbone
+            in 16 bits), ``device_map`` and ``low_cpu_mem_usage`` (a large backbone placed or streamed as it
+            loads), ``revision``, and ``trust_remote_code``, which stays off unless given: a folder whose config
+            asks for its own code is refused by transformers without it.
+
+    Raises:
+        ValueError: for an unsupported model type or a masked LM asked for ``"causal_lm"`` (from the config alone),
+            or an unknown ``head``.
+
+    Example::
+
+        backbone = load_backbone("Qwen/Qwen3-0.6B", "causal_lm", dtype="bfloat16", device_map="auto")
+    """
+    if head not in BACKBONE_USES:
+        raise ValueError(f"head must be one of {BACKBONE_USES}, got {head!r}.")
+    config_kwargs = {key: value for key, value in from_pretrained_kwargs.items() if key in CONFIG_KWARGS}
+    config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+    family = causal_lm_family(config, repr(name_or_path)) if head == "causal_lm" else family_for(config)
     auto = AutoModel if head == "linear" else family.lm_class
-    return auto.from_pretrained(name_or_path, **kwargs)
+    return auto.from_pretrained(name_or_path, config=config, **from_pretrained_kwargs)

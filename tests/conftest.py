@@ -5,40 +5,51 @@ import os
 
 import pytest
 import torch
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertForMaskedLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
+from transformers import AutoConfig, AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
+from pflat_lightning.families import family_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 30522  # the bundled MiniLM WordPiece tokenizer serves every tiny model
-TINY = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=128)
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+BASE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=128, pad_token_id=0)
+NO_DROPOUT_BERT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+GQA = dict(num_key_value_heads=2)  # grouped-query attention: 4 query heads share 2 key/value heads
+#: A sliding window shorter than the test sequences, and the last layer sliding (the prefix must reach it).
+SLIDING = dict(sliding_window=4)
+HYBRID = dict(SLIDING, layer_types=["full_attention", "sliding_attention"])
+#: One tiny random config per supported model type: the only line a new family needs in the tests.
+TINY = {
+    "bert": NO_DROPOUT_BERT,
+    "electra": dict(NO_DROPOUT_BERT, embedding_size=32),
+    "roberta": NO_DROPOUT_BERT,
+    "xlm-roberta": NO_DROPOUT_BERT,
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": GQA,
+    "mistral": dict(GQA, **SLIDING),
+    "mixtral": dict(GQA, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32),  # grouped mm: 16-byte rows
+    "qwen2": dict(GQA, use_sliding_window=True, max_window_layers=1, **SLIDING),
+    "qwen3": dict(GQA, head_dim=16),
+    "qwen3_moe": dict(GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "olmo2": GQA,
+    "gemma": dict(GQA, head_dim=16),
+    "gemma2": dict(GQA, head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=5.0, **HYBRID),
+    "gemma3_text": dict(GQA, head_dim=16, query_pre_attn_scalar=16, **HYBRID),
+    "phi3": dict(GQA, resid_pdrop=0.0, embd_pdrop=0.0, **SLIDING),
+    "opt": dict(ffn_dim=37, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0),
+    "gpt_neox": dict(hidden_dropout=0.0, attention_dropout=0.0),
+    "falcon": dict(multi_query=True, hidden_dropout=0.0, attention_dropout=0.0),
+}
 
 
-def tiny_config(family: str):
-    if family == "bert":
-        return BertForMaskedLM, BertConfig(**TINY, **NO_DROPOUT)
-    if family == "roberta":
-        return RobertaForMaskedLM, RobertaConfig(**TINY, **NO_DROPOUT, pad_token_id=0)
-    if family == "gpt2":
-        return GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
-    if family == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
-        return LlamaForCausalLM, LlamaConfig(**TINY, num_key_value_heads=2, pad_token_id=0)
-    raise ValueError(family)
+def tiny_config(model_type: str):
+    """``(LM class, config)``: a tiny random masked or causal LM of ``model_type`` (a key of ``TINY``)."""
+    config = AutoConfig.for_model(model_type, **{**BASE, **TINY[model_type]})
+    return family_for(config).lm_class._model_mapping[type(config)], config
 
 
 FAMILIES = ("bert", "roberta", "gpt2", "llama")
@@ -46,7 +57,7 @@ FAMILIES = ("bert", "roberta", "gpt2", "llama")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """``tiny_model_dir(family)``: a folder with a tiny random LM of ``family`` and a tokenizer."""
+    """``tiny_model_dir(model_type)``: a folder with a tiny random LM of ``model_type`` and a tokenizer."""
     cache = {}
 
     def make(family: str) -> str:

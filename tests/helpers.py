@@ -121,6 +121,26 @@ def run_isolated(command, timeout: float = 300, **kwargs) -> subprocess.Complete
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def clipped_mean(grads, max_norm: float, batch_size: int) -> torch.Tensor:
+    """Reference DP-SGD update direction: each example's flat gradient clipped to ``max_norm``, summed, over the batch."""
+    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
+    clipped = [f * min(1.0, max_norm / (f.norm().item() + 1e-6)) for f in flat]
+    return torch.stack(clipped).sum(0) / batch_size
+
+
+def greedy_by_hand(model, ids: torch.Tensor, mask: torch.Tensor, steps: int, eos: int, pad: int) -> torch.Tensor:
+    """Reference greedy decoding: the model's full forward recomputed for every new token; after ``eos``, ``pad``."""
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            token = model(ids, mask)[:, -1].argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        done |= token == eos
+        ids = torch.cat([ids, token[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+    return ids
+
+
 def check_cli_arguments(cls: type, expected: Set[str]) -> None:
     """Assert that LightningCLI's parser (jsonargparse, which follows ``**kwargs`` into a base class) knows each
     ``expected`` argument of ``cls`` and its type: an int, a float and a bool argument refuse a word."""

@@ -16,7 +16,7 @@ from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLa
 from pflat_lightning.datamodules.text_generation import GenerationCollator
 from pflat_lightning.privacy import PoissonDataLoader
 
-from helpers import SEEDED_REASONS, quiet_trainer
+from helpers import SEEDED_REASONS, clipped_mean, greedy_by_hand, quiet_trainer
 
 SEPARATOR, EOS, PAD = 1031, 102, 0  # "=" and [SEP] of the WordPiece vocabulary the tiny models share
 WORDS = (2000, 3000)  # ordinary-word ids
@@ -144,12 +144,6 @@ def test_example_losses_are_each_examples_mean_target_nll(family, tiny_model_dir
 
 
 # ---------------------------------------------------------------- DP
-def clipped_mean(grads, max_norm, batch_size):
-    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
-    clipped = [f * min(1.0, max_norm / (f.norm().item() + 1e-6)) for f in flat]
-    return torch.stack(clipped).sum(0) / batch_size
-
-
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode, tiny_model_dir, tmp_path):
@@ -176,19 +170,6 @@ def test_noiseless_update_is_mean_of_clipped_per_example_gradients(family, mode,
 
 
 # ---------------------------------------------------------------- generation
-def greedy_by_hand(module, ids, mask, steps, eos):
-    """Reference: recompute the module's full forward for every new token; after the end token, padding."""
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    for _ in range(steps):
-        with torch.no_grad():
-            token = module(ids, mask)[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, PAD), token)
-        done |= token == eos
-        ids = torch.cat([ids, token[:, None]], 1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
-    return ids
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_generate_is_greedy_decoding_of_the_prefixed_model(family, tiny_model_dir):
     path = tiny_model_dir(family)
@@ -197,7 +178,7 @@ def test_greedy_generate_is_greedy_decoding_of_the_prefixed_model(family, tiny_m
     prompts, prompt_mask = batch["source_input_ids"], batch["source_attention_mask"]
     assert (prompt_mask[:, 0] == 0).any(), "the test needs left padding"
     generated = module.generate(prompts, prompt_mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(generated, greedy_by_hand(module, prompts, prompt_mask, 6, EOS))
+    assert torch.equal(generated, greedy_by_hand(module, prompts, prompt_mask, 6, EOS, PAD))
     # Left padding is invisible: the first new token is the right-padded training row's prediction.
     with torch.no_grad():
         right = batch_of([{"input_ids": row[m.bool()].tolist(), "labels": row[m.bool()].tolist()}
@@ -235,7 +216,7 @@ def test_dp_fit_then_validation_perplexity_bleu_rouge_and_report(tiny_model_dir,
         count += tokens
     # BLEU and ROUGE-L: references holding the greedy continuation (decoded by hand) score 1.
     first = batch_of(data.val[:6])
-    ids = greedy_by_hand(module, first["source_input_ids"], first["source_attention_mask"], 8, EOS)
+    ids = greedy_by_hand(module, first["source_input_ids"], first["source_attention_mask"], 8, EOS, PAD)
     texts = [t.strip() for t in module.tokenizer.batch_decode(ids[:, first["source_input_ids"].shape[1]:],
                                                                skip_special_tokens=True)]
     assert all(len(t.split()) >= 4 for t in texts), "BLEU-4 needs four words"

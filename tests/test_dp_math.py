@@ -15,7 +15,8 @@ from pflat_lightning.privacy import DPSGDEngine
 from pflat_lightning.protocol import physical_batches
 
 from conftest import FAMILIES
-from helpers import StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, collate, quiet_trainer
+from helpers import (StopAfter, TokenDataModule, TokenDataset, assert_same_trained_weights, clipped_mean, collate,
+                     quiet_trainer)
 
 HEADS = ["linear", "label_words"]
 
@@ -65,12 +66,6 @@ def test_per_sample_gradients_equal_per_example_autograd(family, head, mode, tin
         expected = torch.stack([g[j] for g in ref_grads])
         torch.testing.assert_close(p.grad_sample, expected, atol=1e-6, rtol=1e-4)
     engine.detach()
-
-
-def clipped_mean(grads, max_norm, batch_size):
-    flat = [torch.cat([g.flatten() for g in gs]) for gs in grads]
-    clipped = [f * min(1.0, max_norm / (f.norm().item() + 1e-6)) for f in flat]
-    return torch.stack(clipped).sum(0) / batch_size
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])

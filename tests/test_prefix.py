@@ -42,7 +42,7 @@ def test_prefix_with_masked_positions_equals_plain_backbone(family, tiny_model_d
         cache.update(k, v, layer)
     p = model.prefix.num_virtual_tokens
     full_mask = torch.cat([torch.zeros(2, p, dtype=torch.long), mask], dim=1)
-    positions = model.family.position_ids(mask, p, backbone.config)
+    positions = model.position_ids(mask)
     if family == "gpt2":  # decoders see the prefix as earlier positions; compare at the same positions
         positions = positions - p
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_grouped_query_geometry(tiny_model_dir):
 
 
 def test_unsupported_architecture_lists_supported_families():
-    with pytest.raises(ValueError, match="supported families: bert.*roberta.*gpt2.*llama"):
+    with pytest.raises(ValueError, match="Supported families: bert.*roberta.*gpt2.*llama"):
         family_for(T5Config())
     assert family_for(BertConfig()).name == "bert"
 

@@ -170,7 +170,7 @@ class HuggingFaceScorer:
         if family.bidirectional:
             raise ValueError(
                 f"model={model!r} is a masked LM ({family.name}); the black-box scorer reads the next token of a causal "
-                "LM (gpt2 or llama family)."
+                "LM (a decoder family: gpt2, llama, gemma, ...)."
             )
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = backbone.eval().requires_grad_(False)
