@@ -109,7 +109,7 @@ class RecordingScorer:
 
 
 # ---------------------------------------------------------------------------------------------------- scorers
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma2"])  # gemma2: soft-capped final logits
 def test_scorer_equals_a_plain_forward_per_example(family, scorers, tiny_model_dir):
     """Padded, chunked (4 pairs a pass), prompt-after-[CLS] scoring equals one unpadded forward per (prompt, text)."""
     scorer = HuggingFaceScorer(tiny_model_dir(family), WORDS, template=TEMPLATE, batch_size=4)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from pflat_lightning.bundled import resolve_model
 from pflat_lightning.datamodules.private_splits import special_tokens
-from pflat_lightning.families import family_for, lm_head
+from pflat_lightning.families import SoftCappedHead, family_for, lm_head
 from pflat_lightning.prefix_model import label_word_ids, load_backbone
 
 #: Template of the sentiment tasks: the label word is read as the token after "It was".
@@ -176,6 +176,9 @@ class HuggingFaceScorer:
         self.model = backbone.eval().requires_grad_(False)
         self.label_ids = torch.as_tensor(label_word_ids(self.tokenizer, label_words, family.label_word_prefix))
         head_layer = lm_head(self.model, family)
+        #: Gemma 2's final logit soft-capping (elementwise, so it applies to the label words' logits alone).
+        self._cap = head_layer.cap if isinstance(head_layer, SoftCappedHead) else None
+        head_layer = head_layer.head if self._cap is not None else head_layer
         self._head_weight = head_layer.weight[self.label_ids].detach()
         bias = getattr(head_layer, "bias", None)
         self._head_bias = None if bias is None else bias[self.label_ids].detach()
@@ -235,8 +238,9 @@ class HuggingFaceScorer:
             attention = torch.cat([mask[b, :lead], mask.new_ones(len(chunk), num_tokens), mask[b, lead:]], dim=1)
             hidden = self.model.base_model(inputs_embeds=inputs, attention_mask=attention.to(device), use_cache=False)
             last = hidden.last_hidden_state[torch.arange(len(chunk)), num_tokens + lengths[b] - 1]
-            logits.append(F.linear(last.float(), self._head_weight.float(),
-                                   None if self._head_bias is None else self._head_bias.float()))
+            scores = F.linear(last.float(), self._head_weight.float(),
+                              None if self._head_bias is None else self._head_bias.float())
+            logits.append(scores if self._cap is None else self._cap * torch.tanh(scores / self._cap))
         return torch.cat(logits).cpu().view(num_prompts, len(ids), self.info.num_labels)
 
 
