@@ -6,7 +6,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
@@ -15,7 +14,6 @@ from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import PrefixCausalLM, load_backbone
 from pflat_lightning.pretrained import load_pretrained
-from pflat_lightning.privacy.config import PrivacyConfig
 
 STAGES = ("val", "test")
 
@@ -52,20 +50,9 @@ class PrefixTunedCausalLM(DPPrefixModule):
         num_generation_batches: evaluation batches (from the first) whose prompts are generated from; 0
             turns BLEU, ROUGE-L and samples off (generation is the slow part of evaluation on a CPU).
         num_samples: generations shown in the log and the report per evaluation.
-        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
-            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
-            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
-            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
-            config before any weights load.
-        privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
-        optimizer: optimizer factory over the trainable parameters.
-        lr_scheduler: optional scheduler factory, stepped once per logical batch.
-        max_physical_batch_size: examples per forward/backward; a logical batch is processed in
-            chunks of this size (virtual steps), so its memory never depends on the logical batch.
-        log_train_loss: log the training loss. It is a statistic of private data released outside
-            the accountant, so under DP it is recorded in the ledger and voids the formal guarantee.
-        epsilon_every_n_steps: how often the progress bar's epsilon is recomputed (also at the last
-            step); ``epsilon_at_step`` says which step it is exact for. The report is always exact.
+        backbone_kwargs: the backbone's ``from_pretrained`` keywords (:func:`~pflat_lightning.prefix_model.load_backbone`).
+        kwargs: :class:`~pflat_lightning.module.DPPrefixModule`'s training options (``privacy``, ``optimizer``,
+            ``lr_scheduler``, ``max_physical_batch_size``, ``log_train_loss``, ``epsilon_every_n_steps``).
 
     Raises:
         ValueError: for a backbone that is not a causal LM, a negative generation setting, or, at fit
@@ -94,21 +81,9 @@ class PrefixTunedCausalLM(DPPrefixModule):
         num_generation_batches: int = 1,
         num_samples: int = 3,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
-        privacy: Optional[PrivacyConfig] = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        max_physical_batch_size: int = 32,
-        log_train_loss: bool = False,
-        epsilon_every_n_steps: int = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            privacy=privacy,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            max_physical_batch_size=max_physical_batch_size,
-            log_train_loss=log_train_loss,
-            epsilon_every_n_steps=epsilon_every_n_steps,
-        )
+        super().__init__(**kwargs)
         for name, value, least in (("generate_max_new_tokens", generate_max_new_tokens, 1),
                                    ("num_generation_batches", num_generation_batches, 0),
                                    ("num_samples", num_samples, 0)):

@@ -6,7 +6,6 @@ from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from pflat_lightning.families import family_for
@@ -14,7 +13,6 @@ from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
 from pflat_lightning.pretrained import load_pretrained
-from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.training import CHECKPOINT_KEY
 
 #: ``CHECKPOINT_KEY`` is re-exported for the modules that import it from here.
@@ -40,20 +38,9 @@ class PrefixTunedClassifier(DPPrefixModule):
         label_words: one word per class, e.g. ``["terrible", "great"]``.
         prefix: the prefix's length, reparametrisation and initialisation (from an instruction text with
             ``init_text``, for every head and family); ``None`` means ``PrefixConfig()``.
-        backbone_kwargs: keyword arguments for the backbone's ``from_pretrained``, as Hugging Face users pass them:
-            ``{"dtype": "bfloat16"}`` computes the frozen backbone in 16 bits (the prefix and head stay fp32),
-            ``device_map``/``low_cpu_mem_usage`` place or stream a large backbone, ``revision`` pins a hub
-            version; ``trust_remote_code`` is off unless given. An unsupported model is refused from its
-            config before any weights load.
-        privacy: the privacy parameters; ``None`` means ``PrivacyConfig()`` (DP at epsilon 8).
-        optimizer: optimizer factory over the trainable parameters.
-        lr_scheduler: optional scheduler factory, stepped once per logical batch.
-        max_physical_batch_size: examples per forward/backward; a logical batch is processed in
-            chunks of this size (virtual steps), so its memory never depends on the logical batch.
-        log_train_loss: log the training loss. It is a statistic of private data released outside
-            the accountant, so under DP it is recorded in the ledger and voids the formal guarantee.
-        epsilon_every_n_steps: how often the progress bar's epsilon is recomputed (also at the last
-            step); ``epsilon_at_step`` says which step it is exact for. The report is always exact.
+        backbone_kwargs: the backbone's ``from_pretrained`` keywords (:func:`~pflat_lightning.prefix_model.load_backbone`).
+        kwargs: :class:`~pflat_lightning.module.DPPrefixModule`'s training options (``privacy``, ``optimizer``,
+            ``lr_scheduler``, ``max_physical_batch_size``, ``log_train_loss``, ``epsilon_every_n_steps``).
 
     Example::
 
@@ -75,21 +62,9 @@ class PrefixTunedClassifier(DPPrefixModule):
         label_words: Optional[List[str]] = None,
         prefix: Optional[PrefixConfig] = None,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
-        privacy: Optional[PrivacyConfig] = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        max_physical_batch_size: int = 32,
-        log_train_loss: bool = False,
-        epsilon_every_n_steps: int = 10,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            privacy=privacy,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            max_physical_batch_size=max_physical_batch_size,
-            log_train_loss=log_train_loss,
-            epsilon_every_n_steps=epsilon_every_n_steps,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         load = partial(load_backbone, head=head, **(backbone_kwargs or {}))
         model, self.tokenizer = load_pretrained(backbone, load)

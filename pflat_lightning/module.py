@@ -166,7 +166,7 @@ class DPPrefixModule(PrivateTraining):
 
             teacher = module.clone_untrained(privacy=PrivacyConfig(enabled=False))
         """
-        accepted = inspect.signature(type(self).__init__).parameters
+        accepted = constructor_arguments(type(self))
         refused = sorted(set(overrides) - set(accepted)) + sorted(set(overrides) & set(ARCHITECTURE_HPARAMS))
         if refused:
             raise ValueError(f"clone_untrained cannot override {refused}: it takes {type(self).__name__}'s constructor "
@@ -378,3 +378,17 @@ class DPPrefixModule(PrivateTraining):
         if self.is_private:
             self.engine.detach()
 
+
+
+def constructor_arguments(cls: type) -> List[str]:
+    """The keyword arguments ``cls(...)`` takes: its ``__init__``'s and, through ``**kwargs``, its bases' (the task
+    modules pass the training options on to :class:`DPPrefixModule`)."""
+    names: List[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        names += [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
