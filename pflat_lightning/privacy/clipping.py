@@ -15,7 +15,7 @@ bound, so a bound near the group's typical gradient norm gives each group the sa
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -60,24 +60,25 @@ class GroupClipping:
         """``sqrt(K)``: the factor on each group's noise that keeps the whole release at multiplier ``sigma``."""
         return math.sqrt(len(self.bounds))
 
-    def group_norms(self) -> torch.Tensor:
-        """Per-example L2 norm of each group's accumulated per-example gradients, shape ``(examples, K)``."""
-        samples = self.grad_samples
+    def group_norms(self, samples: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Per-example L2 norm of each group's accumulated per-example gradients, shape ``(examples, K)``
+        (``samples``: Opacus' flat per-example gradients of ``params``, when already gathered)."""
+        samples = self.grad_samples if samples is None else samples
         squares = samples[0].new_zeros((len(samples[0]), len(self.bounds)))
         for p, g in zip(self.params, samples):
             squares[:, self.group_of[id(p)]] += g.reshape(len(g), -1).pow(2).sum(dim=1)
         return squares.sqrt()
 
     def clip_and_accumulate(self) -> None:
-        if len(self.grad_samples[0]) == 0:
-            factors = self.grad_samples[0].new_zeros((0, len(self.bounds)))
+        samples = self.grad_samples  # gathered once: each access concatenates the accumulated chunks
+        if len(samples[0]) == 0:
+            factors = samples[0].new_zeros((0, len(self.bounds)))
         else:
-            bounds = torch.tensor(self.bounds, dtype=self.grad_samples[0].dtype, device=self.grad_samples[0].device)
-            factors = (bounds / (self.group_norms() + 1e-6)).clamp(max=1.0)
-        for p in self.params:
+            bounds = torch.tensor(self.bounds, dtype=samples[0].dtype, device=samples[0].device)
+            factors = (bounds / (self.group_norms(samples) + 1e-6)).clamp(max=1.0)
+        for p, sample in zip(self.params, samples):
             _check_processed_flag(p.grad_sample)
-            sample = self._get_flat_grad_sample(p).to(p.dtype)
-            grad = torch.einsum("i,i...", factors[:, self.group_of[id(p)]].to(p.dtype), sample)
+            grad = torch.einsum("i,i...", factors[:, self.group_of[id(p)]].to(p.dtype), sample.to(p.dtype))
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 
