@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Type, runtime_checkable
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
@@ -201,14 +202,43 @@ def report_sections(pl_module: pl.LightningModule) -> Dict[str, Any]:
 
 
 def physical_batches(batch: Any, size: int) -> Iterator[Any]:
-    """``batch`` in chunks of at most ``size`` examples, in order (none for an empty batch): the forward/backward
-    passes of one logical batch. Every tensor is cut alike, and in a dict batch every other entry too (raw texts)."""
-    for start in range(0, num_examples(batch), size):
-        rows = slice(start, start + size)
-        if isinstance(batch, Mapping):
-            yield {key: value[rows] for key, value in batch.items()}
-        else:
-            yield apply_to_collection(batch, Tensor, lambda tensor: tensor[rows])
+    """``batch`` in chunks of at most ``size`` examples (none for an empty batch): the forward/backward passes of
+    one logical batch. Every tensor is cut alike, and in a dict batch every other entry too (raw texts).
+
+    A dict batch with a 2-D ``attention_mask`` is cut in order of length, shortest first, and a right-padded
+    chunk is trimmed to its own longest example: every per-token entry (the shape of the mask) loses the columns
+    that are padding in all of its rows. The chunks hold the same examples as the batch, so a DP update (a sum
+    of clipped per-example gradients) is the same; only less padding goes through the model."""
+    count = num_examples(batch)
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not (isinstance(mask, Tensor) and mask.dim() == 2 and count > size):
+        for start in range(0, count, size):
+            yield _rows(batch, slice(start, start + size))
+        return
+    lengths = mask.sum(dim=1)
+    right_padded = bool(mask[:, 0].all())
+    for rows in torch.argsort(lengths, stable=True).split(size):
+        chunk = _rows(batch, rows)
+        if right_padded:
+            longest = int(lengths[rows].max())
+            shape = chunk["attention_mask"].shape
+            chunk = {key: value[:, :longest] if _per_token(value, shape) else value for key, value in chunk.items()}
+        yield chunk
+
+
+def _per_token(value: Any, shape: torch.Size) -> bool:
+    return isinstance(value, Tensor) and value.dim() >= 2 and value.shape[:2] == shape
+
+
+def _rows(batch: Any, rows: Any) -> Any:
+    """The examples ``rows`` (a slice or an index tensor) of ``batch``: of every tensor, and in a dict batch of
+    every other sequence too."""
+    if isinstance(batch, Mapping):
+        if isinstance(rows, slice):
+            return {key: value[rows] for key, value in batch.items()}
+        return {key: value[rows] if isinstance(value, Tensor) else [value[i] for i in rows.tolist()]
+                for key, value in batch.items()}
+    return apply_to_collection(batch, Tensor, lambda tensor: tensor[rows])
 
 
 def physical_batch_size(pl_module: pl.LightningModule, batch: Any) -> int:

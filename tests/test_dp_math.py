@@ -395,3 +395,31 @@ def test_auto_clipping_picks_ghost_only_when_per_example_gradients_are_large(rep
     report = module.privacy_report()
     assert report["grad_sample_mode"] == expected
     assert report["callbacks"]["clipping"]["estimated_mib"]["hooks"] == round(hooks_bytes / 2**20, 2)
+
+
+def test_physical_chunks_go_by_length_and_drop_their_padding():
+    """A right-padded logical batch is cut shortest first; each chunk keeps every one of its examples' tokens and
+    no column that is padding in all its rows; every example lands in exactly one chunk, its text with it."""
+    lengths = torch.tensor([7, 2, 5, 3, 7, 1, 4])
+    mask = (torch.arange(7)[None, :] < lengths[:, None]).long()
+    ids = torch.arange(49).view(7, 7) * mask
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))  # per-token, as a causal LM's
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "text": [f"t{i}" for i in range(7)]}
+    chunks = list(physical_batches(batch, 3))
+    assert [c["attention_mask"].sum(1).tolist() for c in chunks] == [[1, 2, 3], [4, 5, 7], [7]]
+    assert [c["input_ids"].shape[1] for c in chunks] == [3, 7, 7]
+    seen = []
+    for chunk in chunks:
+        assert chunk["labels"].shape == chunk["input_ids"].shape == chunk["attention_mask"].shape
+        for row, text in zip(range(len(chunk["text"])), chunk["text"]):
+            i = int(text[1:])
+            seen.append(i)
+            width = chunk["input_ids"].shape[1]
+            assert torch.equal(chunk["input_ids"][row], ids[i, :width]) and not ids[i, width:].any()
+            assert torch.equal(chunk["labels"][row], labels[i, :width])
+    assert sorted(seen) == list(range(7))
+
+    left = {"input_ids": ids.flip(1), "attention_mask": mask.flip(1)}  # left padding: nothing is cut off
+    assert all(c["input_ids"].shape[1] == 7 for c in physical_batches(left, 3))
+    assert sorted(sum((c["attention_mask"].sum(1).tolist() for c in physical_batches(left, 3)), [])) == sorted(
+        lengths.tolist())
