@@ -6,9 +6,10 @@
 
 Every method trains the same recipe (the ``--config`` files, as for ``pflat fit``) on the same private
 training split; a public split (``public_fraction``, held out of training for every method) serves the
-strict variants' teacher and layer scores. Per run it measures the test accuracy, the loss-threshold
-membership attack (the paper's MIA accuracy, its ROC AUC and TPR at 1 % FPR, members = training split,
-non-members = test split), the paper's sharpness (largest loss rise along the normalised gradient of the
+strict variants' teacher and layer scores. Per run it measures the validation and test accuracy, two
+membership attacks (members = training split, non-members = test split): the paper's loss threshold (its
+MIA accuracy, ROC AUC and TPR at 1 % FPR) and the reference attack (each example's loss relative to the
+untrained model's), the paper's sharpness (largest loss rise along the normalised gradient of the
 validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal guarantee from the
 privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
 and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
@@ -17,11 +18,12 @@ in ``comparison.json``, must be the same; a row whose method config has changed 
 a comparison of hours can be spread over several sittings and extended with more seeds, epsilons or
 methods.
 
-The methods: non-private, DP-SGD, DP-SGD + each flattening technique alone (as configured in
-``privacy_flat_strict.yaml``: AWP on the previous released gradient, layer selection on public data,
-a teacher trained on public data), strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat
-(``privacy_flat_paper.yaml``: raw private AWP, layers scored on private data, a non-private teacher on
-the private data, clip 0.1: no formal guarantee, as its reports say).
+The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
+DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_flat_strict.yaml``: AWP on
+the previous released gradient, layer selection on public data, a teacher trained on public data),
+strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
+AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
+guarantee, as its reports say).
 
 Every private row is seeded (``secure_mode=False``, whatever the recipe says), so that a comparison can be
 re-run draw for draw; its reports therefore say that no formal guarantee holds, because the noise and the
@@ -71,11 +73,13 @@ class Method:
 
     name: str
     private: bool = True
+    trained: bool = True  # False: the untrained model (zero-shot), measured as the others
     config: Optional[Path] = None
     callbacks: Optional[Sequence[str]] = None  # class names to take from ``config`` (None: all)
 
 
 METHODS = [
+    Method("zero-shot", private=False, trained=False),
     Method("non-private", private=False),
     Method("DP-SGD"),
     Method("DP + AWP", config=STRICT_CONFIG, callbacks=["AdversarialWeightPerturbation"]),
@@ -125,6 +129,8 @@ def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
 def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> List[str]:
     """``pflat fit`` arguments that turn the base recipe into ``method`` at ``epsilon``."""
     args = ["--seed_everything", str(seed), "--model.privacy.seed", str(seed)]
+    if not method.trained:
+        args += ["--trainer.max_epochs", "0"]
     if not method.private:
         return args + ["--model.privacy.enabled", "false"]
     args += ["--model.privacy.enabled", "true", "--model.privacy.target_epsilon", str(epsilon),
@@ -155,7 +161,8 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
     train_s = time.time() - start
     trainer.test(model, datamodule=data, verbose=False)
     report = json.loads((model.report_dir / "privacy_report.json").read_text())
-    audit = report["callbacks"]["MembershipInferenceAudit"]["attacks"]["loss"]
+    attacks = report["callbacks"]["MembershipInferenceAudit"]["attacks"]
+    audit = attacks["loss"]
     landscape = report["callbacks"]["LossLandscape"]
     return {
         "method": method.name,
@@ -166,6 +173,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         "mia_accuracy": audit["mia_accuracy"],
         "mia_auc": audit["auc"],
         "mia_tpr_at_1pct_fpr": audit["tpr_at_1pct_fpr"],
+        "attacks": {name: {key: attack[key] for key in ATTACK_KEYS} for name, attack in attacks.items()},
         "sharpness": landscape["sharpness"],
         "epsilon": report["epsilon"],
         "formal_guarantee": report["formal_guarantee"],
@@ -177,9 +185,15 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
     }
 
 
+#: What each row keeps of each attack's audit result.
+ATTACK_KEYS = ("auc", "mia_accuracy", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
+
+
 def measurement_callbacks(quick: bool) -> List[Callback]:
+    """The audit (the paper's loss attack, and the loss relative to the untrained model's, which discriminates
+    far better when the pretrained prior explains most of each example's loss) and the paper's sharpness."""
     return [
-        MembershipInferenceAudit(attacks=["loss"], num_examples=200 if quick else 1000),
+        MembershipInferenceAudit(attacks=["loss", "reference"], reference="initial", num_examples=200 if quick else 1000),
         LossLandscape(num_batches=1 if quick else 4, alphas=QUICK_ALPHAS if quick else None, sam_steps=2 if quick else 5,
                       slice_1d_points=0, slice_2d_points=0),
     ]
@@ -205,12 +219,17 @@ def _groups(results: List[Dict[str, Any]]):
     return [(key, [r for r in results if (r["method"], r["target_epsilon"]) == key]) for key in keys]
 
 
+def _attack(row: Dict[str, Any], name: str, key: str) -> Optional[float]:
+    return (row.get("attacks") or {}).get(name, {}).get(key)
+
+
 def table(results: List[Dict[str, Any]]) -> str:
-    """The markdown table: mean ± sd over seeds per (method, epsilon) (one seed: its value)."""
+    """The markdown table: mean ± sd over seeds per (method, epsilon) (one seed: its value). The attacks: the
+    paper's loss attack (its MIA accuracy and AUC) and the reference attack (AUC, TPR at 1 % FPR)."""
     rows = [
-        "| method | target epsilon | test acc. (%) | MIA acc. (%) | MIA AUC | TPR @ 1 % FPR (%) | sharpness | "
-        "epsilon spent | formal guarantee | train s | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | target epsilon | val acc. (%) | test acc. (%) | MIA acc. (%) | MIA AUC | TPR @ 1 % FPR (%) | "
+        "ref. AUC | ref. TPR @ 1 % FPR (%) | sharpness | epsilon spent | formal guarantee | train s | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (method, epsilon), group in _groups(results):
         spent = [r["epsilon"] for r in group if r["epsilon"] is not None]
@@ -221,9 +240,13 @@ def table(results: List[Dict[str, Any]]) -> str:
         else:
             guarantee = "no"
         rows.append(
-            f"| {method} | {epsilon if epsilon is not None else 'none'} | {_mean_sd([r['test_acc'] for r in group], 100)} | "
+            f"| {method} | {epsilon if epsilon is not None else 'none'} | "
+            f"{_mean_sd([r.get('val_acc') for r in group], 100)} | {_mean_sd([r['test_acc'] for r in group], 100)} | "
             f"{_mean_sd([r['mia_accuracy'] for r in group], 100)} | {_mean_sd([r['mia_auc'] for r in group], 1, 3)} | "
-            f"{_mean_sd([r['mia_tpr_at_1pct_fpr'] for r in group], 100)} | {_mean_sd([r['sharpness'] for r in group], 1, 4)} | "
+            f"{_mean_sd([r['mia_tpr_at_1pct_fpr'] for r in group], 100)} | "
+            f"{_mean_sd([_attack(r, 'reference', 'auc') for r in group], 1, 3)} | "
+            f"{_mean_sd([_attack(r, 'reference', 'tpr_at_1pct_fpr') for r in group], 100)} | "
+            f"{_mean_sd([r['sharpness'] for r in group], 1, 4)} | "
             f"{f'{max(spent):.3f}' if spent else 'none'} | {guarantee} | "
             f"{statistics.mean(r['train_s'] for r in group):.0f} | {len(group)} |"
         )
@@ -240,11 +263,11 @@ def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, 
     groups = _groups(results)
     methods = [m for m in METHOD_NAMES if any(k[0] == m for k, _ in groups)]
     epsilons = sorted({k[1] for k, _ in groups if k[1] is not None})
-    series = [(f"epsilon {e:g}", e) for e in epsilons] + ([("non-private", None)] if any(k[1] is None for k, _ in groups) else [])
+    series = [(f"epsilon {e:g}", e) for e in epsilons] + ([("no DP", None)] if any(k[1] is None for k, _ in groups) else [])
     width = 0.8 / max(1, len(series))
 
     measured = {(m, e): [r[key] for r in g if r[key] is not None] for (m, e), g in groups}
-    # each method's bars centred on its tick (the non-private method has one bar, not a gap beside it)
+    # each method's bars centred on its tick (a method without DP has one bar, not a gap beside it)
     present = {m: [e for _, e in series if measured.get((m, e))] for m in methods}
     fig, ax = plt.subplots(figsize=(1.4 * len(methods) + 2, 4))
     for label, epsilon in series:

@@ -32,20 +32,26 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
             cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
         )
 
-    done = reproduce_cli("--epsilons", "8", "--methods", "non-private", "DP-SGD", "Privacy-Flat (paper)")
+    done = reproduce_cli("--epsilons", "8", "--methods", "zero-shot", "non-private", "DP-SGD", "Privacy-Flat (paper)")
     assert done.returncode == 0, done.stderr[-3000:]
 
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["target_epsilon"]) for r in rows] == [
-        ("non-private", None), ("DP-SGD", 8.0), ("Privacy-Flat (paper)", 8.0)]
+        ("zero-shot", None), ("non-private", None), ("DP-SGD", 8.0), ("Privacy-Flat (paper)", 8.0)]
     by_method = {r["method"]: r for r in rows}
     for row in rows:  # each number is read back from that run's own privacy report
         report = json.loads(Path(row["report"]).with_suffix(".json").read_text())
         assert row["epsilon"] == report["epsilon"] and row["formal_guarantee"] == report["formal_guarantee"]
         assert 0.0 <= row["mia_auc"] <= 1.0 and 0.5 <= row["mia_accuracy"] <= 1.0 and row["sharpness"] >= 0.0
+        attacks = report["callbacks"]["MembershipInferenceAudit"]["attacks"]
         assert report["callbacks"]["MembershipInferenceAudit"]["num_members"] > 0
+        assert row["attacks"]["reference"]["auc"] == attacks["reference"]["auc"]
+        assert row["attacks"]["loss"]["tpr_at_0.1pct_fpr"] == attacks["loss"]["tpr_at_0.1pct_fpr"]
         # The recipe's Trainer settings apply (2 of the 3 batches per epoch), and the run's config is saved.
-        assert report["steps"] == 4 and (Path(row["report"]).parent / "config.yaml").is_file()
+        trained_steps = 0 if row["method"] == "zero-shot" else 4
+        assert report["steps"] == trained_steps and (Path(row["report"]).parent / "config.yaml").is_file()
+    zero_shot = by_method["zero-shot"]
+    assert zero_shot["attacks"]["reference"]["auc"] == 0.5, "untrained, the reference attack's scores are all 0"
     assert by_method["non-private"]["epsilon"] is None and not by_method["non-private"]["formal_guarantee"]
     dp = by_method["DP-SGD"]
     assert not dp["formal_guarantee"] and 7.0 < dp["epsilon"] <= 8.0 and dp["reasons"] == SEEDED_REASONS, \
@@ -58,9 +64,10 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert paper_report["max_grad_norm"] == 0.1, "the paper's clip comes from privacy_flat_paper.yaml"
 
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| method |") and len(lines) == 2 + 3
-    assert lines[3].startswith("| DP-SGD | 8.0 |") and "| seeded |" in lines[3]
-    assert lines[4].startswith("| Privacy-Flat (paper) | 8.0 |") and "| no |" in lines[4]
+    assert lines[0].startswith("| method |") and len(lines) == 2 + 4
+    assert lines[2].startswith("| zero-shot | none |") and lines[2].rstrip().endswith("| 1 |")
+    assert lines[4].startswith("| DP-SGD | 8.0 |") and "| seeded |" in lines[4]
+    assert lines[5].startswith("| Privacy-Flat (paper) | 8.0 |") and "| no |" in lines[5]
     for figure in ("sharpness.png", "mia_accuracy.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -72,22 +79,22 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DP-SGD eps=8.0 seed=0: already in" in done.stdout
     resumed = json.loads((out / "results.json").read_text())
-    assert resumed[:3] == rows, "the finished rows are kept as they were"
-    assert [(r["method"], r["target_epsilon"]) for r in resumed[3:]] == [("DP-SGD", 3.0)]
-    assert resumed[3]["reasons"] == SEEDED_REASONS and 2.5 < resumed[3]["epsilon"] <= 3.0
+    assert resumed[:4] == rows, "the finished rows are kept as they were"
+    assert [(r["method"], r["target_epsilon"]) for r in resumed[4:]] == [("DP-SGD", 3.0)]
+    assert resumed[4]["reasons"] == SEEDED_REASONS and 2.5 < resumed[4]["epsilon"] <= 3.0
     assert not stale.exists() and (stale.parent / "privacy_report.json").is_file()
-    assert len((out / "table.md").read_text().splitlines()) == 2 + 4
+    assert len((out / "table.md").read_text().splitlines()) == 2 + 5
 
     # A row whose method config changed since it ran (here: as recorded) is run again; the others stay.
-    assert resumed[3]["method_recipe"] == {"callbacks": [], "privacy": {}}
-    resumed[3]["method_recipe"] = {"callbacks": [], "privacy": {"max_grad_norm": 0.5}}
+    assert resumed[4]["method_recipe"] == {"callbacks": [], "privacy": {}}
+    resumed[4]["method_recipe"] = {"callbacks": [], "privacy": {"max_grad_norm": 0.5}}
     (out / "results.json").write_text(json.dumps(resumed))
     done = reproduce_cli("--epsilons", "3", "--methods", "DP-SGD")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "DP-SGD eps=3.0 seed=0: its method config has changed since it ran, run again" in done.stdout
     rerun = json.loads((out / "results.json").read_text())
-    assert rerun[:3] == rows and len(rerun) == 4 and rerun[3]["method_recipe"] == {"callbacks": [], "privacy": {}}
-    assert rerun[3]["wall_s"] != resumed[3]["wall_s"]
+    assert rerun[:4] == rows and len(rerun) == 5 and rerun[4]["method_recipe"] == {"callbacks": [], "privacy": {}}
+    assert rerun[4]["wall_s"] != resumed[4]["wall_s"]
     resumed = rerun
 
     # Another recipe in the same folder is refused before anything runs.
@@ -110,7 +117,7 @@ def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
     assert [line.split(" | ")[:2] for line in lines] == [["| non-private", "none"], ["| DP-SGD", "3.0"],
                                                          ["| DP-SGD", "8.0"]]
     assert "| 85.00 ± 7.07 |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
-    assert "| 70.00 | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
+    assert "| n/a | 70.00 | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
 
 
 def test_bar_charts_show_an_error_bar_only_where_there_are_seeds_to_spread(tmp_path, monkeypatch):
