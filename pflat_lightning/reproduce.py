@@ -155,7 +155,7 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
                    "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0"]
     model, data, trainer = load_run(args.config, None,
                                     [*args.overrides, *method_overrides(method, epsilon, seed), *run_trainer])
-    trainer.callbacks.extend([*method_callbacks(method, args.quick), *measurement_callbacks(args.quick)])
+    trainer.callbacks.extend([*method_callbacks(method, args.quick), *measurement_callbacks(args)])
     start = time.time()
     trainer.fit(model, datamodule=data)
     train_s = time.time() - start
@@ -189,13 +189,15 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
 ATTACK_KEYS = ("auc", "mia_accuracy", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 
 
-def measurement_callbacks(quick: bool) -> List[Callback]:
+def measurement_callbacks(args: argparse.Namespace) -> List[Callback]:
     """The audit (the paper's loss attack, and the loss relative to the untrained model's, which discriminates
-    far better when the pretrained prior explains most of each example's loss) and the paper's sharpness."""
+    far better when the pretrained prior explains most of each example's loss) and the paper's sharpness, at
+    the sizes of ``--audit_examples`` and ``--landscape_batches``."""
+    quick = args.quick
     return [
-        MembershipInferenceAudit(attacks=["loss", "reference"], reference="initial", num_examples=200 if quick else 1000),
-        LossLandscape(num_batches=1 if quick else 4, alphas=QUICK_ALPHAS if quick else None, sam_steps=2 if quick else 5,
-                      slice_1d_points=0, slice_2d_points=0),
+        MembershipInferenceAudit(attacks=["loss", "reference"], reference="initial", num_examples=args.audit_examples),
+        LossLandscape(num_batches=args.landscape_batches, alphas=QUICK_ALPHAS if quick else None,
+                      sam_steps=2 if quick else 5, slice_1d_points=0, slice_2d_points=0),
     ]
 
 
@@ -314,6 +316,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"any of {METHOD_NAMES}")
     parser.add_argument("--public_fraction", type=float, default=0.1,
                         help="public split held out of every method's training (strict variants' teacher/scores)")
+    parser.add_argument("--audit_examples", type=int, default=None,
+                        help="members (training split) and as many non-members (test split) each audit attacks; "
+                             "default 200 (quick) or 1000")
+    parser.add_argument("--landscape_batches", type=int, default=None,
+                        help="validation batches of each run's sharpness measurement; default 1 (quick) or 4")
     parser.add_argument("--out", type=Path, default=Path("results/reproduce"))
     args = parser.parse_args(argv)
     for epsilon in args.epsilons:
@@ -321,6 +328,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--epsilons must be positive, got {epsilon}")
     if not 0 < args.public_fraction < 1:
         parser.error(f"--public_fraction must be in (0, 1), got {args.public_fraction}")
+    for name in ("audit_examples", "landscape_batches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    args.audit_examples = args.audit_examples or (200 if args.quick else 1000)
+    args.landscape_batches = args.landscape_batches or (1 if args.quick else 4)
     args.config = args.config or [DEFAULT_CONFIG]
     for path in args.config:
         if not path.is_file():
@@ -332,8 +344,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def recipe(args: argparse.Namespace) -> Dict[str, Any]:
-    """What every run of one comparison shares: the config files' text and the overrides."""
-    return {"configs": [path.read_text() for path in args.config], "overrides": list(args.overrides)}
+    """What every run of one comparison shares: the config files' text, the overrides and the measurements' sizes."""
+    return {"configs": [path.read_text() for path in args.config], "overrides": list(args.overrides),
+            "measurements": {"audit_examples": args.audit_examples, "landscape_batches": args.landscape_batches}}
 
 
 def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -345,8 +358,8 @@ def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if json.loads(recipe_path.read_text()) != current:
             raise ValueError(
                 f"--out {args.out} holds a comparison with another recipe ({recipe_path}: other --config contents or "
-                "overrides, --quick or --public_fraction); its rows cannot be mixed with this one's. Choose another "
-                "--out, or run with that folder's recipe to resume it."
+                "overrides, --quick, --public_fraction, --audit_examples or --landscape_batches); its rows cannot be "
+                "mixed with this one's. Choose another --out, or run with that folder's recipe to resume it."
             )
         return json.loads(results_path.read_text()) if results_path.is_file() else []
     if results_path.is_file():

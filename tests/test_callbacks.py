@@ -668,3 +668,18 @@ def test_awp_resumes_the_same_schedule(direction, tiny_model_dir, tmp_path):
     assert resumed.engine.history == whole.engine.history
     for a, b in zip(resumed.model.prefix.parameters(), whole.model.prefix.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_selection_scores_on_batches_of_its_own_size(tiny_model_dir, tmp_path):
+    """batch_size rebatches the selection split in order: the curves cost len(alphas) * num_batches forward
+    passes of that many examples, whatever the datamodule's evaluation batch size (32 here)."""
+    callback = SharpnessLayerSelection(keep_layers=1, at_epoch=0, data="validation", alphas=[0.0, 1.0],
+                                       num_batches=2, batch_size=5)
+    data = TokenDataModule(poisson=False)
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback])
+    trainer.fit(make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False)), datamodule=data)
+    batches = callback._batches(trainer, torch.device("cpu"))
+    assert [len(b["labels"]) for b in batches] == [5, 5]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), data.dataset.input_ids[:10])
+    with pytest.raises(ValueError, match="batch_size must be >= 1 or None, got 0"):
+        SharpnessLayerSelection(batch_size=0)

@@ -177,6 +177,8 @@ def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):
     (["--epsilons", "0"], "--epsilons must be positive"),
     (["--public_fraction", "1.5"], "--public_fraction must be in (0, 1)"),
     (["--config", "missing.yaml"], "--config missing.yaml is not a file"),
+    (["--audit_examples", "0"], "--audit_examples must be >= 1, got 0"),
+    (["--landscape_batches", "-2"], "--landscape_batches must be >= 1, got -2"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):

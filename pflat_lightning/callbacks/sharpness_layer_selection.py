@@ -70,6 +70,8 @@ class SharpnessLayerSelection(Callback):
         alphas: steps along ``d`` (default 0, 0.1, ..., 1.0, as in the paper's curves).
         radius: length of the step at ``alpha = 1`` (``d`` has unit norm).
         num_batches: batches of the selection data evaluated per point of each curve.
+        batch_size: examples per batch of the selection data (default: the datamodule's evaluation batch size).
+            Each layer's curve costs ``len(alphas) * num_batches`` forward passes of this size.
 
     Raises:
         TypeError: at fit setup, listing every member of the contract the module lacks.
@@ -94,6 +96,7 @@ class SharpnessLayerSelection(Callback):
         alphas: Optional[List[float]] = None,
         radius: float = 1.0,
         num_batches: int = 4,
+        batch_size: Optional[int] = None,
     ) -> None:
         if isinstance(keep_layers, float) and not 0 < keep_layers <= 1:
             raise ValueError(f"keep_layers as a fraction must be in (0, 1], got {keep_layers}.")
@@ -111,6 +114,8 @@ class SharpnessLayerSelection(Callback):
             raise ValueError(f"radius must be > 0, got {radius}.")
         if num_batches < 1:
             raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
         self.keep_layers = keep_layers
         self.at_epoch = at_epoch
         self.fixed_layers = layers
@@ -119,6 +124,7 @@ class SharpnessLayerSelection(Callback):
         self.alphas = check_alphas(DEFAULT_ALPHAS if alphas is None else alphas)
         self.radius = radius
         self.num_batches = num_batches
+        self.batch_size = batch_size
         self.selected: Optional[List[int]] = None
         self.scores: Dict[int, float] = {}
 
@@ -226,10 +232,10 @@ class SharpnessLayerSelection(Callback):
 
     def _batches(self, trainer: pl.Trainer, device: torch.device) -> List[Any]:
         datamodule = trainer.datamodule
-        if self.data == "private":
+        if self.data == "private" and self.batch_size is None:
             loader = trainer.train_dataloader
         elif datamodule is not None:
-            loader = split_loader(datamodule, self.data)
+            loader = split_loader(datamodule, self.data, batch_size=self.batch_size)
         elif self.data == "validation":
             loader = trainer.val_dataloaders
         else:

@@ -116,7 +116,8 @@ def split_loader(datamodule: Any, data: str, *, batch_size: Optional[int] = None
     ``test_dataloader()`` and ``public_dataloader()`` (the first loader where it returns several).
     ``"private"`` is a sequential, evaluation-style loader over the dataset of ``train_dataloader()``
     with its collate function (never the Poisson sampler), in batches of ``batch_size`` (default: the
-    datamodule's ``eval_batch_size``, else :data:`DEFAULT_EVAL_BATCH_SIZE`).
+    datamodule's ``eval_batch_size``, else :data:`DEFAULT_EVAL_BATCH_SIZE`). For the other splits a
+    ``batch_size`` other than their loader's rebatches the same examples, in order.
     """
     check_choice("data", data, DATA_SPLITS)
     if data == "private":
@@ -131,6 +132,8 @@ def split_loader(datamodule: Any, data: str, *, batch_size: Optional[int] = None
         if not loader:
             raise ValueError(f"data={data!r}: the datamodule has no {data} split.")
         loader = loader[0]
+    if batch_size is not None and getattr(loader, "batch_size", None) != batch_size:
+        loader = DataLoader(loader.dataset, batch_size=batch_size, shuffle=False, collate_fn=loader.collate_fn)
     return loader
 
 
