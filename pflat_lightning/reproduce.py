@@ -23,7 +23,8 @@ DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_fla
 the previous released gradient, layer selection on public data, a teacher trained on public data),
 strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
 AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
-guarantee, as its reports say).
+guarantee, as its reports say); last, the paper's techniques without DP (its Figure 4 "ours, non-private":
+does flattening alone lower membership inference?).
 
 Every private row is seeded (``secure_mode=False``, whatever the recipe says), so that a comparison can be
 re-run draw for draw; its reports therefore say that no formal guarantee holds, because the noise and the
@@ -87,6 +88,8 @@ METHODS = [
     Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"]),
     Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
+    # The paper's Figure 4 "ours, non-private": its three techniques on a run without noise.
+    Method("non-private + Privacy-Flat (paper)", private=False, config=PAPER_CONFIG),
 ]
 METHOD_NAMES = [m.name for m in METHODS]
 #: Privacy settings every row sets itself (private or not, its epsilon, its seed, seeded randomness); a method

@@ -159,6 +159,9 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     assert paper[paper.index("--model.privacy.max_grad_norm") + 1] == "0.1"
     assert paper[paper.index("--model.privacy.target_epsilon") + 1] == "3.0"
     assert reproduce.method_overrides(strict["non-private"], None, 7)[-2:] == ["--model.privacy.enabled", "false"]
+    figure_4 = strict["non-private + Privacy-Flat (paper)"]  # the paper's techniques, no noise
+    assert reproduce.method_overrides(figure_4, None, 7)[-2:] == ["--model.privacy.enabled", "false"]
+    assert reproduce.method_recipe(figure_4)["callbacks"] == paper_recipe["callbacks"]
 
 
 def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):
