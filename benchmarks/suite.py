@@ -19,7 +19,9 @@ Suites: ``main`` (each configuration on tiny GPT-2 and the bundled MiniLM), ``sm
 and DP hooks on the bundled SmolLM2-135M, 6 steps: about 5 s each here), ``growth`` (batch, length,
 prefix length on MiniLM), ``virtual`` (logical batch 1024 in physical chunks of 32 vs. 32),
 ``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto), ``repeat`` (limit,
-peer and ours interleaved three times on MiniLM, to separate a small gap from run-to-run noise).
+peer and ours interleaved three times on MiniLM, to separate a small gap from run-to-run noise),
+``prompt`` (the default recipe's step: SmolLM2 reading label words, limit, peer (PEFT prefix tuning of
+the causal LM + Opacus, the same label-word loss) and ours interleaved twice, length 40).
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def run_ours(spec: dict) -> dict:
     privacy = (PrivacyConfig(noise_multiplier=1.0, target_epsilon=None, poisson_sampling=False,
                              grad_sample_mode=spec["mode"]) if private else PrivacyConfig(enabled=False))
     physical = spec["physical"] or spec["batch"]
-    model = PrefixTunedClassifier(spec["backbone"], 2,
+    model = PrefixTunedClassifier(spec["backbone"], 2, head=spec["head"],
+                                  label_words=LABEL_WORDS if spec["head"] == "label_words" else None,
                                   prefix=PrefixConfig(num_virtual_tokens=spec["prefix"], reparam_hidden=spec["reparam"]),
                                   privacy=privacy, max_physical_batch_size=physical,
                                   optimizer=partial(torch.optim.AdamW, lr=1e-3))
@@ -154,11 +157,12 @@ def run_ours(spec: dict) -> dict:
 def run_peer(spec: dict) -> dict:
     from opacus import PrivacyEngine
     from peft import PrefixTuningConfig, TaskType, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pflat_lightning.bundled import resolve_model
 
     path = resolve_model(spec["backbone"])
+    label_words = spec["head"] == "label_words"
     config = AutoConfig.from_pretrained(path, num_labels=2)
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                 "attention_dropout"):
@@ -166,12 +170,23 @@ def run_peer(spec: dict) -> dict:
             setattr(config, key, 0.0)
     if config.pad_token_id is None:
         config.pad_token_id = 0
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-    peft_config = PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec["prefix"],
-                                     prefix_projection=spec["reparam"] is not None,
+    auto = AutoModelForCausalLM if label_words else AutoModelForSequenceClassification
+    model = auto.from_pretrained(path, config=config)
+    peft_config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM if label_words else TaskType.SEQ_CLS,
+                                     num_virtual_tokens=spec["prefix"], prefix_projection=spec["reparam"] is not None,
                                      encoder_hidden_size=spec["reparam"] or config.hidden_size)
     model = get_peft_model(model, peft_config)
     model.train()
+    if label_words:  # LM-BFF: the LM head's logits of one word per class at the last position
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        word_ids = torch.tensor([tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS])
+
+        def loss_of(batch):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return torch.nn.functional.cross_entropy(logits[:, -1, word_ids], batch["labels"])
+    else:
+        def loss_of(batch):
+            return model(**batch).loss
     total = spec["warmup"] + spec["steps"]
     loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"], collate_fn=collate)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -184,7 +199,7 @@ def run_peer(spec: dict) -> dict:
             sampler.start()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        loss_of(batch).backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
     sampler.stop()
@@ -197,7 +212,9 @@ def memory(sampler: MemorySampler) -> dict:
 
 # ---------------------------------------------------------------------------------------------- suites
 DEFAULTS = dict(kind="dp", mode="hooks", callbacks=[], reparam=None, batch=32, physical=None, length=64, prefix=10,
-                steps=10, warmup=2)
+                steps=10, warmup=2, head="linear")
+#: The ``prompt`` suite's label words (LM-BFF, read at the last position by the causal LM's own head).
+LABEL_WORDS = ["awful", "wonderful"]
 
 
 def spec(name: str, **kwargs) -> dict:
@@ -231,6 +248,9 @@ def suites(args, tiny: str) -> dict:
         "virtual": [spec("DP logical 32", steps=8, **minilm),
                     spec("DP logical 1024 = 32 x 32 virtual", batch=1024, physical=32, steps=2, warmup=1, **minilm)],
         "repeat": [spec(f"round {k}: {name}", kind=kind, **minilm) for k in (1, 2, 3)
+                   for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
+        "prompt": [spec(f"round {k}: {name}", kind=kind, backbone="bundled-smollm2", head="label_words", length=40,
+                        steps=6, warmup=1) for k in (1, 2)
                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
         "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=6, warmup=1)
                     for name, kind in (("non-private (limit)", "nonprivate"), ("PEFT + Opacus (peer)", "peer"),
@@ -285,6 +305,8 @@ def render(results: list) -> str:
     for suite, title in (("growth", "Growth (bundled MiniLM; one parameter changed from batch 32, length 64, prefix 10)"),
                          ("virtual", "Virtual steps (bundled MiniLM, DP hooks)"),
                          ("repeat", "Limit, peer and ours interleaved, three rounds (bundled MiniLM, batch 32, length 64)"),
+                         ("prompt", "Prompt-based SmolLM2 (label words at the last position; limit, peer and ours "
+                                    "interleaved, two rounds; batch 32, length 40)"),
                          ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)")):
         rows = [r for r in ok if r["suite"] == suite]
         if not rows:
