@@ -173,6 +173,7 @@ def test_audit_protocol_composes_with_a_run_config(tmp_path):
                    "--config", str(ROOT / "examples/configs/audit_protocol.yaml"), "--print_config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "max_epochs: 12" in result.stdout and "max_train_examples: 250" in result.stdout
+    assert "check_val_every_n_epoch: 12" in result.stdout and "max_eval_examples: 250" in result.stdout
     assert "batch_size: 50" in result.stdout and "head: label_words" in result.stdout, "the run config's model stays"
 
 
