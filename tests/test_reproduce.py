@@ -51,6 +51,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
         trained_steps = 0 if row["method"] == "zero-shot" else 4
         assert report["steps"] == trained_steps and (Path(row["report"]).parent / "config.yaml").is_file()
     zero_shot = by_method["zero-shot"]
+    assert 0.0 <= zero_shot["val_acc"] <= 1.0, "validated although never fitted"
     assert zero_shot["attacks"]["reference"]["auc"] == 0.5, "untrained, the reference attack's scores are all 0"
     assert by_method["non-private"]["epsilon"] is None and not by_method["non-private"]["formal_guarantee"]
     dp = by_method["DP-SGD"]

@@ -218,10 +218,7 @@ class PrivateTraining(pl.LightningModule):
     def privacy_report(self) -> Dict[str, Any]:
         """The report for the run so far (see :func:`pflat_lightning.privacy.report.build_report`)."""
         trainer = self.trainer
-        # Validation metrics of the fit and test metrics of a later test run both belong in the report.
-        self._final_metrics.update(
-            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
-        )
+        self._keep_metrics()
         return build_report(
             config=self.privacy,
             engine=self.engine,
@@ -233,6 +230,17 @@ class PrivateTraining(pl.LightningModule):
             sections=self.report_sections,
             run_id=self.run_id,
         )
+
+    def _keep_metrics(self) -> None:
+        # Validation metrics (of the fit or of a validate run) and test metrics of a later test run all belong
+        # in the report; each run's metrics are gone from callback_metrics once the next one starts.
+        self._final_metrics.update(
+            {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith(("val_", "test_"))}
+        )
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._keep_metrics()
 
     def _write_report(self) -> None:
         if self.report_dir is None:
