@@ -16,7 +16,8 @@ and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Run
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
 in ``comparison.json``, must be the same; a row whose method config has changed since is run again), so
 a comparison of hours can be spread over several sittings and extended with more seeds, epsilons or
-methods.
+methods. Invocations with other ``--seeds`` or ``--methods`` may also run side by side on one ``--out`` (one
+per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
 DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_flat_strict.yaml``: AWP on
@@ -34,8 +35,10 @@ only reasons are those (they would hold one trained with ``secure_mode=True``), 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -296,8 +299,14 @@ def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, 
     plt.close(fig)
 
 
+def _key(row: Dict[str, Any]) -> tuple:
+    return row["method"], row["target_epsilon"], row["seed"]
+
+
 def write_outputs(results: List[Dict[str, Any]], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    staged = out / "results.json.tmp"
+    staged.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(staged, out / "results.json")  # atomic: a reader never sees half a file
     (out / "table.md").write_text(table(results))
     bar_chart(results, "sharpness", "loss rise along the gradient", "Sharpness per method (paper Fig. 3)",
               out / "sharpness.png")
@@ -376,6 +385,20 @@ def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return []
 
 
+def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Adds one finished run to ``out`` and rewrites its outputs, under a lock on the folder: the rows are re-read
+    first, so invocations running side by side on one ``--out`` (other seeds or methods, one per core) keep each
+    other's rows. Rows whose method config has changed since they ran are dropped."""
+    with open(out / "comparison.json") as lock:  # written by resume() before any run
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        path = out / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else []
+        results = [r for r in results if _key(r) != _key(row) and r.get("method_recipe") == recipes.get(r["method"])]
+        results.append(row)
+        write_outputs(results, out)
+    return results
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     try:
@@ -389,7 +412,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
               "since it ran, run again", flush=True)
     results = [r for r in results if r not in stale]
-    done = {(r["method"], r["target_epsilon"], r["seed"]) for r in results}
+    done = {_key(r) for r in results}
     methods = [m for m in METHODS if m.name in args.methods]
     for seed in args.seeds:
         for method in methods:
@@ -398,9 +421,8 @@ def main(argv: Sequence[str]) -> int:
                     print(f"{method.name} eps={epsilon} seed={seed}: already in {args.out}/results.json, skipped",
                           flush=True)
                     continue
-                results.append(run_one(method, epsilon, seed, args))
-                write_outputs(results, args.out)
-                row = results[-1]
+                row = run_one(method, epsilon, seed, args)
+                results = record(row, args.out, recipes)
                 print(f"[{len(results)}] {row['method']} eps={epsilon} seed={seed}: test acc {row['test_acc']:.4f}, "
                       f"MIA acc {row['mia_accuracy']:.4f}, sharpness {row['sharpness']:.4g}, {row['wall_s']:.0f} s",
                       flush=True)

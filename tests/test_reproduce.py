@@ -142,6 +142,23 @@ def test_bar_charts_show_an_error_bar_only_where_there_are_seeds_to_spread(tmp_p
     assert len(one_seed) == 2 and all(math.isnan(e) for e in one_seed), "one seed: no error bar, not one of size 0"
 
 
+def test_side_by_side_invocations_keep_each_others_rows(tmp_path):
+    """Two invocations on one --out each hold the rows they started with; the second to finish must not drop the
+    first one's row, and a row whose method config changed since it ran goes."""
+    (tmp_path / "comparison.json").write_text("{}")
+    recipes = {m.name: reproduce.method_recipe(m) for m in reproduce.METHODS}
+    kept, stale = _row("DP-SGD", 8.0, 0, 0.80), _row("DP + AWP", 8.0, 0, 0.81)
+    kept["method_recipe"], stale["method_recipe"] = recipes["DP-SGD"], {"changed": True}
+    reproduce.write_outputs([kept, stale], tmp_path)
+    other = _row("DP-SGD", 8.0, 1, 0.85)  # finished by a process that started before `kept` was written
+    other["method_recipe"] = recipes["DP-SGD"]
+    assert [r["seed"] for r in reproduce.record(other, tmp_path, recipes)] == [0, 1]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in on_disk] == [("DP-SGD", 0), ("DP-SGD", 1)]
+    rerun = dict(kept, test_acc=0.9)  # the same run again replaces its row
+    assert [r["test_acc"] for r in reproduce.record(rerun, tmp_path, recipes)] == [0.85, 0.9]
+
+
 def test_methods_take_their_callbacks_and_clip_from_their_config():
     strict = {m.name: m for m in reproduce.METHODS}
     awp_only = reproduce.method_callbacks(strict["DP + AWP"])
