@@ -131,6 +131,9 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
     assert report["steps"] == 3 and report["formal_guarantee"] is True
     assert report["epsilon"] <= 8.0
     assert "test_acc" in report["metrics"]
+    read = [e for e in report["ledger"] if e["status"] == "evaluation"]
+    assert [e["component"] for e in read] == ["test"], "3 steps end no epoch: no validation, the test run recorded"
+    assert "test_acc" in read[1]["detail"] and "without DP" in read[1]["detail"]
     # The saved config rebuilds the same run (it also holds the fit command's ckpt_path).
     saved = next(tmp_path.rglob("config.yaml"))
     assert "ckpt_path" in saved.read_text()
@@ -153,9 +156,11 @@ def test_privacy_flat_configs_run_and_report_their_guarantee(config, guarantee, 
     student, teacher = sorted(tmp_path.rglob("privacy_report.json"), key=lambda p: "teacher" in p.parts)
     report = json.loads(student.read_text())
     assert report["formal_guarantee"] is guarantee
-    components = {e["component"] for e in report["ledger"]}
-    assert components == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation",
-                          "prefix initialisation"}, "init_text: the instruction text is recorded as public data"
+    components = {e["component"]: e["status"] for e in report["ledger"]}
+    assert components.keys() == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation",
+                                 "prefix initialisation", "validation", "test"}, \
+        "init_text: the instruction text is recorded as public data; the held-out splits' metrics as evaluation"
+    assert components["validation"] == components["test"] == "evaluation"
     assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers
 
 
