@@ -133,7 +133,7 @@ def test_cli_fit_writes_the_report_and_tests(tiny_model_dir, tmp_path):
     assert "test_acc" in report["metrics"]
     read = [e for e in report["ledger"] if e["status"] == "evaluation"]
     assert [e["component"] for e in read] == ["test"], "3 steps end no epoch: no validation, the test run recorded"
-    assert "test_acc" in read[1]["detail"] and "without DP" in read[1]["detail"]
+    assert "test_acc" in read[0]["detail"] and "without DP" in read[0]["detail"]
     # The saved config rebuilds the same run (it also holds the fit command's ckpt_path).
     saved = next(tmp_path.rglob("config.yaml"))
     assert "ckpt_path" in saved.read_text()
