@@ -29,7 +29,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     over the target: the path holds either the previous checkpoint or the new one, never a partial file.
 
     Local paths only (remote URLs go through Lightning's writer). ``DPDDPStrategy`` uses it by default;
-    a private ``PrefixTunedClassifier`` installs it on a trainer that uses Lightning's default writer.
+    every :class:`~pflat_lightning.privacy.training.PrivateTraining` module (DP prefix tuning, the black-box
+    tuner) installs it at fit on a trainer that uses Lightning's default writer.
 
     Example::
 

@@ -19,11 +19,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torchmetrics import Metric
 
-from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, AtomicCheckpointIO, check_checkpoint_matches
+from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.pretrained import sharing_pretrained
 from pflat_lightning.privacy.config import PrivacyConfig
@@ -185,11 +184,8 @@ class DPPrefixModule(PrivateTraining):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage == "fit":
-            if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
-                self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-            if self.is_private:
-                self._check_dp_trainer()
+        if stage == "fit" and self.is_private:
+            self._check_dp_trainer()
         super().setup(stage)
 
     def _check_dp_trainer(self) -> None:

@@ -19,6 +19,7 @@ from opacus.accountants import PRVAccountant
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pflat_lightning import BlackBoxPromptTuner, PrivacyConfig
+from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.black_box import HTTPScorer, HuggingFaceScorer, ZerothOrderMechanism
 from pflat_lightning.black_box.server import main as serve_scorer
 from pflat_lightning.black_box.server import make_server
@@ -424,8 +425,10 @@ def test_resume_keeps_the_spend_the_prompt_and_the_schedule(scorers, tiny_model_
     quiet_trainer(tmp_path / "whole", max_epochs=2).fit(whole, datamodule=data())
     ckpt = tmp_path / "interrupted.ckpt"
     first = make_private(scorer)
-    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(4, ckpt)]).fit(first, datamodule=data())
+    interrupted = quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(4, ckpt)])
+    interrupted.fit(first, datamodule=data())
     assert first.engine.updates == 4  # stopped inside the second epoch
+    assert type(interrupted.strategy.checkpoint_io) is AtomicCheckpointIO, "a kill mid-save must not lose the spend"
     resumed = make_private(scorer)
     quiet_trainer(tmp_path / "b", max_epochs=2).fit(resumed, datamodule=data(), ckpt_path=ckpt)
 

@@ -7,7 +7,7 @@ or the black-box tuner's clipped zeroth-order differences
 (:class:`~pflat_lightning.black_box.tuner.ZerothOrderMechanism`). Everything around the mechanism is the
 same and lives here, once: the sampling the accountant assumes, the plan that calibrates the noise, the
 ledger, the budget stop, epsilon in the progress bar, the replay of an interrupted Poisson epoch, the
-privacy state in checkpoints (with the run id) and the privacy report.
+privacy state in checkpoints (with the run id, written atomically) and the privacy report.
 """
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 import lightning.pytorch as pl
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from pflat_lightning.checkpointing import AtomicCheckpointIO
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.ledger import PrivacyLedger
@@ -108,7 +110,11 @@ class PrivateTraining(pl.LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.is_private:
+        if stage != "fit":
+            return
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill never truncates the spend's record
+        if self.is_private:
             configure_sampling(self.trainer.datamodule, self.privacy)
             self._record_validation_monitors()
 
