@@ -144,7 +144,7 @@ def run_ours(spec: dict) -> dict:
         loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"], collate_fn=collate)
         trainer = pl.Trainer(max_steps=total, default_root_dir=folder, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                             callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
+                             precision=spec["precision"], callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
         trainer.fit(model, train_dataloaders=loader)
         sampler.stop()
     result = {"median_step_s": statistics.median(times[spec["warmup"]:])}
@@ -212,7 +212,7 @@ def memory(sampler: MemorySampler) -> dict:
 
 # ---------------------------------------------------------------------------------------------- suites
 DEFAULTS = dict(kind="dp", mode="hooks", callbacks=[], reparam=None, batch=32, physical=None, length=64, prefix=10,
-                steps=10, warmup=2, head="linear")
+                steps=10, warmup=2, head="linear", precision="32-true")
 #: The ``prompt`` suite's label words (LM-BFF, read at the last position by the causal LM's own head).
 LABEL_WORDS = ["awful", "wonderful"]
 
@@ -252,6 +252,10 @@ def suites(args, tiny: str) -> dict:
         "prompt": [spec(f"round {k}: {name}", kind=kind, backbone="bundled-smollm2", head="label_words", length=40,
                         steps=6, warmup=1) for k in (1, 2)
                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
+        "precision": [spec(f"round {k}: {name}, {precision}", kind=kind, precision=precision,
+                           backbone="bundled-smollm2", head="label_words", length=40, steps=4, warmup=1)
+                      for k in (1, 2) for name, kind in (("non-private", "nonprivate"), ("DP hooks", "dp"))
+                      for precision in ("32-true", "bf16-mixed")],
         "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=6, warmup=1)
                     for name, kind in (("non-private (limit)", "nonprivate"), ("PEFT + Opacus (peer)", "peer"),
                                        ("DP hooks", "dp"))],
@@ -307,6 +311,8 @@ def render(results: list) -> str:
                          ("repeat", "Limit, peer and ours interleaved, three rounds (bundled MiniLM, batch 32, length 64)"),
                          ("prompt", "Prompt-based SmolLM2 (label words at the last position; limit, peer and ours "
                                     "interleaved, two rounds; batch 32, length 40)"),
+                         ("precision", "Prompt-based SmolLM2, fp32 against bf16 autocast (Trainer precision "
+                                       "'bf16-mixed'), interleaved, two rounds; batch 32, length 40"),
                          ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)")):
         rows = [r for r in ok if r["suite"] == suite]
         if not rows:
