@@ -13,7 +13,9 @@ Reads only the recipe's public split (``public_fraction`` > 0), at the prefix as
 - AWP's perturbation ``gamma * ||w_l||`` next to one optimizer step (Adam moves a coordinate by about ``lr``,
   a layer by about ``lr * sqrt(d_l)``), and the loss rise it causes on the public batch along the clean
   gradient (the paper's raw-gradient AWP), along released gradients (strict AWP's direction: the signal plus
-  one noise draw per epsilon) and along a random direction (what pure noise would do).
+  one noise draw per epsilon) and along a random direction (what pure noise would do);
+- with ``--prune_layers``, the loss with the prefix removed from those layers (what layer selection's pruning
+  costs the initialised prefix).
 
 Writes ``--out`` (JSON) and prints a summary.
 """
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
     parser.add_argument("--gammas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
     parser.add_argument("--examples", type=int, default=64, help="public examples for the gradients and losses")
+    parser.add_argument("--prune_layers", type=int, nargs="+", action="append", default=[],
+                        help="prefix layers to remove for the pruning measurement (e.g. those a selection pruned); "
+                             "repeat the option to measure several sets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/diagnostics/flatness.json"))
     args = parser.parse_args()
@@ -132,6 +137,13 @@ def main() -> None:
             "loss_rise_clean": loss_along(model, batch, layers, clean, gamma) - base_loss,
             "loss_rise_random": loss_along(model, batch, layers, random, gamma) - base_loss,
         }
+    result["pruned"] = []
+    for pruned in args.prune_layers:
+        keep = [i not in pruned for i in range(len(model.prefix_layer_mask()))]
+        model.set_prefix_layer_mask(keep)
+        with torch.no_grad():
+            result["pruned"].append({"layers": pruned, "loss": float(model.example_losses(batch).mean())})
+        model.set_prefix_layer_mask([True] * len(keep))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{len(grads)} public examples: per-example gradient norm median {result['per_example_norm']['median']:.3g} "
@@ -148,6 +160,8 @@ def main() -> None:
         print(f"AWP gamma {gamma}: perturbation / Adam step {ratio if ratio is None else f'{ratio:.3g}'}; loss rise "
               f"along the clean gradient {row['loss_rise_clean']:+.4f}, along a random direction "
               f"{row['loss_rise_random']:+.4f}")
+    for row in result["pruned"]:
+        print(f"prefix removed from layers {row['layers']}: loss {row['loss']:.4f} (base {base_loss:.4f})")
     print(f"Written to {args.out}")
 
 

@@ -339,6 +339,36 @@ def test_selection_keeps_the_layers_whose_removal_sharpens_most(tiny_model_dir, 
     assert module.report_sections["SharpnessLayerSelection"]["kept_layers"] == callback.selected
 
 
+def test_worst_loss_criterion_scores_a_removal_by_the_curves_highest_loss(tiny_model_dir, tmp_path):
+    """criterion="worst_loss": a layer's score is max_alpha L(alpha) with it removed, recomputed here by hand at
+    the selection's weights (at_epoch=0: the initial prefix); the highest-scoring layer keeps its prefix."""
+    module = make(tiny_model_dir("gpt2"), privacy=PrivacyConfig(enabled=False))
+    model = copy.deepcopy(module.model).eval()
+    callback = SharpnessLayerSelection(keep_layers=1, at_epoch=0, data="validation", alphas=[0.0, 0.5, 1.0],
+                                       radius=5.0, num_batches=1, criterion="worst_loss")
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module, datamodule=TokenDataModule(poisson=False))
+    batch = next(iter(TokenDataModule().val_dataloader()))
+    params = [p for i in range(2) for p in model.prefix.layers[i].parameters()]
+    loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    grads = torch.autograd.grad(loss, params)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+    worst = {}
+    base = [p.detach().clone() for p in params]
+    for layer in (0, 1):
+        model.prefix.layer_mask[:] = True
+        model.prefix.layer_mask[layer] = False
+        with torch.no_grad():
+            curve = []
+            for alpha in (0.0, 0.5, 1.0):
+                for p, w, g in zip(params, base, grads):
+                    p.copy_(w + alpha * 5.0 * g / norm)
+                curve.append(float(F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])))
+        worst[layer] = max(curve)
+    assert callback.scores == {layer: pytest.approx(worst[layer], rel=1e-4) for layer in (0, 1)}
+    assert callback.selected == [max(worst, key=worst.get)]
+    assert module.report_sections["SharpnessLayerSelection"]["criterion"] == "worst_loss"
+
+
 @pytest.mark.parametrize("direction, along", [("released", "along the last released gradient"),
                                                (None, "along their raw (unclipped, un-noised) gradient")])
 def test_private_selection_records_its_data_and_direction(tiny_model_dir, tmp_path, direction, along):
@@ -637,6 +667,8 @@ def test_a_teacher_state_saved_before_clone_untrained_still_resumes(tiny_model_d
         (lambda: AdversarialWeightPerturbation(direction="up"), r"direction must be one of .*got 'up'"),
         (lambda: SharpnessLayerSelection(keep_layers=1.5), r"keep_layers as a fraction must be in \(0, 1\], got 1.5"),
         (lambda: SharpnessLayerSelection(data="test"), r"data must be one of .*got 'test'"),
+        (lambda: SharpnessLayerSelection(criterion="flat"), r"criterion must be one of \('sharpness', 'worst_loss'\), "
+                                                              r"got 'flat'"),
         (lambda: SharpnessLayerSelection(layers=[]), r"layers must be a non-empty list of distinct .*got \[\]"),
         (lambda: SharpnessLayerSelection(layers=[1, 1]), r"layers must be a non-empty list of distinct .*got \[1, 1\]"),
         (lambda: TeacherDistillation("checkpoint"), r"teacher='checkpoint' needs checkpoint_path"),
