@@ -14,9 +14,9 @@ validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal 
 privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
 and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
-in ``comparison.json``, must be the same; a row whose method config has changed since is run again), so
-a comparison of hours can be spread over several sittings and extended with more seeds, epsilons or
-methods. Invocations with other ``--seeds`` or ``--methods`` may also run side by side on one ``--out`` (one
+in ``comparison.json``, must be the same; a row whose method config has changed since is run again, the old
+row moving to ``superseded.json``), so a comparison of hours can be spread over several sittings and
+extended with more seeds, epsilons or methods. Invocations with other ``--seeds`` or ``--methods`` may also run side by side on one ``--out`` (one
 per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
@@ -388,12 +388,17 @@ def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
 def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Adds one finished run to ``out`` and rewrites its outputs, under a lock on the folder: the rows are re-read
     first, so invocations running side by side on one ``--out`` (other seeds or methods, one per core) keep each
-    other's rows. Rows whose method config has changed since they ran are dropped."""
+    other's rows. Rows whose method config has changed since they ran leave the table for ``superseded.json``
+    (kept with the config they ran, never lost)."""
     with open(out / "comparison.json") as lock:  # written by resume() before any run
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        path = out / "results.json"
+        path, superseded_path = out / "results.json", out / "superseded.json"
         results = json.loads(path.read_text()) if path.is_file() else []
-        results = [r for r in results if _key(r) != _key(row) and r.get("method_recipe") == recipes.get(r["method"])]
+        stale = [r for r in results if r.get("method_recipe") != recipes.get(r["method"])]
+        if stale:
+            superseded = json.loads(superseded_path.read_text()) if superseded_path.is_file() else []
+            superseded_path.write_text(json.dumps(superseded + stale, indent=2) + "\n")
+        results = [r for r in results if _key(r) != _key(row) and r not in stale]
         results.append(row)
         write_outputs(results, out)
     return results

@@ -155,6 +155,7 @@ def test_side_by_side_invocations_keep_each_others_rows(tmp_path):
     assert [r["seed"] for r in reproduce.record(other, tmp_path, recipes)] == [0, 1]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in on_disk] == [("DP-SGD", 0), ("DP-SGD", 1)]
+    assert json.loads((tmp_path / "superseded.json").read_text()) == [stale], "a superseded row is kept aside"
     rerun = dict(kept, test_acc=0.9)  # the same run again replaces its row
     assert [r["test_acc"] for r in reproduce.record(rerun, tmp_path, recipes)] == [0.85, 0.9]
 
