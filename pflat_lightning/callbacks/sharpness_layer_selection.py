@@ -51,7 +51,9 @@ class SharpnessLayerSelection(Callback):
     eight layers it pruned (mostly early ones) raised the initial prefix's public loss from 0.27 to 0.45, eight
     others 0.31-0.32 (``examples/flatness_diagnostics.py``). ``criterion="worst_loss"`` scores a removal by the
     curve's highest loss, ``max_alpha L(alpha)`` (the loss at the worst point of the neighbourhood, as SAM's
-    objective): the layers whose removal leaves a low and flat loss are pruned.
+    objective): the layers whose removal leaves a low and flat loss are pruned. On that recipe, selecting at
+    epoch 1 with radius 1, the rise dominates the level and both criteria pruned the same eight layers
+    (validation 81.2 %, 1.6 points under DP-SGD alone).
 
     Which data it reads is explicit (``data``): the ``public`` split (no privacy cost), the
     ``validation`` split (private data held out of training: a ``held_out`` ledger entry, the training
