@@ -16,8 +16,9 @@ and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Run
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
 in ``comparison.json``, must be the same; a row whose method config has changed since is run again, the old
 row moving to ``superseded.json``), so a comparison of hours can be spread over several sittings and
-extended with more seeds, epsilons or methods. Invocations with other ``--seeds`` or ``--methods`` may also run side by side on one ``--out`` (one
-per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder under a lock before adding its row.
+extended with more seeds, epsilons or methods. Invocations with other ``--seeds`` or ``--methods`` may also
+run side by side on one ``--out`` (one per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder
+under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
 DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_flat_strict.yaml``: AWP on
@@ -303,6 +304,11 @@ def _key(row: Dict[str, Any]) -> tuple:
     return row["method"], row["target_epsilon"], row["seed"]
 
 
+def _stale(row: Dict[str, Any], recipes: Dict[str, Any]) -> bool:
+    """Whether ``row`` ran with another method config than its method's current one (``recipes``)."""
+    return row.get("method_recipe") != recipes.get(row["method"])
+
+
 def write_outputs(results: List[Dict[str, Any]], out: Path) -> None:
     staged = out / "results.json.tmp"
     staged.write_text(json.dumps(results, indent=2) + "\n")
@@ -394,7 +400,7 @@ def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         path, superseded_path = out / "results.json", out / "superseded.json"
         results = json.loads(path.read_text()) if path.is_file() else []
-        stale = [r for r in results if r.get("method_recipe") != recipes.get(r["method"])]
+        stale = [r for r in results if _stale(r, recipes)]
         if stale:
             superseded = json.loads(superseded_path.read_text()) if superseded_path.is_file() else []
             superseded_path.write_text(json.dumps(superseded + stale, indent=2) + "\n")
@@ -412,7 +418,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"pflat reproduce: error: {error}", file=sys.stderr)
         return 2
     recipes = {m.name: method_recipe(m, args.quick) for m in METHODS}
-    stale = [r for r in results if r.get("method_recipe") != recipes.get(r["method"])]
+    stale = [r for r in results if _stale(r, recipes)]
     for row in stale:
         print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
               "since it ran, run again", flush=True)
