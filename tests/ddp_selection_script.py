@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
-from helpers import TokenDataModule  # noqa: E402
+from helpers import CloseProcessGroup, TokenDataModule  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig  # noqa: E402
@@ -77,7 +77,7 @@ def main(out: str, mode: str) -> None:
         strategy = "ddp_spawn_find_unused_parameters_true"  # pruned layers stop getting gradients
     trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, default_root_dir=out, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks + [CloseProcessGroup()])
     trainer.fit(model, datamodule=TokenDataModule(poisson=private))
 
 

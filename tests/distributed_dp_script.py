@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import TokenDataModule  # noqa: E402
+from helpers import CloseProcessGroup, TokenDataModule  # noqa: E402
 
 from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig  # noqa: E402
 from pflat_lightning.callbacks import AdversarialWeightPerturbation  # noqa: E402
@@ -56,7 +56,7 @@ def trainer(out, devices, strategy, callbacks):
 
 
 def train(path, out, devices, strategy, awp=False):
-    callbacks = [RecordSteps(out)] + ([AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0)] if awp else [])
+    callbacks = [RecordSteps(out), CloseProcessGroup()] + ([AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0)] if awp else [])
     trainer(out, int(devices), strategy, callbacks).fit(model(path), datamodule=TokenDataModule(size=48, batch_size=12))
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerStatus
 from jsonargparse import ArgumentParser
 
 from pflat_lightning.privacy import PoissonDataLoader
@@ -90,6 +91,20 @@ class StopAfter(Callback):
         if trainer.global_step == self.step:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+class CloseProcessGroup(Callback):
+    """Closes a spawned worker's gloo process group once every rank has finished fitting (the last hook of a run).
+
+    Lightning closes the group at exit for NCCL only; a gloo worker leaving with its group open while its peer
+    is still closing connections can abort ("terminate called without an active exception", SIGABRT) after a
+    run that finished, which fails the whole launch. A run that raised is left alone (its peer may never come).
+    """
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if torch.distributed.is_initialized() and trainer.state.status == TrainerStatus.RUNNING:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def assert_same_trained_weights(resumed: pl.LightningModule, whole: pl.LightningModule) -> None:
