@@ -22,7 +22,8 @@ under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
 DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_flat_strict.yaml``: AWP on
-the previous released gradient, layer selection on public data, a teacher trained on public data),
+the previous released gradient, layer selection on public data, a teacher trained on public data), a
+baseline with distillation's public data but no flattening (DP-SGD started from the public teacher's prefix),
 strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
 AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
 guarantee, as its reports say); last, the paper's techniques without DP (its Figure 4 "ours, non-private":
@@ -44,9 +45,9 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -81,6 +82,8 @@ class Method:
     trained: bool = True  # False: the untrained model (zero-shot), measured as the others
     config: Optional[Path] = None
     callbacks: Optional[Sequence[str]] = None  # class names to take from ``config`` (None: all)
+    #: arguments that replace the config's, by class name (a baseline built from a technique's callback)
+    callback_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 METHODS = [
@@ -90,6 +93,9 @@ METHODS = [
     Method("DP + AWP", config=STRICT_CONFIG, callbacks=["AdversarialWeightPerturbation"]),
     Method("DP + layer selection", config=STRICT_CONFIG, callbacks=["SharpnessLayerSelection"]),
     Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"]),
+    # Distillation's public data without its regulariser: DP-SGD started from the public teacher's prefix.
+    Method("DP + public warm start", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
+           callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
     Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
     # The paper's Figure 4 "ours, non-private": its three techniques on a run without noise.
@@ -118,7 +124,8 @@ def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
     for entry in config["trainer"].get("callbacks") or []:
         name = entry["class_path"].rpartition(".")[2]
         if method.callbacks is None or name in method.callbacks:
-            init_args = {**entry.get("init_args", {}), **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
+            init_args = {**entry.get("init_args", {}), **method.callback_args.get(name, {}),
+                         **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
             callbacks.append({"class_path": entry["class_path"], "init_args": init_args})
     privacy = _model_section(config).get("privacy") or {}
     return {"callbacks": callbacks, "privacy": {k: v for k, v in privacy.items() if k not in ROW_PRIVACY}}

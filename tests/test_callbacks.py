@@ -628,6 +628,29 @@ def test_teacher_sources_and_the_ledger(source, guarantee, tiny_model_dir, tmp_p
     assert not module.loss_terms, "the regulariser is removed when training ends"
 
 
+def test_a_warm_start_begins_dp_sgd_at_the_public_teacher_and_spends_nothing_more(tiny_model_dir, tmp_path):
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state, self.terms = trainable_state(pl_module), list(pl_module.loss_terms)
+
+    module = make(tiny_model_dir("bert"), privacy=PrivacyConfig(target_epsilon=3.0, secure_mode=True))
+    initial = trainable_state(module)
+    callback, at_start = TeacherDistillation("public", weight=0.0, warm_start=True, teacher_epochs=1), AtStart()
+    quiet_trainer(tmp_path, max_steps=3, callbacks=[callback, at_start]).fit(module, datamodule=TokenDataModule())
+    assert set(at_start.state) == set(callback.teacher_state)
+    for name, tensor in at_start.state.items():
+        assert torch.equal(tensor, callback.teacher_state[name]), name
+    assert not torch.equal(initial["model.prefix.layers.0.weight"], callback.teacher_state["model.prefix.layers.0.weight"])
+    assert at_start.terms == [], "weight 0: a warm start alone adds no loss term"
+    report = module.privacy_report()
+    assert [(e["status"], "starts from the teacher's prefix" in e["detail"]) for e in report["ledger"]] == [("public", True)]
+    assert report["formal_guarantee"] is True
+    reference = PRVAccountant()  # the student's own releases only: the public teacher costs nothing
+    reference.history = [(report["noise_multiplier"], 8 / 64, 3)]
+    assert report["steps"] == 3 and report["sample_rate"] == 8 / 64
+    assert report["epsilon"] == pytest.approx(reference.get_epsilon(delta=64 ** -1.1), rel=1e-6)
+
+
 def test_teacher_checkpoint_round_trip(tiny_model_dir, tmp_path):
     teacher = make(tiny_model_dir("bert"), privacy=PrivacyConfig(enabled=False))
     trainer = quiet_trainer(tmp_path, max_steps=2)

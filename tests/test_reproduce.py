@@ -167,6 +167,10 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     full = reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"], quick=True)
     assert [type(c) for c in full] == [AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation]
     assert full[1].num_batches == 1 and len(full[1].alphas) == 6 and full[2].teacher_epochs == 1, "--quick cuts costs"
+    (warm,) = reproduce.method_callbacks(strict["DP + public warm start"])
+    (distill,) = reproduce.method_callbacks(strict["DP + distillation"])
+    assert (warm.weight, warm.warm_start, distill.warm_start) == (0.0, True, False) and distill.weight > 0
+    assert (warm.source, warm.teacher_epochs) == (distill.source, distill.teacher_epochs), "the same public teacher"
     selection = reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"])[1]
     assert selection.num_batches == 1 and selection.batch_size == 16 and len(selection.alphas) == 5
     paper_recipe = reproduce.method_recipe(strict["Privacy-Flat (paper)"])

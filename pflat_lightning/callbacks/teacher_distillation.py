@@ -72,6 +72,10 @@ class TeacherDistillation(Callback):
     - ``"private_nonprivate"`` (the paper's choice): trained without noise on the private data. The
       ledger records it and the report says no formal guarantee holds.
 
+    With ``warm_start=True`` the student also starts from the teacher's trainable parameters (post-processing of
+    the teacher: no cost beyond the teacher's own). ``warm_start=True, weight=0`` is the "public data, no
+    flattening" baseline of a public teacher: DP-SGD from a publicly trained prefix.
+
     The module declares :class:`~pflat_lightning.protocol.Distillable` (``loss_terms``,
     ``before_optimizers``, ``prefix``) and :class:`~pflat_lightning.protocol.Cloneable`
     (``clone_untrained(**overrides)``: the untrained teacher, given ``privacy=`` and ``optimizer=`` where its
@@ -86,6 +90,8 @@ class TeacherDistillation(Callback):
         weight: ``lambda`` of the prefix distance term.
         logit_weight: weight of the logit-distillation (KL) term; 0 disables it.
         temperature: softmax temperature of logit distillation.
+        warm_start: start the student from the teacher's trainable parameters (a fresh fit only: a resumed one
+            keeps its checkpoint's).
         teacher_epochs: epochs of teacher training.
         teacher_lr: AdamW learning rate of teacher training.
         teacher_batch_size: (logical) batch size of teacher training.
@@ -113,6 +119,7 @@ class TeacherDistillation(Callback):
         weight: float = 0.01,
         logit_weight: float = 0.0,
         temperature: float = 2.0,
+        warm_start: bool = False,
         teacher_epochs: int = 3,
         teacher_lr: float = 1e-2,
         teacher_batch_size: int = 64,
@@ -143,6 +150,7 @@ class TeacherDistillation(Callback):
         self.weight = weight
         self.logit_weight = logit_weight
         self.temperature = temperature
+        self.warm_start = warm_start
         self.teacher_epochs = teacher_epochs
         self.teacher_lr = teacher_lr
         self.teacher_batch_size = teacher_batch_size
@@ -175,7 +183,8 @@ class TeacherDistillation(Callback):
                                                   "paper's choice): the student's regulariser leaks it"),
         }
         if ledger is not None and privacy_engine(pl_module) is not None:
-            ledger.record(name, *details[self.source])
+            status, detail = details[self.source]
+            ledger.record(name, status, detail + ("; the student starts from the teacher's prefix" if self.warm_start else ""))
         # Lightning restores a checkpoint after setup: whether this fit resumes is known only then.
         self._restored = False
         if self._obtain_teacher not in pl_module.before_optimizers:
@@ -201,6 +210,17 @@ class TeacherDistillation(Callback):
             self.teacher_state, history = trainer.strategy.broadcast(self._train_teacher(trainer, pl_module), src=0)
             if history:
                 engine.prior_history = history
+        if self.warm_start:
+            self._start_from_teacher(pl_module)
+
+    def _start_from_teacher(self, pl_module: pl.LightningModule) -> None:
+        trainable = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
+        missing = sorted(set(trainable) - set(self.teacher_state))
+        if missing:
+            raise ValueError(f"TeacherDistillation(warm_start=True): the teacher has no {missing} to start the student from.")
+        with torch.no_grad():
+            for name, parameter in trainable.items():
+                parameter.copy_(self.teacher_state[name].to(parameter.device, parameter.dtype))
 
     def _teacher_privacy(self, pl_module: pl.LightningModule) -> PrivacyConfig:
         if self.source != "private_dp":
@@ -272,11 +292,13 @@ class TeacherDistillation(Callback):
         self._teacher, self._student = teacher, pl_module
         with torch.no_grad():
             self._teacher_prefix = [(k[:1], v[:1]) for k, v in teacher.prefix(1)]
-        self._term = self.example_terms
-        pl_module.loss_terms.append(self._term)
+        if self.weight > 0 or self.logit_weight > 0:  # both 0: a warm start alone, no term to compute
+            self._term = self.example_terms
+            pl_module.loss_terms.append(self._term)
         report_sections(pl_module)[type(self).__name__] = {"teacher": self.source, "weight": self.weight,
                                                            "logit_weight": self.logit_weight,
-                                                           "temperature": self.temperature}
+                                                           "temperature": self.temperature,
+                                                           "warm_start": self.warm_start}
 
     def _cloned_teacher(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         """The trained teacher: an untrained clone of the module with the teacher's trainable parameters."""
