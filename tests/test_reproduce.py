@@ -65,10 +65,13 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert paper_report["max_grad_norm"] == 0.1, "the paper's clip comes from privacy_flat_paper.yaml"
 
     lines = (out / "table.md").read_text().splitlines()
-    assert lines[0].startswith("| method |") and len(lines) == 2 + 4
+    assert lines[0].startswith("| method |") and len(lines) == 2 + 4 + 6
     assert lines[2].startswith("| zero-shot | none |") and lines[2].rstrip().endswith("| 1 |")
     assert lines[4].startswith("| DP-SGD | 8.0 |") and "| seeded |" in lines[4]
     assert lines[5].startswith("| Privacy-Flat (paper) | 8.0 |") and "| no |" in lines[5]
+    paired = lines[-1].split(" | ")  # the paper's row against DP-SGD's, seed 0
+    assert paired[:4] == ["| Privacy-Flat (paper)", "8.0", "DP-SGD", "0"]
+    assert float(paired[5]) == pytest.approx(100 * (paper["test_acc"] - dp["test_acc"]), abs=0.006)
     for figure in ("sharpness.png", "mia_accuracy.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -84,7 +87,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     assert [(r["method"], r["target_epsilon"]) for r in resumed[4:]] == [("DP-SGD", 3.0)]
     assert resumed[4]["reasons"] == SEEDED_REASONS and 2.5 < resumed[4]["epsilon"] <= 3.0
     assert not stale.exists() and (stale.parent / "privacy_report.json").is_file()
-    assert len((out / "table.md").read_text().splitlines()) == 2 + 5
+    assert len((out / "table.md").read_text().splitlines()) == 2 + 5 + 6, "5 rows, then the paper's row paired"
 
     # A row whose method config changed since it ran (here: as recorded) is run again; the others stay.
     assert resumed[4]["method_recipe"] == {"callbacks": [], "privacy": {}}
@@ -119,6 +122,19 @@ def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
                                                          ["| DP-SGD", "8.0"]]
     assert "| 85.00 ± 7.07 |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
     assert "| n/a | 70.00 | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
+
+
+def test_paired_table_differences_each_seed_against_its_baseline():
+    rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 0, 0.83),
+            _row("DP + AWP", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 2, 0.99),  # seed 2: no DP-SGD row to pair
+            _row("DP + distillation", 3.0, 0, 0.70),  # no DP-SGD at epsilon 3
+            _row("non-private", None, 0, 0.95), _row("non-private + Privacy-Flat (paper)", None, 0, 0.94)]
+    rows[-1]["mia_auc"] = 0.45
+    lines = reproduce.paired_table(rows).splitlines()[5:]
+    # differences 3 and 0 points: mean 1.5, sample sd 3 / sqrt(2)
+    assert lines == ["| non-private + Privacy-Flat (paper) | none | non-private | 0 | n/a | -1.00 | -0.050 | n/a |",
+                     "| DP + AWP | 8.0 | DP-SGD | 0, 1 | n/a | 1.50 ± 2.12 | 0.000 ± 0.000 | n/a |"]
+    assert reproduce.paired_table(rows[:2]) == "", "nothing to pair: no table"
 
 
 def test_bar_charts_show_an_error_bar_only_where_there_are_seeds_to_spread(tmp_path, monkeypatch):
