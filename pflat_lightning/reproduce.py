@@ -11,8 +11,9 @@ membership attacks (members = training split, non-members = test split): the pap
 MIA accuracy, ROC AUC and TPR at 1 % FPR) and the reference attack (each example's loss relative to the
 untrained model's), the paper's sharpness (largest loss rise along the normalised gradient of the
 validation loss, :class:`~pflat_lightning.callbacks.LossLandscape`), the formal guarantee from the
-privacy report and the wall time. It writes ``table.md``, ``results.json``, ``sharpness.png`` (Figure 3)
-and ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
+privacy report and the wall time. It writes ``table.md`` (mean ± sd over seeds, then each method's
+per-seed differences from its baseline), ``results.json``, ``sharpness.png`` (Figure 3) and
+``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
 in ``comparison.json``, must be the same; a row whose method config has changed since is run again, the old
 row moving to ``superseded.json``), so a comparison of hours can be spread over several sittings and
