@@ -595,9 +595,14 @@ def test_a_teacher_privacy_with_its_own_noise_stream_is_accepted(teacher_privacy
     assert callback._teacher_privacy(module) is teacher_privacy
 
 
-def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kwargs, histories", [({"teacher": "private_dp"}, 2), ({"teacher": "public", "warm_start": True}, 1)],
+                         ids=["private_dp teacher", "public warm start"])
+def test_a_resumed_run_keeps_its_teacher_and_spend_without_training_it_again(kwargs, histories, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """A resumed run is the uninterrupted one: the teacher (and its spend) restored, not trained again, and a
+    warm start not applied again over the resumed weights."""
     path = tiny_model_dir("bert")
-    teacher = partial(TeacherDistillation, "private_dp", teacher_epochs=1, teacher_batch_size=16)
+    teacher = partial(TeacherDistillation, **kwargs, teacher_epochs=1, teacher_batch_size=16)
     whole = make(path)
     quiet_trainer(tmp_path / "whole", max_epochs=2, callbacks=[teacher()]).fit(whole, datamodule=TokenDataModule())
     ckpt = tmp_path / "interrupted.ckpt"
@@ -611,7 +616,7 @@ def test_a_resumed_run_keeps_its_dp_teacher_and_spend_without_training_it_again(
     resumed, callback = make(path), teacher()
     quiet_trainer(tmp_path / "b", max_epochs=2, callbacks=[callback]).fit(resumed, datamodule=TokenDataModule(),
                                                                            ckpt_path=ckpt)
-    assert resumed.engine.history == whole.engine.history and len(whole.engine.history) == 2, "teacher + student"
+    assert resumed.engine.history == whole.engine.history and len(whole.engine.history) == histories
     assert resumed.privacy_report()["epsilon"] == whole.privacy_report()["epsilon"]
     assert_same_trained_weights(resumed, whole)
 

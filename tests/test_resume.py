@@ -80,7 +80,8 @@ def test_a_mid_epoch_resume_under_limit_train_batches_draws_the_uninterrupted_ba
     (lambda: AdversarialWeightPerturbation(direction="raw"), None),
     (lambda: AdversarialWeightPerturbation(direction="fresh_private"), "calibrated for 16 Gaussian releases, this run plans 24"),
     (lambda: TeacherDistillation("private_dp", teacher_epochs=1), "when resuming a run that had none"),
-], ids=["raw AWP", "fresh_private AWP", "private_dp teacher"])
+    (lambda: TeacherDistillation("public", warm_start=True, teacher_epochs=1), "would overwrite the resumed weights"),
+], ids=["raw AWP", "fresh_private AWP", "private_dp teacher", "warm start"])
 def test_a_callback_added_on_resume_is_reported_or_refused(added, refusal, tiny_model_dir, tmp_path):
     """The checkpoint's ledger does not replace what the resumed run's callbacks record, and a callback
     whose releases the checkpoint's noise was not calibrated for is refused before any training."""

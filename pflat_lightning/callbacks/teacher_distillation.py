@@ -200,6 +200,12 @@ class TeacherDistillation(Callback):
                 "checkpoint's noise was calibrated without the teacher's spend. Resume with the interrupted run's "
                 "callbacks, or use teacher='public'."
             )
+        if self.warm_start and trainer.ckpt_path is not None:
+            raise ValueError(
+                f"TeacherDistillation(warm_start=True) starts a fresh fit from the teacher's prefix, but this fit resumes "
+                f"from {trainer.ckpt_path}, of a run without it: the warm start would overwrite the resumed weights. Resume "
+                "with the interrupted run's callbacks, or drop warm_start."
+            )
         if self.source == "checkpoint":
             checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
             check_checkpoint_matches(pl_module, checkpoint, f"TeacherDistillation(checkpoint_path={self.checkpoint_path!r})")
