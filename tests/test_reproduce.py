@@ -125,8 +125,8 @@ def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
 
 
 def test_paired_table_differences_each_seed_against_its_baseline():
-    rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 0, 0.83),
-            _row("DP + AWP", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 2, 0.99),  # seed 2: no DP-SGD row to pair
+    rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 1, 0.90),
+            _row("DP + AWP", 8.0, 0, 0.83), _row("DP + AWP", 8.0, 2, 0.99),  # seed 2: no DP-SGD row to pair
             _row("DP + distillation", 3.0, 0, 0.70),  # no DP-SGD at epsilon 3
             _row("non-private", None, 0, 0.95), _row("non-private + Privacy-Flat (paper)", None, 0, 0.94)]
     rows[-1]["mia_auc"] = 0.45
