@@ -288,8 +288,9 @@ def paired_table(results: List[Dict[str, Any]]) -> str:
     rows = []
     for (method, epsilon), group in _groups(results):
         baseline = BASELINES.get(method, "DP-SGD")
-        pairs = [(r, by_key.get((baseline, epsilon, r["seed"]))) for r in sorted(group, key=lambda r: r["seed"])
-                 if baseline]
+        if baseline is None:
+            continue
+        pairs = [(r, by_key.get((baseline, epsilon, r["seed"]))) for r in sorted(group, key=lambda r: r["seed"])]
         pairs = [(r, b) for r, b in pairs if b is not None]
         if not pairs:
             continue
