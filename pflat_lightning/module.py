@@ -25,8 +25,10 @@ from torchmetrics import Metric
 from pflat_lightning.checkpointing import ARCHITECTURE_HPARAMS, check_checkpoint_matches
 from pflat_lightning.prefix import PrefixEncoder
 from pflat_lightning.pretrained import sharing_pretrained
+from pflat_lightning.privacy.clipping import HISTOGRAM_OCTAVES, histogram_median, norm_histogram
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import DPSGDEngine
+from pflat_lightning.privacy.sampling import PoissonDataLoader
 from pflat_lightning.privacy.training import PrivateTraining
 from pflat_lightning.protocol import num_examples, physical_batches
 from pflat_lightning.strategies import START_METHODS, DPDDPStrategy
@@ -254,13 +256,23 @@ class DPPrefixModule(PrivateTraining):
         return dp_optimizer
 
     def _measure_group_bounds(self) -> None:
-        """``clipping="group"`` without ``prefix_clip_share``: bounds at the median per-example gradient norm of
-        each group on up to ``GROUP_BOUND_EXAMPLES`` public examples, at the initial prefix (no privacy cost)."""
+        """``clipping="group"`` without ``prefix_clip_share``: each group's bound at its median per-example gradient
+        norm at the initial prefix, on the data ``PrivacyConfig.group_bound_data`` names."""
+        private = self.privacy.group_bound_data == "private"
+        typical, how = self._private_median_norms() if private else self._public_median_norms()
+        bounds = self.engine.set_group_bounds(typical)
+        self.ledger.record("group clipping bounds", "accounted" if private else "public",
+                           f"{how}: bounds {[round(b, 6) for b in bounds]} (prefix, head)")
+
+    def _public_median_norms(self) -> Tuple[torch.Tensor, str]:
+        """The median per-example norm of each group on up to ``GROUP_BOUND_EXAMPLES`` public examples (no privacy
+        cost), and how it was measured."""
         public = getattr(self.trainer.datamodule, "public_dataloader", None)
         if public is None or getattr(self.trainer.datamodule, "public_dataset", True) is None:
             raise ValueError(
-                "PrivacyConfig(clipping='group', prefix_clip_share=None) measures the group bounds on public data, but "
-                "the datamodule has no public split: give it one (public_fraction > 0) or set prefix_clip_share."
+                "PrivacyConfig(clipping='group', prefix_clip_share=None, group_bound_data='public') measures the group "
+                "bounds on public data, but the datamodule has no public split: give it one (public_fraction > 0), "
+                "estimate them privately on the training set (group_bound_data='private') or set prefix_clip_share."
             )
         norms, seen = [], 0
         for batch in public(batch_size=self.max_physical_batch_size):
@@ -269,10 +281,33 @@ class DPPrefixModule(PrivateTraining):
             seen += norms[-1].shape[0]
             if seen >= GROUP_BOUND_EXAMPLES:
                 break
-        bounds = self.engine.set_group_bounds(torch.cat(norms)[:GROUP_BOUND_EXAMPLES])
-        self.ledger.record("group clipping bounds", "public",
-                           f"median per-example gradient norm of each group on {min(seen, GROUP_BOUND_EXAMPLES)} public "
-                           f"examples: bounds {[round(b, 6) for b in bounds]} (prefix, head)")
+        how = f"median per-example gradient norm of each group on {min(seen, GROUP_BOUND_EXAMPLES)} public examples"
+        return torch.quantile(torch.cat(norms)[:GROUP_BOUND_EXAMPLES].double(), 0.5, dim=0), how
+
+    def _private_median_norms(self) -> Tuple[torch.Tensor, str]:
+        """The median per-example norm of each group read from noisy histograms of ``group_bound_batches`` Poisson
+        batches of the training set, drawn independently of the training's batches (the seeded sampler's pass
+        "-1", before epoch 0, or fresh OS draws in secure mode; the accountant composes the releases), and how."""
+        cfg, trainer = self.privacy, self.trainer
+        loader = trainer.train_dataloader
+        batches = PoissonDataLoader(
+            loader.dataset, expected_batch_size=self.engine.expected_batch_size, collate_fn=loader.collate_fn,
+            seed=getattr(loader.batch_sampler, "seed", cfg.seed), num_batches=cfg.group_bound_batches,
+            num_replicas=trainer.world_size, rank=trainer.global_rank, secure=cfg.secure_mode,
+        )
+        batches.batch_sampler.set_epoch(-1)
+        groups = len(self.engine.optimizer.bounds)
+        total = torch.zeros((groups, HISTOGRAM_OCTAVES + 2))
+        for batch in batches:
+            norms = [self.engine.measure_group_norms(self.example_losses(move_data_to_device(chunk, self.device)))
+                     for chunk in physical_batches(batch, self.max_physical_batch_size)]
+            norms = torch.cat(norms).cpu() if norms else torch.zeros((0, groups))
+            counts = norm_histogram(norms, cfg.max_grad_norm).to(self.device)
+            total += self.engine.release_norm_histogram(counts).cpu()
+        how = (f"median per-example gradient norm of each group estimated on the training set from noisy octave "
+               f"histograms of {cfg.group_bound_batches} Poisson batches (rate {self.engine.sample_rate:.4g}, count "
+               f"noise std {cfg.group_bound_noise}), in the accountant")
+        return histogram_median(total, cfg.max_grad_norm), how
 
     def _auto_clipping(self, physical_batch: int) -> Optional[str]:
         """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example

@@ -1,6 +1,6 @@
 """Run by test_distributed_dp.py in its own process (multi-process runs must not share pytest's).
 
-    python distributed_dp_script.py train MODEL OUT DEVICES STRATEGY [awp]
+    python distributed_dp_script.py train MODEL OUT DEVICES STRATEGY [awp|private_bounds]
     python distributed_dp_script.py noise OUT
     python distributed_dp_script.py nan MODEL OUT
 """
@@ -38,13 +38,18 @@ class RecordSteps(Callback):
         engine = pl_module.engine
         torch.save({"steps": self.steps, "history": engine.history, "epsilon": engine.epsilon(),
                     "updates": engine.updates, "sample_rate": engine.sample_rate, "delta": engine.delta,
-                    "world_size": trainer.world_size},
+                    "world_size": trainer.world_size, "group_bounds": engine.group_bounds},
                    Path(self.out, f"rank{trainer.global_rank}.pt"))
 
 
-def model(path, cls=PrefixTunedClassifier):
+#: Group-wise clipping with bounds estimated privately on the training set (2 noisy histogram releases).
+PRIVATE_BOUNDS = dict(clipping="group", group_bound_data="private", group_bound_noise=1.0, group_bound_batches=2)
+
+
+def model(path, cls=PrefixTunedClassifier, **privacy_options):
     torch.manual_seed(0)
-    privacy = PrivacyConfig(noise_multiplier=NOISE, target_epsilon=None, max_grad_norm=CLIP, target_delta=1e-3, seed=3)
+    privacy = PrivacyConfig(noise_multiplier=NOISE, target_epsilon=None, max_grad_norm=CLIP, target_delta=1e-3, seed=3,
+                            **privacy_options)
     return cls(path, 2, prefix=PrefixConfig(num_virtual_tokens=2), privacy=privacy, max_physical_batch_size=5,
                optimizer=partial(torch.optim.SGD, lr=0.5))
 
@@ -55,9 +60,12 @@ def trainer(out, devices, strategy, callbacks):
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
 
 
-def train(path, out, devices, strategy, awp=False):
-    callbacks = [RecordSteps(out), CloseProcessGroup()] + ([AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0)] if awp else [])
-    trainer(out, int(devices), strategy, callbacks).fit(model(path), datamodule=TokenDataModule(size=48, batch_size=12))
+def train(path, out, devices, strategy, variant=None):
+    callbacks = [RecordSteps(out), CloseProcessGroup()]
+    if variant == "awp":
+        callbacks.append(AdversarialWeightPerturbation(gamma=0.1, until_fraction=1.0))
+    module = model(path, **(PRIVATE_BOUNDS if variant == "private_bounds" else {}))
+    trainer(out, int(devices), strategy, callbacks).fit(module, datamodule=TokenDataModule(size=48, batch_size=12))
 
 
 class NaNOnRank1(PrefixTunedClassifier):
@@ -94,7 +102,7 @@ def noise_worker(rank, out, steps):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "train":
-        train(*sys.argv[2:6], awp=len(sys.argv) > 6)
+        train(*sys.argv[2:7])
     elif mode == "noise":
         mp.spawn(noise_worker, args=(sys.argv[2], 10), nprocs=2)
     elif mode == "nan":

@@ -20,17 +20,20 @@ def run(*args):
     return run_isolated([sys.executable, str(SCRIPT), *map(str, args)], timeout=300)
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
-    """A 2-process dp_ddp_spawn run and the same run on one process."""
-    model = tiny_model_dir("gpt2")
+def two_and_one_process(model, tmp_path_factory, variant):
+    """A 2-process dp_ddp_spawn run and the same run on one process: each rank's saved steps and privacy state."""
     out = {}
     for name, devices, strategy in (("two", 2, "dp_ddp_spawn"), ("one", 1, "auto")):
         folder = tmp_path_factory.mktemp(name)
-        result = run("train", model, folder, devices, strategy, "awp")
+        result = run("train", model, folder, devices, strategy, variant)
         assert result.returncode == 0, result.stderr[-3000:]
         out[name] = [torch.load(folder / f"rank{r}.pt") for r in range(devices)]
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    return two_and_one_process(tiny_model_dir("gpt2"), tmp_path_factory, "awp")
 
 
 def test_replicas_are_identical_after_every_step(runs):
@@ -60,6 +63,20 @@ def test_epsilon_equals_the_single_process_accountant(runs):
     prv.history = rdp.history = [(NOISE, 12 / 48, 8)]
     assert math.isclose(two["epsilon"], prv.get_epsilon(delta=1e-3), rel_tol=1e-6)
     assert two["epsilon"] <= rdp.get_epsilon(delta=1e-3)
+
+
+def test_private_group_bounds_are_one_estimate_across_ranks(tiny_model_dir, tmp_path_factory):
+    """Group-wise clipping with bounds estimated on the training set: each rank counts its share of the same
+    Poisson draws and rank 0 alone adds the histogram noise, so both ranks get the bounds, the updates and the
+    history (2 histogram releases of multiplier 1 / sqrt(2), then the 8 updates) of the single-process run."""
+    runs = two_and_one_process(tiny_model_dir("gpt2"), tmp_path_factory, "private_bounds")
+    (rank0, rank1), one = runs["two"], runs["one"][0]
+    assert rank0["group_bounds"] == rank1["group_bounds"] == pytest.approx(one["group_bounds"], rel=1e-6)
+    assert rank0["group_bounds"][0] < 0.5 * rank0["group_bounds"][1], "the estimate found the groups' scales"
+    assert rank0["history"] == one["history"] == [(1 / math.sqrt(2), 12 / 48, 2), (NOISE, 12 / 48, 8)]
+    for step, (a, b, c) in enumerate(zip(rank0["steps"], rank1["steps"], one["steps"])):
+        assert torch.equal(a, b), f"ranks differ after step {step}"
+        assert torch.allclose(a, c, atol=1e-5), f"step {step}: max diff {(a - c).abs().max()}"
 
 
 def test_aggregated_noise_is_one_draw_not_one_per_rank(tmp_path):

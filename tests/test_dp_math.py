@@ -191,6 +191,64 @@ def test_group_bounds_measured_on_public_data_sit_at_each_groups_median_norm(tin
     assert resumed.engine.group_bounds == pytest.approx(expected, rel=1e-4), "measured once, at the run's start"
 
 
+def test_private_group_bounds_follow_each_groups_median_norm_within_half_an_octave(tiny_model_dir, tmp_path):
+    """group_bound_data='private' with almost no count noise and batches of the whole training set (rate 1): the
+    bounds' ratio C_p / C_h is the ratio of the groups' median per-example norms (per-example autograd on the 33
+    training examples) up to the histogram's octave bins: each median read to half an octave, the ratio to one.
+    No public split is needed. (Negligible noise spends an enormous epsilon: accounted with RDP, which bounds it
+    in closed form where PRV's discretisation would not fit in memory.)"""
+    module = PrefixTunedClassifier(
+        tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3), max_physical_batch_size=8,
+        privacy=PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, accountant="rdp", clipping="group",
+                              max_grad_norm=0.5, group_bound_data="private", group_bound_noise=1e-3,
+                              group_bound_batches=2))
+    data = NoPublicSplit(size=33, batch_size=33)
+    _, grads = per_example_gradients(copy.deepcopy(module.model), collate([data.dataset[i] for i in range(33)]))
+    in_prefix = [n.startswith("prefix.") for n, p in module.model.named_parameters() if p.requires_grad]
+    medians = torch.quantile(group_norms_by_hand(grads, in_prefix).double(), 0.5, dim=0)
+    assert medians[1] / medians[0] > 8, "the test needs groups of different scales"
+    quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    prefix_bound, head_bound = module.engine.group_bounds
+    assert prefix_bound**2 + head_bound**2 == pytest.approx(0.25)
+    assert abs(math.log2((prefix_bound / head_bound) / float(medians[0] / medians[1]))) <= 1.0
+    [entry] = [e for e in module.ledger.entries if e.component == "group clipping bounds"]
+    assert entry.status == "accounted" and "2 Poisson batches" in entry.detail
+
+
+def test_private_group_bounds_are_composed_into_the_accountant(tiny_model_dir, tmp_path):
+    """What the data flows through, with 2 groups (prefix, head) and N = 64 training examples at rate q = 8 / 64:
+    3 Poisson batches (drawn apart from the training's) whose histograms, one count per example and group (L2
+    sensitivity sqrt(2)), get noise of std 2: a subsampled Gaussian of multiplier 2 / sqrt(2), 3 times; then 16
+    updates (2 epochs of 8 batches), each one subsampled Gaussian at the calibrated sigma. Opacus' PRV accountant
+    fed that history by hand gives the report's epsilon, which is the target; the run interrupted after 3
+    updates and resumed spends the same (the estimate counted once) with the same bounds."""
+    def make():
+        torch.manual_seed(0)
+        return PrefixTunedClassifier(
+            tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
+            privacy=PrivacyConfig(target_epsilon=2.0, clipping="group", group_bound_data="private",
+                                  group_bound_noise=2.0, group_bound_batches=3))
+
+    whole = make()
+    quiet_trainer(tmp_path / "whole", max_epochs=2).fit(whole, datamodule=NoPublicSplit())
+    sigma, q, delta = whole.engine.noise_multiplier, 8 / 64, 64**-1.1
+    prv = PRVAccountant()
+    prv.history = [(2.0 / math.sqrt(2), q, 3), (sigma, q, 16)]
+    report = whole.privacy_report()
+    assert report["epsilon"] == pytest.approx(prv.get_epsilon(delta=delta), rel=1e-6)
+    assert report["epsilon"] == pytest.approx(2.0, abs=0.01) and report["epsilon"] <= 2.0
+    flat = PRVAccountant()
+    flat.history = [(sigma, q, 16)]
+    assert flat.get_epsilon(delta=delta) < 2.0 - 0.01, "the estimate's releases took part of the budget"
+
+    ckpt = tmp_path / "stopped.ckpt"
+    quiet_trainer(tmp_path / "a", max_epochs=2, callbacks=[StopAfter(3, ckpt)]).fit(make(), datamodule=NoPublicSplit())
+    resumed = make()
+    quiet_trainer(tmp_path / "b", max_epochs=2).fit(resumed, datamodule=NoPublicSplit(), ckpt_path=ckpt)
+    assert resumed.privacy_report()["epsilon"] == pytest.approx(report["epsilon"], rel=1e-9)
+    assert resumed.engine.group_bounds == pytest.approx(whole.engine.group_bounds, rel=1e-9)
+
+
 def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_tokens):
     """The same DP run with layer 1 pruned at epoch 1, whole and resumed from a checkpoint after the pruning."""
     from pflat_lightning.callbacks import SharpnessLayerSelection
@@ -228,9 +286,17 @@ def test_group_clipping_refusals(tiny_model_dir, tmp_path):
         PrivacyConfig(clipping="group", prefix_clip_share=1.0)
     with pytest.raises(ValueError, match=r"clipping must be one of \('flat', 'group'\), got 'split'"):
         PrivacyConfig(clipping="split")
+    with pytest.raises(ValueError, match="group_bound_data must be one of \\('public', 'private'\\), got 'train'"):
+        PrivacyConfig(clipping="group", group_bound_data="train")
+    with pytest.raises(ValueError, match="group_bound_noise must be > 0 .*got 0"):
+        PrivacyConfig(clipping="group", group_bound_data="private", group_bound_noise=0)
+    with pytest.raises(ValueError, match="group_bound_batches must be an integer >= 1, got 0"):
+        PrivacyConfig(clipping="group", group_bound_data="private", group_bound_batches=0)
+    with pytest.raises(ValueError, match="group_bound_data='private' estimates the group bounds, prefix_clip_share=0.3"):
+        PrivacyConfig(clipping="group", group_bound_data="private", prefix_clip_share=0.3)
     module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
                                    privacy=PrivacyConfig(target_epsilon=3.0, clipping="group"))
-    with pytest.raises(ValueError, match="the datamodule has no public split"):
+    with pytest.raises(ValueError, match="the datamodule has no public split.*group_bound_data='private'"):
         quiet_trainer(tmp_path, max_epochs=1).fit(module, datamodule=NoPublicSplit())
 
 

@@ -33,14 +33,49 @@ def group_bounds(max_grad_norm: float, prefix_share: float, groups: int) -> List
     return [max_grad_norm * math.sqrt(prefix_share), max_grad_norm * math.sqrt(1.0 - prefix_share)]
 
 
-def share_from_norms(norms: torch.Tensor, quantile: float = 0.5) -> float:
-    """The prefix's share of ``C**2`` that puts each group's bound at the same ``quantile`` of its per-example
-    gradient norms (``norms`` of shape ``(examples, 2)``: prefix, head): ``q_p**2 / (q_p**2 + q_h**2)``."""
-    typical = torch.quantile(norms.double(), quantile, dim=0)
+def share_of(typical: torch.Tensor) -> float:
+    """The prefix's share of ``C**2`` that puts each group's bound at the same multiple of its ``typical``
+    per-example gradient norm (prefix, head): ``t_p**2 / (t_p**2 + t_h**2)``."""
+    typical = torch.as_tensor(typical, dtype=torch.float64)
     if not (typical > 0).all():
         raise ValueError(f"A group's typical gradient norm is zero ({typical.tolist()}): its share cannot follow it.")
     squares = typical**2
     return float(squares[0] / squares.sum())
+
+
+#: Octave bins of the private norm histogram, relative to ``C``: bin ``j`` in 1..HISTOGRAM_OCTAVES holds norms in
+#: ``[C * 2**(TOP - j), C * 2**(TOP + 1 - j))``; bin 0 everything from ``C * 2**TOP`` up, the last bin everything
+#: below ``C * 2**(TOP - HISTOGRAM_OCTAVES)``.
+HISTOGRAM_TOP, HISTOGRAM_OCTAVES = 8, 32
+
+
+def norm_histogram(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Counts of each group's per-example norms (``norms`` of shape ``(examples, K)``) in the octave bins,
+    shape ``(K, HISTOGRAM_OCTAVES + 2)``. Each example adds exactly one count to each group's row: adding or
+    removing an example moves the histogram by ``sqrt(K)`` in L2 norm."""
+    octaves = torch.log2(max_grad_norm / norms.double().clamp(min=1e-300))
+    bins = (torch.ceil(octaves) + HISTOGRAM_TOP).clamp(0, HISTOGRAM_OCTAVES + 1).long()
+    counts = torch.zeros((norms.shape[1], HISTOGRAM_OCTAVES + 2), dtype=torch.float32)
+    for group in range(norms.shape[1]):
+        counts[group] = torch.bincount(bins[:, group], minlength=HISTOGRAM_OCTAVES + 2).float()
+    return counts
+
+
+def histogram_median(counts: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Each group's median norm read from (noisy) histogram counts of :func:`norm_histogram`: the geometric
+    middle of the bin where the counts, summed from the smallest norms up, pass half their total (the edge for
+    the two open bins). Refuses a histogram whose noisy total is not positive: it holds no signal."""
+    totals = counts.sum(dim=1)
+    if not (totals > 0).all():
+        raise ValueError(
+            f"The private group-bound histograms sum to {totals.tolist()} examples after noise: no signal to read a "
+            "median from. Raise PrivacyConfig.group_bound_batches or lower group_bound_noise, or set prefix_clip_share."
+        )
+    from_smallest = counts.flip(1).cumsum(dim=1)
+    passed = (from_smallest >= totals[:, None] / 2).float().argmax(dim=1)  # first bin at or past half
+    bins = HISTOGRAM_OCTAVES + 1 - passed
+    middle = (HISTOGRAM_TOP + 0.5 - bins.double()).clamp(HISTOGRAM_TOP - HISTOGRAM_OCTAVES, HISTOGRAM_TOP)
+    return max_grad_norm * torch.pow(2.0, middle)
 
 
 class GroupClipping:

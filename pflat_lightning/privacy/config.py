@@ -9,6 +9,7 @@ import torch
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "auto")
 CLIPPINGS = ("flat", "group")
+GROUP_BOUND_DATA = ("public", "private")
 
 
 @dataclass
@@ -32,8 +33,21 @@ class PrivacyConfig:
             0.01 % of an example's squared gradient norm) and the prefix's updates are noise. Without a head
             both are flat clipping.
         prefix_clip_share: under ``clipping="group"``, the prefix's share ``C_prefix**2 / C**2``, in (0, 1).
-            ``None`` (default) measures it before training on up to 256 examples of the datamodule's public
-            split (no privacy cost): each group's bound sits at the median of its per-example gradient norms.
+            ``None`` (default) sets it before training so that each group's bound sits at the median of its
+            per-example gradient norms, measured on the data ``group_bound_data`` names.
+        group_bound_data: where ``prefix_clip_share=None`` measures the groups' median norms. ``"public"``
+            (default): up to 256 examples of the datamodule's public split, at no privacy cost. ``"private"``:
+            the training set, for data without a public split, through a DP quantile estimate spent inside the
+            accountant: ``group_bound_batches`` Poisson batches at the training sample rate, each released as
+            a histogram of every group's per-example norms in octave bins (one count per example and group,
+            so L2 sensitivity ``sqrt(K)`` for ``K`` groups) with Gaussian noise of std ``group_bound_noise`` on
+            every count; each group's median is read from the summed noisy histograms (to half an octave).
+            The accountant composes these releases (noise multiplier ``group_bound_noise / sqrt(K)``) with the
+            training's, and the training noise is calibrated so that all of them together end at
+            ``target_epsilon``.
+        group_bound_noise: std of the Gaussian noise on each histogram count of ``group_bound_data="private"``,
+            in examples (> 0).
+        group_bound_batches: Poisson batches of ``group_bound_data="private"`` (>= 1).
         noise_multiplier: explicit noise ``sigma`` (noise std is ``sigma * C``). With ``target_epsilon``
             also set, training stops at the last step that stays within it, and a noise that cannot
             reach the planned steps within the target is refused.
@@ -66,6 +80,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     clipping: Literal["flat", "group"] = "flat"
     prefix_clip_share: Optional[float] = None
+    group_bound_data: Literal["public", "private"] = "public"
+    group_bound_noise: float = 4.0
+    group_bound_batches: int = 4
     noise_multiplier: Optional[float] = None
     accountant: Literal["prv", "rdp"] = "prv"
     poisson_sampling: bool = True
@@ -96,6 +113,16 @@ class PrivacyConfig:
         if self.prefix_clip_share is not None and not 0 < self.prefix_clip_share < 1:
             raise ValueError(f"prefix_clip_share must be in (0, 1) or None (measured on public data), got "
                              f"{self.prefix_clip_share}.")
+        if self.group_bound_data not in GROUP_BOUND_DATA:
+            raise ValueError(f"group_bound_data must be one of {GROUP_BOUND_DATA}, got {self.group_bound_data!r}.")
+        if not self.group_bound_noise > 0:
+            raise ValueError(f"group_bound_noise must be > 0 (the std of each histogram count's noise), got "
+                             f"{self.group_bound_noise}.")
+        if not (isinstance(self.group_bound_batches, int) and self.group_bound_batches >= 1):
+            raise ValueError(f"group_bound_batches must be an integer >= 1, got {self.group_bound_batches!r}.")
+        if self.group_bound_data == "private" and self.prefix_clip_share is not None:
+            raise ValueError(f"group_bound_data='private' estimates the group bounds, prefix_clip_share="
+                             f"{self.prefix_clip_share} fixes them: set one of the two.")
         if self.secure_mode and not self.poisson_sampling:
             raise ValueError("secure_mode=True needs poisson_sampling=True: the shuffled batches of "
                              "poisson_sampling=False come from a seeded generator.")

@@ -24,7 +24,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from pflat_lightning.privacy import secure_random
-from pflat_lightning.privacy.clipping import GroupClipping, group_assignment, group_bounds, share_from_norms
+from pflat_lightning.privacy.clipping import GroupClipping, group_assignment, group_bounds, share_of
 from pflat_lightning.privacy.config import PrivacyConfig
 
 #: PyTorch's warning when a full backward hook fires on a module none of whose inputs requires a gradient.
@@ -70,7 +70,8 @@ class PrivacyAccounting:
         self.planned_steps: Optional[int] = None
         self.updates = 0
         self.history: History = []
-        #: Releases composed before this run (a DP teacher on the same data), counted in every epsilon.
+        #: Releases composed before this run's updates (a DP teacher on the same data, a private estimate of the
+        #: group clipping bounds), counted in every epsilon.
         self.prior_history: History = []
         #: ``planned_updates -> extra releases`` that callbacks add (e.g. a private ascent gradient).
         self.extra_releases: List[Callable[[int], int]] = []
@@ -108,11 +109,16 @@ class PrivacyAccounting:
             self.dataset_size, self.sample_rate = dataset_size, setting["sample_rate"]
             self.delta = cfg.delta_for(dataset_size)
             self.planned_steps = planned_steps
+            self.prior_history = self.prior_history + self._releases_before_training()
             self.history = list(self.prior_history)
             self.noise_multiplier = self._calibrate(planned_steps)
         self.expected_batch_size = expected_batch_size
         if self._generator is None and not cfg.secure_mode:
             self._generator = torch.Generator().manual_seed(cfg.seed)
+
+    def _releases_before_training(self) -> History:
+        """Releases this run makes on the training set before its first update, planned with it (none here)."""
+        return []
 
     @property
     def planned_compositions(self) -> int:
@@ -136,7 +142,8 @@ class PrivacyAccounting:
             return cfg.noise_multiplier
         if self.prior_history and epsilon_of(self.prior_history, self.delta, cfg.accountant) >= cfg.target_epsilon:
             raise ValueError(
-                f"Earlier releases (a DP teacher) already spend epsilon >= target_epsilon={cfg.target_epsilon}: "
+                f"Earlier releases (a DP teacher, a private group-bound estimate) already spend epsilon >= "
+                f"target_epsilon={cfg.target_epsilon}: "
                 "no budget is left for this run."
             )
         low, high = 0.0, 1.0
@@ -328,6 +335,7 @@ class DPSGDEngine(PrivacyAccounting):
         self.grad_sample_mode: Optional[str] = None
         #: ``clipping="group"``: the bound of each group (prefix, head), kept in checkpoints.
         self.group_bounds: Optional[List[float]] = None
+        self._groups = 0  # clipping groups of the attached optimizer
 
     # ------------------------------------------------------------------ setup
     def attach(
@@ -354,6 +362,12 @@ class DPSGDEngine(PrivacyAccounting):
         without ``prefix_clip_share`` the group bounds come from :meth:`set_group_bounds` before the first step.
         """
         cfg = self.config
+        group = cfg.clipping == "group"
+        # Groups cover every tensor of the optimizer, pruned (frozen) prefix layers too: a run resumed after a
+        # pruning keeps the uninterrupted run's groups, bounds and noise scale.
+        everything = [p for param_group in optimizer.param_groups for p in param_group["params"]]
+        group_of = group_assignment(everything, prefix_parameters) if group else {}
+        self._groups = len(set(group_of.values()))
         self.plan(dataset_size=dataset_size, expected_batch_size=expected_batch_size, planned_steps=planned_steps)
         self.grad_sample_mode = cfg.grad_sample_mode if cfg.grad_sample_mode != "auto" else grad_sample_mode
         if self.grad_sample_mode not in ("hooks", "functorch", "ghost"):
@@ -362,7 +376,6 @@ class DPSGDEngine(PrivacyAccounting):
         self.hooks = prepare_module(
             module, self.grad_sample_mode, wrap_model=False, batch_first=True, loss_reduction="sum", strict=True
         )
-        group = cfg.clipping == "group"
         optimizer_class = _optimizer_class(
             get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=self.grad_sample_mode),
             distributed, group, cfg.secure_mode,
@@ -379,15 +392,11 @@ class DPSGDEngine(PrivacyAccounting):
             secure_mode=cfg.secure_mode,
         )
         if group:
-            # Groups cover every tensor of the optimizer, pruned (frozen) prefix layers too: a run resumed after
-            # a pruning keeps the uninterrupted run's groups, bounds and noise scale.
-            everything = [p for param_group in optimizer.param_groups for p in param_group["params"]]
-            self.optimizer.group_of = group_assignment(everything, prefix_parameters)
+            self.optimizer.group_of = group_of
             self.optimizer.draw = self.noise
-            groups = len(set(self.optimizer.group_of.values()))
-            if self.group_bounds is None and cfg.prefix_clip_share is not None:
-                self.group_bounds = group_bounds(cfg.max_grad_norm, cfg.prefix_clip_share, groups)
-            self.optimizer.bounds = self.group_bounds or group_bounds(cfg.max_grad_norm, 0.5, groups)
+            if self.group_bounds is None and (cfg.prefix_clip_share is not None or self._groups == 1):
+                self.group_bounds = group_bounds(cfg.max_grad_norm, cfg.prefix_clip_share, self._groups)
+            self.optimizer.bounds = self.group_bounds or group_bounds(cfg.max_grad_norm, 0.5, self._groups)
         self.optimizer.attach_step_hook(self._on_step)
         return self.optimizer
 
@@ -396,19 +405,47 @@ class DPSGDEngine(PrivacyAccounting):
         """Group-wise clipping whose bounds must still be measured (:meth:`measure_group_norms`)."""
         return self.config.clipping == "group" and self.group_bounds is None
 
+    @property
+    def estimates_group_bounds_privately(self) -> bool:
+        """The group bounds come from the training set through the private histogram estimate."""
+        cfg = self.config
+        return (cfg.clipping == "group" and cfg.prefix_clip_share is None and cfg.group_bound_data == "private"
+                and self._groups > 1)
+
+    def _releases_before_training(self) -> History:
+        """The private group-bound estimate: ``group_bound_batches`` Poisson batches at the training rate, each
+        a histogram with one count per example and group (L2 sensitivity ``sqrt(K)``) plus Gaussian noise of std
+        ``group_bound_noise``: a subsampled Gaussian mechanism of multiplier ``group_bound_noise / sqrt(K)``."""
+        if not self.estimates_group_bounds_privately:
+            return []
+        cfg = self.config
+        return [(cfg.group_bound_noise / math.sqrt(self._groups), self.sample_rate, cfg.group_bound_batches)]
+
     def measure_group_norms(self, loss_per_example: torch.Tensor) -> torch.Tensor:
         """Per-example gradient norm of each group (prefix, head) for the given losses, shape ``(examples, K)``,
-        without clipping, noise or update: for choosing the bounds on public data before training."""
+        without clipping, noise or update: for choosing the bounds before training."""
         self.backward(loss_per_example)
         norms = self.optimizer.group_norms()
         self.optimizer.zero_grad(set_to_none=True)
         return norms.detach()
 
-    def set_group_bounds(self, norms: torch.Tensor, quantile: float = 0.5) -> List[float]:
-        """Put each group's bound at the same ``quantile`` of its per-example norms (``norms`` from
-        :meth:`measure_group_norms`), the bounds' squares summing to ``max_grad_norm**2``."""
+    def release_norm_histogram(self, counts: torch.Tensor) -> torch.Tensor:
+        """One release of the private group-bound estimate: a Poisson batch's histogram ``counts`` (of
+        :func:`~pflat_lightning.privacy.clipping.norm_histogram`) plus Gaussian noise of std ``group_bound_noise``
+        on every count. The accountant planned it (:meth:`_releases_before_training`). Under data parallelism
+        each rank counts its share of the batch, rank 0 alone adds the noise and the ranks sum: one draw."""
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed or dist.get_rank() == 0:
+            counts = counts + self.noise(self.config.group_bound_noise, counts)
+        if distributed:
+            dist.all_reduce(counts)
+        return counts
+
+    def set_group_bounds(self, typical: torch.Tensor) -> List[float]:
+        """Put each group's bound at the same multiple of its ``typical`` per-example norm (a median, one value
+        per group), the bounds' squares summing to ``max_grad_norm**2``."""
         groups = len(self.optimizer.bounds)
-        share = share_from_norms(norms, quantile) if groups > 1 else 1.0
+        share = share_of(typical) if groups > 1 else 1.0
         self.group_bounds = self.optimizer.bounds = group_bounds(self.config.max_grad_norm, share, groups)
         return self.group_bounds
 
