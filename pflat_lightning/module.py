@@ -307,7 +307,7 @@ class DPPrefixModule(PrivateTraining):
         how = (f"median per-example gradient norm of each group estimated on the training set from noisy octave "
                f"histograms of {cfg.group_bound_batches} Poisson batches (rate {self.engine.sample_rate:.4g}, count "
                f"noise std {cfg.group_bound_noise}), in the accountant")
-        return histogram_median(total, cfg.max_grad_norm), how
+        return histogram_median(total, cfg.max_grad_norm, self.engine.expected_batch_size * cfg.group_bound_batches), how
 
     def _auto_clipping(self, physical_batch: int) -> Optional[str]:
         """What ``grad_sample_mode="auto"`` means for this model: ghost clipping when the per-example

@@ -249,6 +249,23 @@ def test_private_group_bounds_are_composed_into_the_accountant(tiny_model_dir, t
     assert resumed.engine.group_bounds == pytest.approx(whole.engine.group_bounds, rel=1e-9)
 
 
+def test_private_group_bounds_in_secure_mode_keep_the_formal_guarantee(tiny_model_dir, tmp_path):
+    """secure_mode: the estimate's Poisson batches and its histogram noise come from the OS's CSPRNG like the
+    training's, so the report's guarantee holds, with the estimate's releases first in the accountant history
+    (noise 1 on each count, 2 groups: multiplier 1 / sqrt(2); the default 4 batches at q = 32 / 128). With an
+    expected 128 examples, the noise on a group's whole histogram (std 1 * sqrt(4 * 34) = 11.7) is 5.5 standard
+    deviations below the 64 that reading the median needs: OS draws do not make this test flaky."""
+    module = PrefixTunedClassifier(
+        tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=3),
+        privacy=PrivacyConfig(target_epsilon=8.0, clipping="group", group_bound_data="private", group_bound_noise=1.0,
+                              secure_mode=True))
+    quiet_trainer(tmp_path, max_epochs=1).fit(module, datamodule=NoPublicSplit(size=128, batch_size=32))
+    report = module.privacy_report()
+    assert report["formal_guarantee"], report["reasons"]
+    assert report["accountant_history"][0] == pytest.approx([1 / math.sqrt(2), 32 / 128, 4])
+    assert report["group_clip_bounds"]["prefix"] < report["group_clip_bounds"]["head"]
+
+
 def whole_and_resumed_after_a_pruning(path, privacy, tmp_path, num_virtual_tokens):
     """The same DP run with layer 1 pruned at epoch 1, whole and resumed from a checkpoint after the pruning."""
     from pflat_lightning.callbacks import SharpnessLayerSelection

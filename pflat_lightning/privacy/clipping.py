@@ -61,20 +61,23 @@ def norm_histogram(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
     return counts
 
 
-def histogram_median(counts: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Each group's median norm read from (noisy) histogram counts of :func:`norm_histogram`: the geometric
-    middle of the bin where the counts, summed from the smallest norms up, pass half their total (the edge for
-    the two open bins). Refuses a histogram whose noisy total is not positive: it holds no signal."""
-    totals = counts.sum(dim=1)
-    if not (totals > 0).all():
+def histogram_median(counts: torch.Tensor, max_grad_norm: float, examples: float) -> torch.Tensor:
+    """Each group's median norm read from noisy histogram counts of :func:`norm_histogram` over an expected
+    ``examples`` examples (public: the expected batch size times the batches): the geometric middle of the bin
+    where the counts, summed from the largest norms down, pass ``examples / 2`` (the edge for the two open bins).
+    Summing from the top crosses few empty bins (norms rarely exceed ``C`` by much), so little noise; the expected
+    rather than the noisy total keeps the noise of every other bin out of the threshold. Refuses a group whose
+    noisy counts never pass half: the noise has swamped its histogram."""
+    from_largest = counts.cumsum(dim=1)
+    passes = from_largest >= examples / 2
+    if not passes.any(dim=1).all():
         raise ValueError(
-            f"The private group-bound histograms sum to {totals.tolist()} examples after noise: no signal to read a "
-            "median from. Raise PrivacyConfig.group_bound_batches or lower group_bound_noise, or set prefix_clip_share."
+            f"The private group-bound histograms never reach half of the {examples:g} examples expected (noisy totals "
+            f"{from_largest[:, -1].tolist()}): the noise has swamped them. Raise PrivacyConfig.group_bound_batches or "
+            "the batch size, lower group_bound_noise, or set prefix_clip_share."
         )
-    from_smallest = counts.flip(1).cumsum(dim=1)
-    passed = (from_smallest >= totals[:, None] / 2).float().argmax(dim=1)  # first bin at or past half
-    bins = HISTOGRAM_OCTAVES + 1 - passed
-    middle = (HISTOGRAM_TOP + 0.5 - bins.double()).clamp(HISTOGRAM_TOP - HISTOGRAM_OCTAVES, HISTOGRAM_TOP)
+    bins = passes.float().argmax(dim=1).double()  # the first bin at or past half
+    middle = (HISTOGRAM_TOP + 0.5 - bins).clamp(HISTOGRAM_TOP - HISTOGRAM_OCTAVES, HISTOGRAM_TOP)
     return max_grad_norm * torch.pow(2.0, middle)
 
 

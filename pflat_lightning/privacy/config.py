@@ -41,7 +41,8 @@ class PrivacyConfig:
             accountant: ``group_bound_batches`` Poisson batches at the training sample rate, each released as
             a histogram of every group's per-example norms in octave bins (one count per example and group,
             so L2 sensitivity ``sqrt(K)`` for ``K`` groups) with Gaussian noise of std ``group_bound_noise`` on
-            every count; each group's median is read from the summed noisy histograms (to half an octave).
+            every count; each group's median is read from the summed noisy histograms (to half an octave; the
+            estimate needs enough examples: with the defaults, an expected batch of 128 leaves a 5-sigma margin).
             The accountant composes these releases (noise multiplier ``group_bound_noise / sqrt(K)``) with the
             training's, and the training noise is calibrated so that all of them together end at
             ``target_epsilon``.
