@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -348,9 +349,24 @@ def _key(row: Dict[str, Any]) -> tuple:
     return row["method"], row["target_epsilon"], row["seed"]
 
 
+def _effective(recipe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """``recipe`` with each callback's unset arguments at their defaults: a config that spells out a default runs
+    as one that leaves it out, and the two compare equal."""
+    if recipe is None:
+        return None
+    callbacks = []
+    for entry in recipe.get("callbacks", []):
+        module, _, name = entry["class_path"].rpartition(".")
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+        defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+        callbacks.append({**entry, "init_args": {**defaults, **entry["init_args"]}})
+    return {**recipe, "callbacks": callbacks}
+
+
 def _stale(row: Dict[str, Any], recipes: Dict[str, Any]) -> bool:
-    """Whether ``row`` ran with another method config than its method's current one (``recipes``)."""
-    return row.get("method_recipe") != recipes.get(row["method"])
+    """Whether ``row`` ran with another method config than its method's current one (``recipes``), arguments at
+    their defaults aside."""
+    return _effective(row.get("method_recipe")) != _effective(recipes.get(row["method"]))
 
 
 def write_outputs(results: List[Dict[str, Any]], out: Path) -> None:

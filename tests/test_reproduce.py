@@ -1,4 +1,5 @@
 """`pflat reproduce`: the paper's comparison, end to end on a tiny model, and its table arithmetic."""
+import copy
 import json
 import math
 import os
@@ -174,6 +175,26 @@ def test_side_by_side_invocations_keep_each_others_rows(tmp_path):
     assert json.loads((tmp_path / "superseded.json").read_text()) == [stale], "a superseded row is kept aside"
     rerun = dict(kept, test_acc=0.9)  # the same run again replaces its row
     assert [r["test_acc"] for r in reproduce.record(rerun, tmp_path, recipes)] == [0.85, 0.9]
+
+
+def test_a_default_spelled_out_in_a_method_config_does_not_supersede_its_rows(tmp_path):
+    """A row recorded without an argument that the method's config now sets to its default ran the same callbacks:
+    kept. The same argument at another value supersedes it."""
+    (tmp_path / "comparison.json").write_text("{}")
+    distillation = next(m for m in reproduce.METHODS if m.name == "DP + distillation")
+    recipe = reproduce.method_recipe(distillation)
+    explicit = copy.deepcopy(recipe)
+    explicit["callbacks"][0]["init_args"]["warm_start"] = False  # TeacherDistillation's default
+    changed = copy.deepcopy(recipe)
+    changed["callbacks"][0]["init_args"]["warm_start"] = True
+    old = _row("DP + distillation", 8.0, 0, 0.8)
+    old["method_recipe"] = recipe
+    new = _row("DP + distillation", 8.0, 1, 0.8)
+    new["method_recipe"] = explicit
+    reproduce.write_outputs([old], tmp_path)
+    assert [r["seed"] for r in reproduce.record(new, tmp_path, {"DP + distillation": explicit})] == [0, 1]
+    changed_row = dict(new, seed=2, method_recipe=changed)
+    assert [r["seed"] for r in reproduce.record(changed_row, tmp_path, {"DP + distillation": changed})] == [2]
 
 
 def test_methods_take_their_callbacks_and_clip_from_their_config():
