@@ -22,10 +22,12 @@ run side by side on one ``--out`` (one per core, e.g. with ``OMP_NUM_THREADS=1``
 under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
-DP-SGD, DP-SGD + each flattening technique alone (as configured in ``privacy_flat_strict.yaml``: AWP on
-the previous released gradient, layer selection on public data, a teacher trained on public data), a
-baseline with distillation's public data but no flattening (DP-SGD started from the public teacher's prefix),
-strict-DP Privacy-Flat (all three) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
+DP-SGD, DP-SGD + each flattening technique alone (AWP on the previous released gradient and a teacher trained
+on public data as configured in ``privacy_flat_strict.yaml``, the distillation row without its warm start; layer
+selection on public data as in ``layer_selection_public.yaml``), a baseline with distillation's public data but no
+flattening (DP-SGD started from the public teacher's prefix), strict-DP Privacy-Flat
+(``privacy_flat_strict.yaml`` as tuned: AWP and distillation from the teacher's prefix; layer selection tuned
+off) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
 AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
 guarantee, as its reports say); last, the paper's techniques without DP (its Figure 4 "ours, non-private":
 does flattening alone lower membership inference?).
@@ -47,7 +49,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -56,11 +58,13 @@ from lightning.pytorch.callbacks import Callback
 
 from pflat_lightning.callbacks import LossLandscape, MembershipInferenceAudit
 from pflat_lightning.runs import load_run, split_overrides
+from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.report import seeded_only
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 DEFAULT_CONFIG = CONFIGS / "movie_reviews_prompt_dp.yaml"
 STRICT_CONFIG = CONFIGS / "privacy_flat_strict.yaml"
+SELECTION_CONFIG = CONFIGS / "layer_selection_public.yaml"
 PAPER_CONFIG = CONFIGS / "privacy_flat_paper.yaml"
 #: ``--quick``: a few hundred examples, 2 epochs, short sequences: a smoke run of every row, not a measurement.
 QUICK_OVERRIDES = [
@@ -93,8 +97,9 @@ METHODS = [
     Method("non-private", private=False),
     Method("DP-SGD"),
     Method("DP + AWP", config=STRICT_CONFIG, callbacks=["AdversarialWeightPerturbation"]),
-    Method("DP + layer selection", config=STRICT_CONFIG, callbacks=["SharpnessLayerSelection"]),
-    Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"]),
+    Method("DP + layer selection", config=SELECTION_CONFIG),
+    Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
+           callback_args={"TeacherDistillation": {"warm_start": False}}),
     # Distillation's public data without its regulariser: DP-SGD started from the public teacher's prefix.
     Method("DP + public warm start", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
            callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
@@ -129,6 +134,9 @@ def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
             init_args = {**entry.get("init_args", {}), **method.callback_args.get(name, {}),
                          **(QUICK_CALLBACK_ARGS.get(name, {}) if quick else {})}
             callbacks.append({"class_path": entry["class_path"], "init_args": init_args})
+    missing = set(method.callbacks or ()) - {c["class_path"].rpartition(".")[2] for c in callbacks}
+    if missing:
+        raise ValueError(f"Method {method.name!r} takes {sorted(missing)} from {method.config}, which has no such callback.")
     privacy = _model_section(config).get("privacy") or {}
     return {"callbacks": callbacks, "privacy": {k: v for k, v in privacy.items() if k not in ROW_PRIVACY}}
 
@@ -350,8 +358,8 @@ def _key(row: Dict[str, Any]) -> tuple:
 
 
 def _effective(recipe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """``recipe`` with each callback's unset arguments at their defaults: a config that spells out a default runs
-    as one that leaves it out, and the two compare equal."""
+    """``recipe`` with each callback's unset arguments and each unset privacy setting at their defaults: a config
+    that spells out a default runs as one that leaves it out, and the two compare equal."""
     if recipe is None:
         return None
     callbacks = []
@@ -360,7 +368,8 @@ def _effective(recipe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
         defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
         callbacks.append({**entry, "init_args": {**defaults, **entry["init_args"]}})
-    return {**recipe, "callbacks": callbacks}
+    privacy = {f.name: f.default for f in fields(PrivacyConfig) if f.name not in ROW_PRIVACY}
+    return {"callbacks": callbacks, "privacy": {**privacy, **recipe.get("privacy", {})}}
 
 
 def _stale(row: Dict[str, Any], recipes: Dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from pflat_lightning import PrefixConfig, PrefixTunedCausalLM, PrefixTunedClassifier
@@ -31,8 +32,8 @@ SHIPPED_CONFIGS = [
     ("trec_prompt_dp.yaml", "bundled-smollm2"), ("own_csv.yaml", "bundled-minilm"),
 ]
 #: Composed with a run config, not run alone (test_dp_ddp_config_composes_with_a_run_config,
-#: test_audit_protocol_composes_with_a_run_config).
-FRAGMENTS = {"movie_reviews_dp_ddp.yaml", "audit_protocol.yaml"}
+#: test_audit_protocol_composes_with_a_run_config, test_layer_selection_composes_with_a_run_config).
+FRAGMENTS = {"movie_reviews_dp_ddp.yaml", "audit_protocol.yaml", "layer_selection_public.yaml"}
 
 
 def test_every_shipped_config_is_tested():
@@ -157,11 +158,16 @@ def test_privacy_flat_configs_run_and_report_their_guarantee(config, guarantee, 
     report = json.loads(student.read_text())
     assert report["formal_guarantee"] is guarantee
     components = {e["component"]: e["status"] for e in report["ledger"]}
-    assert components.keys() == {"AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation",
-                                 "prefix initialisation", "validation", "test"}, \
+    techniques = {"AdversarialWeightPerturbation", "TeacherDistillation"} | ({"SharpnessLayerSelection"} if not guarantee
+                                                                            else set())  # tuned off in the strict one
+    assert components.keys() == techniques | {"prefix initialisation", "validation", "test"}, \
         "init_text: the instruction text is recorded as public data; the held-out splits' metrics as evaluation"
     assert components["validation"] == components["test"] == "evaluation"
-    assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers
+    if guarantee:
+        [teacher] = [e for e in report["ledger"] if e["component"] == "TeacherDistillation"]
+        assert teacher["status"] == "public" and "the student starts from the teacher's prefix" in teacher["detail"]
+    else:
+        assert len(report["callbacks"]["SharpnessLayerSelection"]["kept_layers"]) == 2  # 0.75 of 2 tiny layers
 
 
 def test_dp_ddp_config_composes_with_a_run_config(tmp_path):
@@ -180,6 +186,25 @@ def test_audit_protocol_composes_with_a_run_config(tmp_path):
     assert "max_epochs: 12" in result.stdout and "max_train_examples: 250" in result.stdout
     assert "check_val_every_n_epoch: 12" in result.stdout and "max_eval_examples: 250" in result.stdout
     assert "batch_size: 50" in result.stdout and "head: label_words" in result.stdout, "the run config's model stays"
+
+
+def test_layer_selection_composes_with_a_run_config(tmp_path):
+    """The fragment adds the strict selection to a recipe; the strict config's comment adds it to the strict run."""
+    result = pflat("fit", "--config", str(ROOT / "examples/configs/movie_reviews_prompt_dp.yaml"),
+                   "--config", str(ROOT / "examples/configs/layer_selection_public.yaml"), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    [selection] = printed["trainer"]["callbacks"]
+    assert selection["class_path"].endswith("SharpnessLayerSelection") and selection["init_args"]["data"] == "public"
+    assert printed["model"]["init_args"]["head"] == "label_words", "the run config's model stays"
+    result = pflat("fit", "--config", str(ROOT / "examples/configs/privacy_flat_strict.yaml"),
+                   "--trainer.callbacks+=pflat_lightning.callbacks.SharpnessLayerSelection",
+                   "--trainer.callbacks.data", "public", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    callbacks = yaml.safe_load(result.stdout)["trainer"]["callbacks"]
+    assert [c["class_path"].rpartition(".")[2] for c in callbacks] == [
+        "AdversarialWeightPerturbation", "TeacherDistillation", "SharpnessLayerSelection"]
+    assert callbacks[2]["init_args"]["data"] == "public" and callbacks[1]["init_args"]["warm_start"] is True
 
 
 def test_cli_fits_the_causal_lm_on_movie_dialog(tiny_model_dir, tmp_path):

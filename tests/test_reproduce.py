@@ -195,6 +195,13 @@ def test_a_default_spelled_out_in_a_method_config_does_not_supersede_its_rows(tm
     assert [r["seed"] for r in reproduce.record(new, tmp_path, {"DP + distillation": explicit})] == [0, 1]
     changed_row = dict(new, seed=2, method_recipe=changed)
     assert [r["seed"] for r in reproduce.record(changed_row, tmp_path, {"DP + distillation": changed})] == [2]
+    selection = next(m for m in reproduce.METHODS if m.name == "DP + layer selection")
+    recorded = dict(reproduce.method_recipe(selection), privacy={"max_grad_norm": 1.0})  # PrivacyConfig's default
+    current = {"DP + layer selection": reproduce.method_recipe(selection)}
+    assert current["DP + layer selection"]["privacy"] == {}
+    assert not reproduce._stale(dict(old, method="DP + layer selection", method_recipe=recorded), current)
+    assert reproduce._stale(dict(old, method="DP + layer selection", method_recipe=dict(recorded, privacy={
+        "max_grad_norm": 0.5})), current)
 
 
 def test_methods_take_their_callbacks_and_clip_from_their_config():
@@ -202,14 +209,19 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     awp_only = reproduce.method_callbacks(strict["DP + AWP"])
     assert [type(c) for c in awp_only] == [AdversarialWeightPerturbation] and awp_only[0].direction == "previous_private"
     full = reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"], quick=True)
-    assert [type(c) for c in full] == [AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation]
-    assert full[1].num_batches == 1 and len(full[1].alphas) == 6 and full[2].teacher_epochs == 1, "--quick cuts costs"
+    assert [type(c) for c in full] == [AdversarialWeightPerturbation, TeacherDistillation]
+    assert full[1].teacher_epochs == 1 and full[1].warm_start and full[1].weight > 0, "--quick cuts costs"
     (warm,) = reproduce.method_callbacks(strict["DP + public warm start"])
     (distill,) = reproduce.method_callbacks(strict["DP + distillation"])
     assert (warm.weight, warm.warm_start, distill.warm_start) == (0.0, True, False) and distill.weight > 0
     assert (warm.source, warm.teacher_epochs) == (distill.source, distill.teacher_epochs), "the same public teacher"
-    selection = reproduce.method_callbacks(strict["Privacy-Flat (strict DP)"])[1]
+    (selection,) = reproduce.method_callbacks(strict["DP + layer selection"])
+    assert isinstance(selection, SharpnessLayerSelection) and selection.data == "public"
     assert selection.num_batches == 1 and selection.batch_size == 16 and len(selection.alphas) == 5
+    quick_selection = reproduce.method_callbacks(strict["DP + layer selection"], quick=True)[0]
+    assert quick_selection.num_batches == 1 and len(quick_selection.alphas) == 6
+    with pytest.raises(ValueError, match=r"takes \['SharpnessLayerSelection'\] from .*privacy_flat_strict.yaml, which has no"):
+        reproduce.method_recipe(reproduce.Method("x", config=reproduce.STRICT_CONFIG, callbacks=["SharpnessLayerSelection"]))
     paper_recipe = reproduce.method_recipe(strict["Privacy-Flat (paper)"])
     assert [c["class_path"].rpartition(".")[2] for c in paper_recipe["callbacks"]] == [
         "AdversarialWeightPerturbation", "SharpnessLayerSelection", "TeacherDistillation"]
