@@ -7,11 +7,13 @@ set -euo pipefail
 name=$1; shift
 out=results/prompt/tuning/runs/$name
 rm -rf "$out"
-.venv/bin/pflat fit --config examples/configs/movie_reviews_prompt_dp.yaml \
+# The run's protocol comes after the overrides, so that a method config among them (--config ...) cannot replace
+# the seed, the seeded randomness, the splits or the output folder.
+.venv/bin/pflat fit --config examples/configs/movie_reviews_prompt_dp.yaml "$@" \
   --data.max_eval_examples 500 --data.public_fraction 0.1 \
   --seed_everything 0 --model.privacy.seed 0 --model.privacy.secure_mode false \
   --trainer.limit_test_batches 0 --trainer.enable_checkpointing false --trainer.enable_progress_bar false \
-  --trainer.default_root_dir "$out" "$@"
+  --trainer.default_root_dir "$out"
 .venv/bin/python - "$name" "$out" "$@" <<'PY'
 import json, sys, pathlib
 name, out, overrides = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
