@@ -143,11 +143,12 @@ def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
 
 def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
     """Fresh instances of the callbacks of :func:`method_recipe` (a run never shares state)."""
-    chosen = []
-    for entry in method_recipe(method, quick)["callbacks"]:
-        module, _, name = entry["class_path"].rpartition(".")
-        chosen.append(getattr(importlib.import_module(module), name)(**entry["init_args"]))
-    return chosen
+    return [_callback_class(entry["class_path"])(**entry["init_args"]) for entry in method_recipe(method, quick)["callbacks"]]
+
+
+def _callback_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def method_overrides(method: Method, epsilon: Optional[float], seed: int) -> List[str]:
@@ -364,8 +365,7 @@ def _effective(recipe: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
         return None
     callbacks = []
     for entry in recipe.get("callbacks", []):
-        module, _, name = entry["class_path"].rpartition(".")
-        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters.values()
+        parameters = inspect.signature(_callback_class(entry["class_path"])).parameters.values()
         defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
         callbacks.append({**entry, "init_args": {**defaults, **entry["init_args"]}})
     privacy = {f.name: f.default for f in fields(PrivacyConfig) if f.name not in ROW_PRIVACY}
