@@ -21,14 +21,21 @@ prefix length on MiniLM), ``virtual`` (logical batch 1024 in physical chunks of 
 ``reparam`` (reparametrised prefix at logical batch 256, hooks vs. ghost vs. auto), ``repeat`` (limit,
 peer and ours interleaved three times on MiniLM, to separate a small gap from run-to-run noise),
 ``prompt`` (the default recipe's step: SmolLM2 reading label words, limit, peer (PEFT prefix tuning of
-the causal LM + Opacus, the same label-word loss) and ours interleaved twice, length 40).
+the causal LM + Opacus, the same label-word loss) and ours interleaved twice, length 40), ``profile`` (where
+a MiniLM step spends its time: limit, peer and ours interleaved three times, then each under cProfile, the self
+CPU time of each package's Python and of the C++ operators, per step).
+
+``--clock cpu`` times steps by the process's CPU time instead of the wall clock: on a machine shared with
+other jobs it measures the work a step does rather than the share of the cores it got.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
@@ -42,6 +49,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+#: Where profiled code lives, most specific first (``pflat_lightning`` before ``lightning``'s match).
+PACKAGES = ("pflat_lightning", "lightning", "opacus", "peft", "transformers", "torch")
 
 
 def rss_mib() -> float:
@@ -70,6 +80,57 @@ class MemorySampler:
         self._running = False
         self._thread.join()
         self.peak = max(self.peak, rss_mib())
+
+
+class StepTimer:
+    """Times the measured steps on the spec's clock and, for a profiled spec, runs cProfile over exactly them."""
+
+    def __init__(self, spec: dict) -> None:
+        self.clock, self.times = CLOCKS[spec["clock"]], []
+        self.profiler = cProfile.Profile(time.process_time) if spec["profile"] else None
+
+    def start(self, measured: bool) -> None:
+        self.measured = measured
+        if measured and self.profiler:
+            self.profiler.enable()
+        self.started = self.clock()
+
+    def stop(self) -> None:
+        elapsed = self.clock() - self.started
+        if self.measured and self.profiler:
+            self.profiler.disable()
+        self.times.append(elapsed)
+
+    def result(self, warmup: int) -> dict:
+        measured = self.times[warmup:]
+        # The median leaves out the occasional step that also recomputes epsilon; the mean includes it.
+        result = {"median_step_s": statistics.median(measured), "mean_step_s": statistics.fmean(measured)}
+        if self.profiler:
+            result["breakdown"] = breakdown(pstats.Stats(self.profiler), len(measured))
+        return result
+
+
+def owner(filename: str, function: str) -> str:
+    """The package a profiled function belongs to; C functions count as torch operators or builtins."""
+    if filename == "~":
+        return "torch C++ operators" if "torch" in function else "Python builtins"
+    for package in PACKAGES:
+        if f"/{package}/" in filename:
+            return package
+    return "other Python"
+
+
+def breakdown(stats: pstats.Stats, steps: int) -> dict:
+    """Self CPU time per step (ms) of each package, and the ten costliest Python functions outside torch."""
+    packages, functions = {}, []
+    for (filename, line, function), (_, _, self_time, _, _) in stats.stats.items():
+        where = owner(filename, function)
+        packages[where] = packages.get(where, 0.0) + self_time
+        if where in PACKAGES[:-1]:
+            functions.append((self_time, f"{where}: {Path(filename).name}:{line} {function}"))
+    per_step = lambda t: round(t / steps * 1000, 2)  # noqa: E731
+    return {"packages_ms": {k: per_step(v) for k, v in sorted(packages.items(), key=lambda kv: -kv[1])},
+            "top_ms": {name: per_step(t) for t, name in sorted(functions, reverse=True)[:10]}}
 
 
 class Tokens(Dataset):
@@ -123,16 +184,16 @@ def run_ours(spec: dict) -> dict:
                 ckpt = Path(folder, "teacher.ckpt")
                 torch.save({"state_dict": {f"model.{k}": v for k, v in model.model.state_dict().items()}}, ckpt)
                 callbacks.append(TeacherDistillation("checkpoint", checkpoint_path=str(ckpt)))
-        sampler, times, grad_samples = MemorySampler(), [], []
+        sampler, timer, grad_samples = MemorySampler(), StepTimer(spec), []
 
         class Measure(Callback):
             def on_train_batch_start(self, trainer, *args):
                 if trainer.global_step == spec["warmup"]:
                     sampler.start()
-                self.start = time.perf_counter()
+                timer.start(measured=trainer.global_step >= spec["warmup"])
 
             def on_train_batch_end(self, *args):
-                times.append(time.perf_counter() - self.start)
+                timer.stop()
 
             def on_before_optimizer_step(self, trainer, pl_module, optimizer):
                 # Per-example gradients materialised for clipping (hooks); ghost clipping keeps none.
@@ -147,7 +208,7 @@ def run_ours(spec: dict) -> dict:
                              precision=spec["precision"], callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
         trainer.fit(model, train_dataloaders=loader)
         sampler.stop()
-    result = {"median_step_s": statistics.median(times[spec["warmup"]:])}
+    result = timer.result(spec["warmup"])
     if private:
         result["grad_sample_mode_used"] = model.engine.grad_sample_mode
         result["grad_sample_mib"] = round(max(grad_samples, default=0.0), 1)
@@ -193,17 +254,17 @@ def run_peer(spec: dict) -> dict:
     model, optimizer, loader = PrivacyEngine().make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                             noise_multiplier=1.0, max_grad_norm=1.0,
                                                             poisson_sampling=False)
-    sampler, times = MemorySampler(), []
+    sampler, timer = MemorySampler(), StepTimer(spec)
     for step, batch in enumerate(loader):
         if step == spec["warmup"]:
             sampler.start()
-        start = time.perf_counter()
+        timer.start(measured=step >= spec["warmup"])
         optimizer.zero_grad(set_to_none=True)
         loss_of(batch).backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
+        timer.stop()
     sampler.stop()
-    return {"median_step_s": statistics.median(times[spec["warmup"]:]), **memory(sampler)}
+    return {**timer.result(spec["warmup"]), **memory(sampler)}
 
 
 def memory(sampler: MemorySampler) -> dict:
@@ -212,7 +273,7 @@ def memory(sampler: MemorySampler) -> dict:
 
 # ---------------------------------------------------------------------------------------------- suites
 DEFAULTS = dict(kind="dp", mode="hooks", callbacks=[], reparam=None, batch=32, physical=None, length=64, prefix=10,
-                steps=10, warmup=2, head="linear", precision="32-true")
+                steps=10, warmup=2, head="linear", precision="32-true", clock="wall", profile=False)
 #: The ``prompt`` suite's label words (LM-BFF, read at the last position by the causal LM's own head).
 LABEL_WORDS = ["awful", "wonderful"]
 
@@ -249,6 +310,10 @@ def suites(args, tiny: str) -> dict:
                     spec("DP logical 1024 = 32 x 32 virtual", batch=1024, physical=32, steps=2, warmup=1, **minilm)],
         "repeat": [spec(f"round {k}: {name}", kind=kind, **minilm) for k in (1, 2, 3)
                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
+        "profile": [spec(f"round {k}: {name}", kind=kind, **minilm) for k in (1, 2, 3)
+                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))]
+        + [spec(f"profiled: {name}", kind=kind, profile=True, **minilm)
+           for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
         "prompt": [spec(f"round {k}: {name}", kind=kind, backbone="bundled-smollm2", head="label_words", length=40,
                         steps=6, warmup=1) for k in (1, 2)
                    for name, kind in (("non-private", "nonprivate"), ("peer", "peer"), ("DP hooks", "dp"))],
@@ -288,6 +353,10 @@ def measure(one: dict, suite: str) -> dict:
     return {**one, "suite": suite, **json.loads(lines[-1][len("RESULT "):])}
 
 
+def label(result: dict) -> str:
+    return result["name"] + (" (CPU time)" if result.get("clock") == "cpu" else "")
+
+
 def render(results: list) -> str:
     """Markdown tables of a results list (what BENCHMARKS.md shows)."""
     out = []
@@ -302,7 +371,7 @@ def render(results: list) -> str:
             limit = rows["non-private, reparam. prefix" if reparam else "non-private (limit)"]
             peer = rows.get("PEFT + Opacus, reparam. prefix" if reparam else "PEFT + Opacus (peer)")
             time_peer = f"{r['median_step_s'] / peer['median_step_s']:.2f}" if peer else "n/a"
-            out.append(f"| {name} | {r['median_step_s']:.3f} | {r['median_step_s'] / limit['median_step_s']:.2f} | "
+            out.append(f"| {label(r)} | {r['median_step_s']:.3f} | {r['median_step_s'] / limit['median_step_s']:.2f} | "
                        f"{time_peer} | {r['peak_mib']:.0f} | {r['step_mib']:.0f} | "
                        f"{r['step_mib'] / max(limit['step_mib'], 1.0):.2f} |")
         out.append("")
@@ -313,7 +382,9 @@ def render(results: list) -> str:
                                     "interleaved, two rounds; batch 32, length 40)"),
                          ("precision", "Prompt-based SmolLM2, fp32 against bf16 autocast (Trainer precision "
                                        "'bf16-mixed'), interleaved, two rounds; batch 32, length 40"),
-                         ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)")):
+                         ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)"),
+                         ("profile", "Limit, peer and ours interleaved, three rounds, then each under cProfile "
+                                     "(bundled MiniLM, batch 32, length 64)")):
         rows = [r for r in ok if r["suite"] == suite]
         if not rows:
             continue
@@ -321,20 +392,42 @@ def render(results: list) -> str:
                 "| configuration | step (s) | per example | peak MiB | step MiB | per-example gradients MiB | mode used |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
-            out.append(f"| {r['name']} | {r['median_step_s']:.3f} | {r['median_step_s'] / r['batch'] * 1000:.2f} ms | "
+            out.append(f"| {label(r)} | {r['median_step_s']:.3f} | {r['median_step_s'] / r['batch'] * 1000:.2f} ms | "
                        f"{r['peak_mib']:.0f} | {r['step_mib']:.0f} | {r.get('grad_sample_mib', '-')} | "
                        f"{r.get('grad_sample_mode_used', '-')} |")
         out.append("")
+    profiled = [r for r in ok if r["suite"] == "profile" and "breakdown" in r]
+    if profiled:
+        out += render_profile(profiled)
     failed = [r for r in results if "error" in r]
     if failed:
         out += ["Failed: " + "; ".join(f"{r['backbone']} {r['name']}: {r['error']}" for r in failed), ""]
     return "\n".join(out)
 
 
+def render_profile(rows: list) -> list:
+    """Self CPU ms per step by package, one column per configuration, then each one's costliest functions."""
+    names = [r["name"].removeprefix("profiled: ") for r in rows]
+    packages = list(dict.fromkeys(k for r in rows for k in r["breakdown"]["packages_ms"]))
+    out = ["### Where a step's CPU time goes (bundled MiniLM, batch 32, length 64; cProfile, self time per step)", "",
+           "| ms per step | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(rows)]
+    for package in packages:
+        out.append(f"| {package} | " + " | ".join(f"{r['breakdown']['packages_ms'].get(package, 0.0):.1f}" for r in rows)
+                   + " |")
+    out.append("| total (profiled step, " + rows[0]["clock"] + " clock) | "
+               + " | ".join(f"{r['median_step_s'] * 1000:.0f}" for r in rows) + " |")
+    for name, r in zip(names, rows):
+        out += ["", f"Costliest Python functions outside torch, {name} (ms per step):", ""]
+        out += [f"- {ms:.2f} {function}" for function, ms in r["breakdown"]["top_ms"].items()]
+    return out + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suites", nargs="+", default=["main", "smollm2", "growth", "virtual", "reparam"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.json"))
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time steps by the wall clock or by the process's CPU time (for a shared machine)")
     parser.add_argument("--render", type=Path, help="print the markdown tables of a results file and exit")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -353,7 +446,7 @@ def main() -> None:
         every = suites(args, tiny)
         for suite in args.suites:
             for one in every[suite]:
-                result = measure(one, suite)
+                result = measure({**one, "clock": args.clock}, suite)
                 if result["backbone"] == tiny:
                     result["backbone"] = "tiny-gpt2"
                 results.append(result)
