@@ -16,7 +16,7 @@ per-seed differences from its baseline), ``results.json``, ``sharpness.png`` (Fi
 ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
 in ``comparison.json``, must be the same; a row whose method config has changed since is run again, the old
-row moving to ``superseded.json``), so a comparison of hours can be spread over several sittings and
+row moving to ``superseded.json`` and its run folder to ``runs/superseded/``), so a comparison of hours can be spread over several sittings and
 extended with more seeds, epsilons or methods. Invocations with other ``--seeds`` or ``--methods`` may also
 run side by side on one ``--out`` (one per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder
 under a lock before adding its row.
@@ -49,9 +49,10 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import yaml
 from lightning.pytorch.callbacks import Callback
@@ -460,20 +461,57 @@ def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return []
 
 
-def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """Adds one finished run to ``out`` and rewrites its outputs, under a lock on the folder: the rows are re-read
-    first, so invocations running side by side on one ``--out`` (other seeds or methods, one per core) keep each
-    other's rows. Rows whose method config has changed since they ran leave the table for ``superseded.json``
-    (kept with the config they ran, never lost)."""
+@contextmanager
+def _locked(out: Path) -> Iterator[List[Dict[str, Any]]]:
+    """The rows of ``out/results.json``, read under an exclusive lock on the folder, held until the block ends:
+    invocations running side by side on one ``--out`` (other seeds or methods, one per core) take turns."""
     with open(out / "comparison.json") as lock:  # written by resume() before any run
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        path, superseded_path = out / "results.json", out / "superseded.json"
-        results = json.loads(path.read_text()) if path.is_file() else []
-        stale = [r for r in results if _stale(r, recipes)]
-        if stale:
-            superseded = json.loads(superseded_path.read_text()) if superseded_path.is_file() else []
-            superseded_path.write_text(json.dumps(superseded + stale, indent=2) + "\n")
-        results = [r for r in results if _key(r) != _key(row) and r not in stale]
+        path = out / "results.json"
+        yield json.loads(path.read_text()) if path.is_file() else []
+
+
+def _supersede(results: List[Dict[str, Any]], out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """With the folder locked: rows whose method config has changed since they ran (``recipes``) leave the table
+    for ``superseded.json``, kept with the config they ran, and their run folders move to ``runs/superseded/``
+    (the row's report path following), so that running them again never overwrites what they measured. Returns
+    the rows that stay."""
+    stale = [r for r in results if _stale(r, recipes)]
+    if not stale:
+        return results
+    for row in stale:
+        report = Path(row["report"])
+        folder = out / "runs" / report.parent.name
+        if folder.is_dir():
+            target = out / "runs" / "superseded" / folder.name
+            for n in range(2, 10**6):  # a row superseded before under the same name keeps its folder too
+                if not target.exists():
+                    break
+                target = target.with_name(f"{folder.name}-{n}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)
+            row["report"] = str(report.parent.parent / "superseded" / target.name / report.name)
+    path = out / "superseded.json"
+    superseded = json.loads(path.read_text()) if path.is_file() else []
+    path.write_text(json.dumps(superseded + stale, indent=2) + "\n")
+    return [r for r in results if r not in stale]
+
+
+def set_aside(out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Supersedes the rows of ``out`` whose method config has changed (:func:`_supersede`), before anything runs
+    again, and returns the rows that stay."""
+    with _locked(out) as results:
+        kept = _supersede(results, out, recipes)
+        if len(kept) < len(results):
+            write_outputs(kept, out)
+    return kept
+
+
+def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Adds one finished run to ``out`` and rewrites its outputs, with the folder locked: the rows are re-read
+    first, so that side-by-side invocations keep each other's rows."""
+    with _locked(out) as results:
+        results = [r for r in _supersede(results, out, recipes) if _key(r) != _key(row)]
         results.append(row)
         write_outputs(results, out)
     return results
@@ -487,11 +525,12 @@ def main(argv: Sequence[str]) -> int:
         print(f"pflat reproduce: error: {error}", file=sys.stderr)
         return 2
     recipes = {m.name: method_recipe(m, args.quick) for m in METHODS}
-    stale = [r for r in results if _stale(r, recipes)]
-    for row in stale:
-        print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
-              "since it ran, run again", flush=True)
-    results = [r for r in results if r not in stale]
+    for row in results:
+        if _stale(row, recipes):
+            print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
+                  f"since it ran: moved to {args.out}/superseded.json (its run folder to runs/superseded/)", flush=True)
+    if results:
+        results = set_aside(args.out, recipes)
     done = {_key(r) for r in results}
     methods = [m for m in METHODS if m.name in args.methods]
     for seed in args.seeds:

@@ -96,10 +96,15 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     (out / "results.json").write_text(json.dumps(resumed))
     done = reproduce_cli("--epsilons", "3", "--methods", "DP-SGD")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "DP-SGD eps=3.0 seed=0: its method config has changed since it ran, run again" in done.stdout
+    assert "DP-SGD eps=3.0 seed=0: its method config has changed since it ran: moved to" in done.stdout
     rerun = json.loads((out / "results.json").read_text())
     assert rerun[:4] == rows and len(rerun) == 5 and rerun[4]["method_recipe"] == {"callbacks": [], "privacy": {}}
     assert rerun[4]["wall_s"] != resumed[4]["wall_s"]
+    [old] = json.loads((out / "superseded.json").read_text())
+    assert old["wall_s"] == resumed[4]["wall_s"] and Path(old["report"]).parent == out / "runs" / "superseded" / \
+        Path(resumed[4]["report"]).parent.name
+    assert json.loads(Path(old["report"]).with_suffix(".json").read_text())["epsilon"] == resumed[4]["epsilon"], \
+        "the superseded row's own report, kept beside the new run's"
     resumed = rerun
 
     # Another recipe in the same folder is refused before anything runs.
@@ -111,7 +116,8 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
 def _row(method, epsilon, seed, acc, guarantee=True):
     return {"method": method, "target_epsilon": epsilon, "seed": seed, "test_acc": acc, "mia_accuracy": 0.5,
             "mia_auc": 0.5, "mia_tpr_at_1pct_fpr": 0.01, "sharpness": 0.1, "epsilon": epsilon,
-            "formal_guarantee": guarantee, "train_s": 10.0}
+            "formal_guarantee": guarantee, "train_s": 10.0,
+            "report": f"out/runs/{method}-eps{epsilon}-seed{seed}/privacy_report.md"}
 
 
 def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
@@ -175,6 +181,35 @@ def test_side_by_side_invocations_keep_each_others_rows(tmp_path):
     assert json.loads((tmp_path / "superseded.json").read_text()) == [stale], "a superseded row is kept aside"
     rerun = dict(kept, test_acc=0.9)  # the same run again replaces its row
     assert [r["test_acc"] for r in reproduce.record(rerun, tmp_path, recipes)] == [0.85, 0.9]
+
+
+def test_a_superseded_row_keeps_its_run_folder_when_it_is_run_again(tmp_path):
+    """Running a row again (same method, epsilon, seed: the same run folder name) after its method config changed
+    must not delete what the old row measured: its folder moves to runs/superseded/ before anything runs, and the
+    row in superseded.json points there. A second supersession of the same name keeps both folders."""
+    (tmp_path / "comparison.json").write_text("{}")
+    recipes = {m.name: reproduce.method_recipe(m) for m in reproduce.METHODS}
+
+    def ran(acc, what):
+        row = _row("DP + AWP", 8.0, 0, acc)
+        row["method_recipe"], row["report"] = {"changed": what}, str(tmp_path / "runs" / "AWP-seed0" / "privacy_report.md")
+        (tmp_path / "runs" / "AWP-seed0").mkdir(parents=True)
+        Path(row["report"]).write_text(f"measured {acc}")
+        return row
+
+    first = ran(0.81, 1)
+    reproduce.write_outputs([first, dict(_row("DP-SGD", 8.0, 0, 0.80), method_recipe=recipes["DP-SGD"])], tmp_path)
+    kept = reproduce.set_aside(tmp_path, recipes)
+    assert [r["method"] for r in kept] == ["DP-SGD"]
+    assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())] == ["DP-SGD"]
+    assert not (tmp_path / "runs" / "AWP-seed0").exists()
+    reproduce.record(ran(0.82, 2), tmp_path, recipes)  # ran again, under a config that has changed again since:
+    assert [r["method"] for r in reproduce.set_aside(tmp_path, recipes)] == ["DP-SGD"]
+    superseded = json.loads((tmp_path / "superseded.json").read_text())
+    assert [r["test_acc"] for r in superseded] == [0.81, 0.82]
+    assert [Path(r["report"]).read_text() for r in superseded] == ["measured 0.81", "measured 0.82"]
+    assert [Path(r["report"]).parent.name for r in superseded] == ["AWP-seed0", "AWP-seed0-2"]
+    assert all(Path(r["report"]).parent.parent == tmp_path / "runs" / "superseded" for r in superseded)
 
 
 def test_a_default_spelled_out_in_a_method_config_does_not_supersede_its_rows(tmp_path):
