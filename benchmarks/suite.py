@@ -382,7 +382,8 @@ def render(results: list) -> str:
                                     "interleaved, two rounds; batch 32, length 40)"),
                          ("precision", "Prompt-based SmolLM2, fp32 against bf16 autocast (Trainer precision "
                                        "'bf16-mixed'), interleaved, two rounds; batch 32, length 40"),
-                         ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 (MiniLM)"),
+                         ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 "
+                                     "(MiniLM)"),
                          ("profile", "Limit, peer and ours interleaved, three rounds, then each under cProfile "
                                      "(bundled MiniLM, batch 32, length 64)")):
         rows = [r for r in ok if r["suite"] == suite]
@@ -412,8 +413,8 @@ def render_profile(rows: list) -> list:
     out = ["### Where a step's CPU time goes (bundled MiniLM, batch 32, length 64; cProfile, self time per step)", "",
            "| ms per step | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(rows)]
     for package in packages:
-        out.append(f"| {package} | " + " | ".join(f"{r['breakdown']['packages_ms'].get(package, 0.0):.1f}" for r in rows)
-                   + " |")
+        cells = (f"{r['breakdown']['packages_ms'].get(package, 0.0):.1f}" for r in rows)
+        out.append(f"| {package} | " + " | ".join(cells) + " |")
     out.append("| total (profiled step, " + rows[0]["clock"] + " clock) | "
                + " | ".join(f"{r['median_step_s'] * 1000:.0f}" for r in rows) + " |")
     for name, r in zip(names, rows):

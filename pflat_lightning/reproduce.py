@@ -16,10 +16,10 @@ per-seed differences from its baseline), ``results.json``, ``sharpness.png`` (Fi
 ``mia_accuracy.png`` (Figure 4) into ``--out``, updated after every run. Running the command again
 with the same ``--out`` resumes: runs already in its ``results.json`` are kept and skipped (the recipe,
 in ``comparison.json``, must be the same; a row whose method config has changed since is run again, the old
-row moving to ``superseded.json`` and its run folder to ``runs/superseded/``), so a comparison of hours can be spread over several sittings and
-extended with more seeds, epsilons or methods. Invocations with other ``--seeds`` or ``--methods`` may also
-run side by side on one ``--out`` (one per core, e.g. with ``OMP_NUM_THREADS=1``): each re-reads the folder
-under a lock before adding its row.
+row moving to ``superseded.json`` and its run folder to ``runs/superseded/``), so a comparison of hours can
+be spread over several sittings and extended with more seeds, epsilons or methods. Invocations with other
+``--seeds`` or ``--methods`` may also run side by side on one ``--out`` (one per core, e.g. with
+``OMP_NUM_THREADS=1``): each re-reads the folder under a lock before adding its row.
 
 The methods: zero-shot (the untrained model, its prefix as initialised, measured alike), non-private,
 DP-SGD, DP-SGD + each flattening technique alone (AWP on the previous released gradient and a teacher trained
@@ -43,6 +43,7 @@ import argparse
 import fcntl
 import importlib
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -484,7 +485,7 @@ def _supersede(results: List[Dict[str, Any]], out: Path, recipes: Dict[str, Any]
         folder = out / "runs" / report.parent.name
         if folder.is_dir():
             target = out / "runs" / "superseded" / folder.name
-            for n in range(2, 10**6):  # a row superseded before under the same name keeps its folder too
+            for n in itertools.count(2):  # a row superseded before under the same name keeps its folder too
                 if not target.exists():
                     break
                 target = target.with_name(f"{folder.name}-{n}")

@@ -192,7 +192,8 @@ def test_a_superseded_row_keeps_its_run_folder_when_it_is_run_again(tmp_path):
 
     def ran(acc, what):
         row = _row("DP + AWP", 8.0, 0, acc)
-        row["method_recipe"], row["report"] = {"changed": what}, str(tmp_path / "runs" / "AWP-seed0" / "privacy_report.md")
+        row["method_recipe"] = {"changed": what}
+        row["report"] = str(tmp_path / "runs" / "AWP-seed0" / "privacy_report.md")
         (tmp_path / "runs" / "AWP-seed0").mkdir(parents=True)
         Path(row["report"]).write_text(f"measured {acc}")
         return row
