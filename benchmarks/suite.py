@@ -23,7 +23,9 @@ peer and ours interleaved three times on MiniLM, to separate a small gap from ru
 ``prompt`` (the default recipe's step: SmolLM2 reading label words, limit, peer (PEFT prefix tuning of
 the causal LM + Opacus, the same label-word loss) and ours interleaved twice, length 40), ``profile`` (where
 a MiniLM step spends its time: limit, peer and ours interleaved three times, then each under cProfile, the self
-CPU time of each package's Python and of the C++ operators, per step).
+CPU time of each package's Python and of the C++ operators, per step), ``chunks`` (the length-sorted, trimmed
+physical chunks against chunks cut in batch order, on real batches of the default recipe: movie_reviews prompts,
+logical batch 128 in chunks of 32, SmolLM2 reading label words; interleaved twice).
 
 ``--clock cpu`` times steps by the process's CPU time instead of the wall clock: on a machine shared with
 other jobs it measures the work a step does rather than the share of the cores it got.
@@ -202,7 +204,15 @@ def run_ours(spec: dict) -> dict:
                 grad_samples.append(held / 2**20)
 
         total = spec["warmup"] + spec["steps"]
-        loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"], collate_fn=collate)
+        if spec["data"] == "movie_reviews":
+            loader = prompt_batches(spec)
+        else:
+            loader = DataLoader(Tokens(spec["batch"] * total, spec["length"]), batch_size=spec["batch"],
+                                collate_fn=collate)
+        if spec["chunking"] == "plain":
+            import pflat_lightning.module
+
+            pflat_lightning.module.physical_batches = plain_chunks
         trainer = pl.Trainer(max_steps=total, default_root_dir=folder, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                              precision=spec["precision"], callbacks=[Measure(), *callbacks])  # the timer starts before the callbacks act
@@ -213,6 +223,25 @@ def run_ours(spec: dict) -> dict:
         result["grad_sample_mode_used"] = model.engine.grad_sample_mode
         result["grad_sample_mib"] = round(max(grad_samples, default=0.0), 1)
     return {**result, **memory(sampler)}
+
+
+def prompt_batches(spec: dict) -> DataLoader:
+    """Logical batches of the default recipe's movie_reviews prompts (real, variable lengths, padded to each
+    batch's longest), tokenised for the spec's backbone."""
+    from pflat_lightning.datamodules import TextClassificationDataModule
+
+    data = TextClassificationDataModule(source="movie_reviews", template=PROMPT_TEMPLATE, tokenizer=spec["backbone"],
+                                        max_length=96, batch_size=spec["batch"], max_train_examples=2000, seed=0)
+    data.setup("fit")
+    return data.train_dataloader()
+
+
+def plain_chunks(batch: dict, size: int):
+    """Physical chunks in the batch's order, each padded to the logical batch's longest example: the length-sorted,
+    trimmed chunks of ``pflat_lightning.protocol.physical_batches`` switched off."""
+    count = len(batch["attention_mask"])
+    for start in range(0, count, size):
+        yield {key: value[start:start + size] for key, value in batch.items()}
 
 
 def run_peer(spec: dict) -> dict:
@@ -273,9 +302,12 @@ def memory(sampler: MemorySampler) -> dict:
 
 # ---------------------------------------------------------------------------------------------- suites
 DEFAULTS = dict(kind="dp", mode="hooks", callbacks=[], reparam=None, batch=32, physical=None, length=64, prefix=10,
-                steps=10, warmup=2, head="linear", precision="32-true", clock="wall", profile=False)
-#: The ``prompt`` suite's label words (LM-BFF, read at the last position by the causal LM's own head).
+                steps=10, warmup=2, head="linear", precision="32-true", clock="wall", profile=False, data="tokens",
+                chunking="sorted")
+#: The ``prompt`` suite's label words (LM-BFF, read at the last position by the causal LM's own head), and the
+#: default recipe's template (the ``chunks`` suite's real batches).
 LABEL_WORDS = ["awful", "wonderful"]
+PROMPT_TEMPLATE = "{text} In summary, this film is {mask}"
 
 
 def spec(name: str, **kwargs) -> dict:
@@ -321,6 +353,9 @@ def suites(args, tiny: str) -> dict:
                            backbone="bundled-smollm2", head="label_words", length=40, steps=4, warmup=1)
                       for k in (1, 2) for name, kind in (("non-private", "nonprivate"), ("DP hooks", "dp"))
                       for precision in ("32-true", "bf16-mixed")],
+        "chunks": [spec(f"round {k}: DP hooks, {chunking} chunks", chunking=chunking, data="movie_reviews",
+                        backbone="bundled-smollm2", head="label_words", batch=128, physical=32, steps=3, warmup=1)
+                   for k in (1, 2) for chunking in ("plain", "sorted")],
         "smollm2": [spec(name, kind=kind, backbone="bundled-smollm2", steps=6, warmup=1)
                     for name, kind in (("non-private (limit)", "nonprivate"), ("PEFT + Opacus (peer)", "peer"),
                                        ("DP hooks", "dp"))],
@@ -384,6 +419,8 @@ def render(results: list) -> str:
                                        "'bf16-mixed'), interleaved, two rounds; batch 32, length 40"),
                          ("reparam", "Reparametrised prefix (MLP, hidden 512) at logical = physical batch 256 "
                                      "(MiniLM)"),
+                         ("chunks", "Real movie_reviews prompts (SmolLM2 label words, logical batch 128 in physical "
+                                    "chunks of 32): chunks cut in batch order vs sorted by length and trimmed"),
                          ("profile", "Limit, peer and ours interleaved, three rounds, then each under cProfile "
                                      "(bundled MiniLM, batch 32, length 64)")):
         rows = [r for r in ok if r["suite"] == suite]
