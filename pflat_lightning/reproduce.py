@@ -145,7 +145,8 @@ def method_recipe(method: Method, quick: bool = False) -> Dict[str, Any]:
 
 def method_callbacks(method: Method, quick: bool = False) -> List[Callback]:
     """Fresh instances of the callbacks of :func:`method_recipe` (a run never shares state)."""
-    return [_callback_class(entry["class_path"])(**entry["init_args"]) for entry in method_recipe(method, quick)["callbacks"]]
+    return [_callback_class(entry["class_path"])(**entry["init_args"])
+            for entry in method_recipe(method, quick)["callbacks"]]
 
 
 def _callback_class(class_path: str) -> type:
@@ -441,9 +442,9 @@ def recipe(args: argparse.Namespace) -> Dict[str, Any]:
             "measurements": {"audit_examples": args.audit_examples, "landscape_batches": args.landscape_batches}}
 
 
-def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """The rows already in ``--out`` (none for a new folder), after checking they come from this recipe;
-    records the recipe in ``comparison.json``."""
+def resume(args: argparse.Namespace) -> None:
+    """Checks that the rows already in ``--out`` (none for a new folder) come from this recipe; records the recipe
+    in ``comparison.json``. The rows themselves are read under the folder's lock (:func:`set_aside`)."""
     results_path, recipe_path = args.out / "results.json", args.out / "comparison.json"
     current = recipe(args)
     if recipe_path.is_file():
@@ -453,13 +454,12 @@ def resume(args: argparse.Namespace) -> List[Dict[str, Any]]:
                 "overrides, --quick, --public_fraction, --audit_examples or --landscape_batches); its rows cannot be "
                 "mixed with this one's. Choose another --out, or run with that folder's recipe to resume it."
             )
-        return json.loads(results_path.read_text()) if results_path.is_file() else []
+        return
     if results_path.is_file():
         raise ValueError(f"--out {args.out} has a results.json but no comparison.json recording its recipe: "
                          "choose another --out.")
     args.out.mkdir(parents=True, exist_ok=True)
     recipe_path.write_text(json.dumps(current, indent=2) + "\n")
-    return []
 
 
 @contextmanager
@@ -500,11 +500,15 @@ def _supersede(results: List[Dict[str, Any]], out: Path, recipes: Dict[str, Any]
 
 def set_aside(out: Path, recipes: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Supersedes the rows of ``out`` whose method config has changed (:func:`_supersede`), before anything runs
-    again, and returns the rows that stay."""
+    again, saying which, and returns the rows that stay."""
     with _locked(out) as results:
         kept = _supersede(results, out, recipes)
         if len(kept) < len(results):
             write_outputs(kept, out)
+    for row in results:
+        if row not in kept:
+            print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
+                  f"since it ran: moved to {out}/superseded.json (its run folder to runs/superseded/)", flush=True)
     return kept
 
 
@@ -521,17 +525,12 @@ def record(row: Dict[str, Any], out: Path, recipes: Dict[str, Any]) -> List[Dict
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     try:
-        results = resume(args)
+        resume(args)
     except ValueError as error:
         print(f"pflat reproduce: error: {error}", file=sys.stderr)
         return 2
     recipes = {m.name: method_recipe(m, args.quick) for m in METHODS}
-    for row in results:
-        if _stale(row, recipes):
-            print(f"{row['method']} eps={row['target_epsilon']} seed={row['seed']}: its method config has changed "
-                  f"since it ran: moved to {args.out}/superseded.json (its run folder to runs/superseded/)", flush=True)
-    if results:
-        results = set_aside(args.out, recipes)
+    results = set_aside(args.out, recipes)
     done = {_key(r) for r in results}
     methods = [m for m in METHODS if m.name in args.methods]
     for seed in args.seeds:
