@@ -6,9 +6,9 @@ from typing import Any, Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
 from pflat_lightning.families import family_for
+from pflat_lightning.metrics import classification_metrics, log_classification
 from pflat_lightning.module import DPPrefixModule
 from pflat_lightning.prefix import PrefixConfig, record_initialisation
 from pflat_lightning.prefix_model import MODEL_INPUTS, PrefixModel, label_word_ids, load_backbone
@@ -83,8 +83,7 @@ class PrefixTunedClassifier(DPPrefixModule):
             tokenizer=self.tokenizer,
         )
         record_initialisation(self.ledger, self.model.prefix.config)
-        self.val_accuracy = MulticlassAccuracy(num_labels, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_labels, average="micro")
+        self.evaluation = classification_metrics(num_labels)
 
     # ------------------------------------------------------------------ model
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
@@ -103,16 +102,12 @@ class PrefixTunedClassifier(DPPrefixModule):
         return losses
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: Dict[str, torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch: Dict[str, torch.Tensor], stage: str) -> None:
         logits = self(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-        loss = F.cross_entropy(logits, batch["labels"])
-        accuracy(logits, batch["labels"])
-        size = batch["labels"].shape[0]
-        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
-        self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=size)
+        log_classification(self, self.evaluation, stage, logits, batch["labels"])
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
+        self._evaluate(batch, "test")

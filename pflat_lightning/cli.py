@@ -51,6 +51,7 @@ class PflatCLI(RunCLI):
 #: What ``pflat fit`` prints after the test, when the task logs it: metric -> label.
 RESULT_METRICS = {
     "test_acc": "test accuracy",
+    "test_f1": "test macro-F1",
     "val_acc": "validation accuracy",
     "test_ppl": "test perplexity",
     "val_ppl": "validation perplexity",

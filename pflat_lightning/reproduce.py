@@ -200,6 +200,8 @@ def run_one(method: Method, epsilon: Optional[float], seed: int, args: argparse.
         "seed": seed,
         "test_acc": report["metrics"].get("test_acc"),
         "val_acc": report["metrics"].get("val_acc"),
+        "test_f1": report["metrics"].get("test_f1"),
+        "val_f1": report["metrics"].get("val_f1"),
         "mia_accuracy": audit["mia_accuracy"],
         "mia_auc": audit["auc"],
         "mia_tpr_at_1pct_fpr": audit["tpr_at_1pct_fpr"],
@@ -232,13 +234,16 @@ def measurement_callbacks(args: argparse.Namespace) -> List[Callback]:
 
 
 def _mean_sd(values: List[float], scale: float = 1.0, digits: int = 2) -> str:
-    """Mean ± sample sd over seeds; one seed has no sd, so only its value is shown."""
-    values = [scale * v for v in values if v is not None]
-    if not values:
+    """Mean ± sample sd over seeds; one seed has no sd, so only its value is shown. Rows recorded before a
+    metric existed lack it: the cell then says over how many of the seeds it is taken."""
+    measured = [scale * v for v in values if v is not None]
+    if not measured:
         return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    if len(measured) == 1:
+        cell = f"{measured[0]:.{digits}f}"
+    else:
+        cell = f"{statistics.mean(measured):.{digits}f} ± {statistics.stdev(measured):.{digits}f}"
+    return cell if len(measured) == len(values) else f"{cell} ({len(measured)} of {len(values)} seeds)"
 
 
 def _groups(results: List[Dict[str, Any]]):
@@ -259,9 +264,9 @@ def table(results: List[Dict[str, Any]]) -> str:
     """The markdown table: mean ± sd over seeds per (method, epsilon) (one seed: its value). The attacks: the
     paper's loss attack (its MIA accuracy and AUC) and the reference attack (AUC, TPR at 1 % FPR)."""
     rows = [
-        "| method | target epsilon | val acc. (%) | test acc. (%) | MIA acc. (%) | MIA AUC | TPR @ 1 % FPR (%) | "
-        "ref. AUC | ref. TPR @ 1 % FPR (%) | sharpness | epsilon spent | formal guarantee | train s | seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | target epsilon | val acc. (%) | test acc. (%) | test macro-F1 (%) | MIA acc. (%) | MIA AUC | "
+        "TPR @ 1 % FPR (%) | ref. AUC | ref. TPR @ 1 % FPR (%) | sharpness | epsilon spent | formal guarantee | train s | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for (method, epsilon), group in _groups(results):
         spent = [r["epsilon"] for r in group if r["epsilon"] is not None]
@@ -274,6 +279,7 @@ def table(results: List[Dict[str, Any]]) -> str:
         rows.append(
             f"| {method} | {epsilon if epsilon is not None else 'none'} | "
             f"{_mean_sd([r.get('val_acc') for r in group], 100)} | {_mean_sd([r['test_acc'] for r in group], 100)} | "
+            f"{_mean_sd([r.get('test_f1') for r in group], 100)} | "
             f"{_mean_sd([r['mia_accuracy'] for r in group], 100)} | {_mean_sd([r['mia_auc'] for r in group], 1, 3)} | "
             f"{_mean_sd([r['mia_tpr_at_1pct_fpr'] for r in group], 100)} | "
             f"{_mean_sd([_attack(r, 'reference', 'auc') for r in group], 1, 3)} | "
@@ -287,8 +293,10 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 #: The row each method is compared with, seed by seed, at the same target epsilon.
 BASELINES = {"DP-SGD": None, "non-private": None, "zero-shot": None, "non-private + Privacy-Flat (paper)": "non-private"}
-#: The paired table's columns: validation and test accuracy (points), the loss and reference attacks' AUC.
+#: The paired table's columns: validation and test accuracy and test macro-F1 (points), the loss and reference
+#: attacks' AUC.
 PAIRED_METRICS = [(lambda r: r.get("val_acc"), 100, 2), (lambda r: r.get("test_acc"), 100, 2),
+                  (lambda r: r.get("test_f1"), 100, 2),
                   (lambda r: r.get("mia_auc"), 1, 3), (lambda r: _attack(r, "reference", "auc"), 1, 3)]
 
 
@@ -317,8 +325,9 @@ def paired_table(results: List[Dict[str, Any]]) -> str:
         return ""
     return "\n".join([
         "", "Against the baseline, seed by seed (mean ± sd of the per-seed differences; accuracy in points):", "",
-        "| method | target epsilon | baseline | seeds | Δ val acc. | Δ test acc. | Δ MIA AUC | Δ ref. AUC |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]) + "\n"
+        "| method | target epsilon | baseline | seeds | Δ val acc. | Δ test acc. | Δ test macro-F1 | Δ MIA AUC | "
+        "Δ ref. AUC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", *rows]) + "\n"
 
 
 def bar_chart(results: List[Dict[str, Any]], key: str, ylabel: str, title: str, path: Path) -> None:

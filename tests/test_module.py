@@ -92,7 +92,15 @@ def test_report_is_written_to_the_log_dir(tiny_model_dir, tmp_path):
                 "accountant", "dataset_size", "formal_guarantee", "ledger", "metrics"):
         assert key in report
     assert report["steps"] == 8 and report["dataset_size"] == 64 and report["epochs"] == 1
-    assert {"val_acc", "test_acc"} <= set(report["metrics"])
+    assert {"val_acc", "val_f1", "test_acc", "test_f1"} <= set(report["metrics"])
+    # Independent: accuracy and macro-F1 (per-class F1 = 2 TP / (2 TP + FP + FN), averaged) from the predictions.
+    data = TokenDataModule().dataset
+    with torch.no_grad():
+        predicted = module.eval()(data.input_ids, data.attention_mask).argmax(-1)
+    f1 = [2 * ((predicted == c) & (data.labels == c)).sum() / ((predicted == c).sum() + (data.labels == c).sum())
+          for c in (0, 1)]
+    assert report["metrics"]["test_acc"] == pytest.approx((predicted == data.labels).float().mean().item(), abs=1e-6)
+    assert report["metrics"]["test_f1"] == pytest.approx(sum(f1).item() / 2, abs=1e-6)
     markdown = (tmp_path / "lightning_logs" / "version_0" / "privacy_report.md").read_text()
     assert markdown.startswith("# Privacy report")
     # Seeded noise and batches (the default) are reproducible from the run's files: no formal guarantee, and why.

@@ -43,6 +43,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     for row in rows:  # each number is read back from that run's own privacy report
         report = json.loads(Path(row["report"]).with_suffix(".json").read_text())
         assert row["epsilon"] == report["epsilon"] and row["formal_guarantee"] == report["formal_guarantee"]
+        assert row["test_f1"] == report["metrics"]["test_f1"] and row["val_f1"] == report["metrics"]["val_f1"]
         assert 0.0 <= row["mia_auc"] <= 1.0 and 0.5 <= row["mia_accuracy"] <= 1.0 and row["sharpness"] >= 0.0
         attacks = report["callbacks"]["MembershipInferenceAudit"]["attacks"]
         assert report["callbacks"]["MembershipInferenceAudit"]["num_members"] > 0
@@ -73,6 +74,7 @@ def test_quick_comparison_on_any_data_writes_table_results_and_figures(tiny_mode
     paired = lines[-1].split(" | ")  # the paper's row against DP-SGD's, seed 0
     assert paired[:4] == ["| Privacy-Flat (paper)", "8.0", "DP-SGD", "0"]
     assert float(paired[5]) == pytest.approx(100 * (paper["test_acc"] - dp["test_acc"]), abs=0.006)
+    assert float(paired[6]) == pytest.approx(100 * (paper["test_f1"] - dp["test_f1"]), abs=0.006)
     for figure in ("sharpness.png", "mia_accuracy.png"):
         assert (out / figure).read_bytes()[:4] == b"\x89PNG"
 
@@ -123,12 +125,13 @@ def _row(method, epsilon, seed, acc, guarantee=True):
 def test_table_averages_seeds_and_a_single_failing_seed_voids_the_guarantee():
     rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90, guarantee=False),
             _row("non-private", None, 0, 0.95, guarantee=False), _row("DP-SGD", 3.0, 0, 0.70)]
+    rows[1]["test_f1"] = 0.75  # a metric that seed 0's row predates
     lines = reproduce.table(rows).splitlines()[2:]
     # Sorted by epsilon (non-private first), then by the methods' order; sd over seeds (n - 1).
     assert [line.split(" | ")[:2] for line in lines] == [["| non-private", "none"], ["| DP-SGD", "3.0"],
                                                          ["| DP-SGD", "8.0"]]
-    assert "| 85.00 ± 7.07 |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
-    assert "| n/a | 70.00 | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
+    assert "| 85.00 ± 7.07 | 75.00 (1 of 2 seeds) |" in lines[2] and lines[2].rstrip().endswith("| no | 10 | 2 |")
+    assert "| n/a | 70.00 | n/a | 50.00 | 0.500 |" in lines[1] and "| yes |" in lines[1], "one seed: no sd to show"
 
 
 def test_paired_table_differences_each_seed_against_its_baseline():
@@ -139,8 +142,8 @@ def test_paired_table_differences_each_seed_against_its_baseline():
     rows[-1]["mia_auc"] = 0.45
     lines = reproduce.paired_table(rows).splitlines()[5:]
     # differences 3 and 0 points: mean 1.5, sample sd 3 / sqrt(2)
-    assert lines == ["| non-private + Privacy-Flat (paper) | none | non-private | 0 | n/a | -1.00 | -0.050 | n/a |",
-                     "| DP + AWP | 8.0 | DP-SGD | 0, 1 | n/a | 1.50 ± 2.12 | 0.000 ± 0.000 | n/a |"]
+    assert lines == ["| non-private + Privacy-Flat (paper) | none | non-private | 0 | n/a | -1.00 | n/a | -0.050 | n/a |",
+                     "| DP + AWP | 8.0 | DP-SGD | 0, 1 | n/a | 1.50 ± 2.12 | n/a | 0.000 ± 0.000 | n/a |"]
     assert reproduce.paired_table(rows[:2]) == "", "nothing to pair: no table"
 
 

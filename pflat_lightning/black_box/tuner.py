@@ -17,9 +17,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from torchmetrics.classification import MulticlassAccuracy
 
 from pflat_lightning.black_box.scorers import PromptScorer
+from pflat_lightning.metrics import classification_metrics, log_classification
 from pflat_lightning.privacy.config import PrivacyConfig
 from pflat_lightning.privacy.engine import PrivacyAccounting
 from pflat_lightning.privacy.training import PrivateTraining
@@ -207,8 +207,7 @@ class BlackBoxPromptTuner(PrivateTraining):
         self.released_estimate: Optional[torch.Tensor] = None
         #: Steps taken (updates, including noise-only ones); the directions of a step derive from it.
         self.steps_taken = 0
-        self.val_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
-        self.test_accuracy = MulticlassAccuracy(info.num_labels, average="micro")
+        self.evaluation = classification_metrics(info.num_labels)
 
     # ------------------------------------------------------------------ the prompt
     def prompts_of(self, points: torch.Tensor) -> torch.Tensor:
@@ -329,20 +328,16 @@ class BlackBoxPromptTuner(PrivateTraining):
             self.log_epsilon()
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, batch: Dict[str, Any], stage: str, accuracy: MulticlassAccuracy) -> None:
-        size = batch["labels"].shape[0]
-        if size == 0:
+    def _evaluate(self, batch: Dict[str, Any], stage: str) -> None:
+        if batch["labels"].shape[0] == 0:
             return
-        logits = self(batch["text"])
-        accuracy(logits, batch["labels"])
-        self.log(f"{stage}_loss", F.cross_entropy(logits, batch["labels"]), prog_bar=True, batch_size=size)
-        self.log(f"{stage}_acc", accuracy, prog_bar=True, batch_size=size)
+        log_classification(self, self.evaluation, stage, self(batch["text"]), batch["labels"])
 
     def validation_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_accuracy)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: Dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_accuracy)
+        self._evaluate(batch, "test")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
