@@ -25,7 +25,8 @@ The methods: zero-shot (the untrained model, its prefix as initialised, measured
 DP-SGD, DP-SGD + each flattening technique alone (AWP on the previous released gradient and a teacher trained
 on public data as configured in ``privacy_flat_strict.yaml``, the distillation row without its warm start; layer
 selection on public data as in ``layer_selection_public.yaml``), a baseline with distillation's public data but no
-flattening (DP-SGD started from the public teacher's prefix), strict-DP Privacy-Flat
+flattening (DP-SGD started from the public teacher's prefix) and that prefix alone (the public teacher, no
+private training: what the public data reaches without DP-SGD), strict-DP Privacy-Flat
 (``privacy_flat_strict.yaml`` as tuned: AWP and distillation from the teacher's prefix; layer selection tuned
 off) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
 AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
@@ -87,7 +88,7 @@ class Method:
 
     name: str
     private: bool = True
-    trained: bool = True  # False: the untrained model (zero-shot), measured as the others
+    trained: bool = True  # False: no private training step (zero-shot, or a public teacher's prefix), measured alike
     config: Optional[Path] = None
     callbacks: Optional[Sequence[str]] = None  # class names to take from ``config`` (None: all)
     #: arguments that replace the config's, by class name (a baseline built from a technique's callback)
@@ -104,6 +105,9 @@ METHODS = [
            callback_args={"TeacherDistillation": {"warm_start": False}}),
     # Distillation's public data without its regulariser: DP-SGD started from the public teacher's prefix.
     Method("DP + public warm start", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
+           callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
+    # What the public data alone reaches: the public teacher's prefix, measured as the others, no private training.
+    Method("public teacher only", private=False, trained=False, config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
            callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
     Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),

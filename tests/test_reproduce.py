@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from pflat_lightning import PrivacyConfig, reproduce
+from pflat_lightning import PrefixConfig, PrefixTunedClassifier, PrivacyConfig, reproduce
 from pflat_lightning.callbacks import AdversarialWeightPerturbation, SharpnessLayerSelection, TeacherDistillation
+from pflat_lightning.checkpointing import trainable_state
 from pflat_lightning.runs import load_run
 
-from helpers import SEEDED_REASONS
+from helpers import SEEDED_REASONS, TokenDataModule, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,6 +276,25 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     figure_4 = strict["non-private + Privacy-Flat (paper)"]  # the paper's techniques, no noise
     assert reproduce.method_overrides(figure_4, None, 7)[-2:] == ["--model.privacy.enabled", "false"]
     assert reproduce.method_recipe(figure_4)["callbacks"] == paper_recipe["callbacks"]
+
+
+def test_the_public_teacher_only_row_measures_the_teachers_prefix_without_a_private_step(tiny_model_dir, tmp_path):
+    method = {m.name: m for m in reproduce.METHODS}["public teacher only"]
+    overrides = reproduce.method_overrides(method, None, 7)
+    assert overrides[overrides.index("--trainer.max_epochs") + 1] == "0" and overrides[-1] == "false"
+    (callback,) = reproduce.method_callbacks(method, quick=True)
+    assert (callback.source, callback.weight, callback.warm_start) == ("public", 0.0, True)
+    torch.manual_seed(0)
+    module = PrefixTunedClassifier(tiny_model_dir("bert"), 2, prefix=PrefixConfig(num_virtual_tokens=2),
+                                   privacy=PrivacyConfig(enabled=False))
+    initial = trainable_state(module)
+    quiet_trainer(tmp_path, max_epochs=0, callbacks=[callback]).fit(module, datamodule=TokenDataModule())
+    measured = trainable_state(module)
+    assert set(measured) == set(callback.teacher_state)
+    for name, tensor in measured.items():
+        assert torch.equal(tensor, callback.teacher_state[name]), f"{name}: not the public teacher's"
+    assert not torch.equal(measured["model.prefix.layers.0.weight"], initial["model.prefix.layers.0.weight"])
+    assert module.global_step == 0, "no step on the private training data"
 
 
 def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):
