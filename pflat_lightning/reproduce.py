@@ -95,6 +95,8 @@ class Method:
     callback_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
+#: The strict config's public teacher as a warm start only: no distillation term.
+PUBLIC_WARM_START = {"TeacherDistillation": {"weight": 0.0, "warm_start": True}}
 METHODS = [
     Method("zero-shot", private=False, trained=False),
     Method("non-private", private=False),
@@ -105,10 +107,10 @@ METHODS = [
            callback_args={"TeacherDistillation": {"warm_start": False}}),
     # Distillation's public data without its regulariser: DP-SGD started from the public teacher's prefix.
     Method("DP + public warm start", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
-           callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
+           callback_args=PUBLIC_WARM_START),
     # What the public data alone reaches: the public teacher's prefix, measured as the others, no private training.
     Method("public teacher only", private=False, trained=False, config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
-           callback_args={"TeacherDistillation": {"weight": 0.0, "warm_start": True}}),
+           callback_args=PUBLIC_WARM_START),
     Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
     # The paper's Figure 4 "ours, non-private": its three techniques on a run without noise.
