@@ -295,6 +295,8 @@ def test_the_public_teacher_only_row_measures_the_teachers_prefix_without_a_priv
         assert torch.equal(tensor, callback.teacher_state[name]), f"{name}: not the public teacher's"
     assert not torch.equal(measured["model.prefix.layers.0.weight"], initial["model.prefix.layers.0.weight"])
     assert module.global_step == 0, "no step on the private training data"
+    [entry] = [e for e in module.ledger.entries if e.component == "TeacherDistillation"]
+    assert entry.status == "public" and "starts from the teacher's prefix" in entry.detail, entry
 
 
 def test_every_privacy_setting_of_a_method_config_reaches_its_rows(tmp_path):

@@ -182,7 +182,7 @@ class TeacherDistillation(Callback):
             "private_nonprivate": ("unaccounted", "teacher trained WITHOUT noise on the private training data (the "
                                                   "paper's choice): the student's regulariser leaks it"),
         }
-        if ledger is not None and privacy_engine(pl_module) is not None:
+        if ledger is not None:  # also without DP: the report says what the model was started or pulled from
             status, detail = details[self.source]
             ledger.record(name, status, detail + ("; the student starts from the teacher's prefix" if self.warm_start else ""))
         # Lightning restores a checkpoint after setup: whether this fit resumes is known only then.
