@@ -30,8 +30,8 @@ private training: what the public data reaches without DP-SGD), strict-DP Privac
 (``privacy_flat_strict.yaml`` as tuned: AWP and distillation from the teacher's prefix; layer selection tuned
 off) and the paper's Privacy-Flat (``privacy_flat_paper.yaml``: raw private
 AWP, layers scored on private data, a non-private teacher on the private data, clip 0.1: no formal
-guarantee, as its reports say); last, the paper's techniques without DP (its Figure 4 "ours, non-private":
-does flattening alone lower membership inference?).
+guarantee, as its reports say); last, the paper's techniques without DP, together and each alone (its Figure 4
+"ours, non-private": does flattening alone lower membership inference?), each paired with the non-private row.
 
 Every private row is seeded (``secure_mode=False``, whatever the recipe says), so that a comparison can be
 re-run draw for draw; its reports therefore say that no formal guarantee holds, because the noise and the
@@ -93,14 +93,16 @@ class Method:
     callbacks: Optional[Sequence[str]] = None  # class names to take from ``config`` (None: all)
     #: arguments that replace the config's, by class name (a baseline built from a technique's callback)
     callback_args: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: the method this one is paired with, seed by seed, at the same target epsilon (None: a baseline itself)
+    baseline: Optional[str] = "DP-SGD"
 
 
 #: The strict config's public teacher as a warm start only: no distillation term.
 PUBLIC_WARM_START = {"TeacherDistillation": {"weight": 0.0, "warm_start": True}}
 METHODS = [
-    Method("zero-shot", private=False, trained=False),
-    Method("non-private", private=False),
-    Method("DP-SGD"),
+    Method("zero-shot", private=False, trained=False, baseline=None),
+    Method("non-private", private=False, baseline=None),
+    Method("DP-SGD", baseline=None),
     Method("DP + AWP", config=STRICT_CONFIG, callbacks=["AdversarialWeightPerturbation"]),
     Method("DP + layer selection", config=SELECTION_CONFIG),
     Method("DP + distillation", config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
@@ -110,13 +112,19 @@ METHODS = [
            callback_args=PUBLIC_WARM_START),
     # What the public data alone reaches: the public teacher's prefix, measured as the others, no private training.
     Method("public teacher only", private=False, trained=False, config=STRICT_CONFIG, callbacks=["TeacherDistillation"],
-           callback_args=PUBLIC_WARM_START),
+           callback_args=PUBLIC_WARM_START, baseline=None),
     Method("Privacy-Flat (strict DP)", config=STRICT_CONFIG),
     Method("Privacy-Flat (paper)", config=PAPER_CONFIG),
-    # The paper's Figure 4 "ours, non-private": its three techniques on a run without noise.
-    Method("non-private + Privacy-Flat (paper)", private=False, config=PAPER_CONFIG),
+    # The paper's Figure 4 "ours, non-private": its three techniques on a run without noise, then each alone.
+    Method("non-private + Privacy-Flat (paper)", private=False, config=PAPER_CONFIG, baseline="non-private"),
+    *(Method(f"non-private + {technique} (paper)", private=False, config=PAPER_CONFIG, callbacks=[callback],
+             baseline="non-private")
+      for technique, callback in (("AWP", "AdversarialWeightPerturbation"),
+                                  ("layer selection", "SharpnessLayerSelection"),
+                                  ("distillation", "TeacherDistillation"))),
 ]
 METHOD_NAMES = [m.name for m in METHODS]
+BASELINE = {m.name: m.baseline for m in METHODS}
 #: Privacy settings every row sets itself (private or not, its epsilon, its seed, seeded randomness); a method
 #: config's other privacy settings (clip, delta, accountant...) apply to its rows.
 ROW_PRIVACY = ("enabled", "target_epsilon", "seed", "secure_mode")
@@ -298,8 +306,6 @@ def table(results: List[Dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
-#: The row each method is compared with, seed by seed, at the same target epsilon.
-BASELINES = {"DP-SGD": None, "non-private": None, "zero-shot": None, "non-private + Privacy-Flat (paper)": "non-private"}
 #: The paired table's columns: validation and test accuracy and test macro-F1 (points), the loss and reference
 #: attacks' AUC.
 PAIRED_METRICS = [(lambda r: r.get("val_acc"), 100, 2), (lambda r: r.get("test_acc"), 100, 2),
@@ -315,7 +321,7 @@ def paired_table(results: List[Dict[str, Any]]) -> str:
     by_key = {_key(r): r for r in results}
     rows = []
     for (method, epsilon), group in _groups(results):
-        baseline = BASELINES.get(method, "DP-SGD")
+        baseline = BASELINE.get(method, "DP-SGD")
         if baseline is None:
             continue
         pairs = [(r, by_key.get((baseline, epsilon, r["seed"]))) for r in sorted(group, key=lambda r: r["seed"])]

@@ -140,12 +140,14 @@ def test_paired_table_differences_each_seed_against_its_baseline():
     rows = [_row("DP-SGD", 8.0, 0, 0.80), _row("DP-SGD", 8.0, 1, 0.90), _row("DP + AWP", 8.0, 1, 0.90),
             _row("DP + AWP", 8.0, 0, 0.83), _row("DP + AWP", 8.0, 2, 0.99),  # seed 2: no DP-SGD row to pair
             _row("DP + distillation", 3.0, 0, 0.70),  # no DP-SGD at epsilon 3
-            _row("non-private", None, 0, 0.95), _row("non-private + Privacy-Flat (paper)", None, 0, 0.94)]
-    rows[-1]["mia_auc"] = 0.45
+            _row("non-private", None, 0, 0.95), _row("non-private + Privacy-Flat (paper)", None, 0, 0.94),
+            _row("non-private + AWP (paper)", None, 0, 0.97), _row("public teacher only", None, 0, 0.90)]
+    rows[-3]["mia_auc"] = 0.45
     lines = reproduce.paired_table(rows).splitlines()[5:]
-    # differences 3 and 0 points: mean 1.5, sample sd 3 / sqrt(2)
+    # differences 3 and 0 points: mean 1.5, sample sd 3 / sqrt(2); the public teacher's row has no baseline
     assert lines == ["| non-private + Privacy-Flat (paper) | none | non-private | 0 | n/a | -1.00 | n/a | -0.050 "
                      "| n/a |",
+                     "| non-private + AWP (paper) | none | non-private | 0 | n/a | 2.00 | n/a | 0.000 | n/a |",
                      "| DP + AWP | 8.0 | DP-SGD | 0, 1 | n/a | 1.50 ± 2.12 | n/a | 0.000 ± 0.000 | n/a |"]
     assert reproduce.paired_table(rows[:2]) == "", "nothing to pair: no table"
 
@@ -276,6 +278,11 @@ def test_methods_take_their_callbacks_and_clip_from_their_config():
     figure_4 = strict["non-private + Privacy-Flat (paper)"]  # the paper's techniques, no noise
     assert reproduce.method_overrides(figure_4, None, 7)[-2:] == ["--model.privacy.enabled", "false"]
     assert reproduce.method_recipe(figure_4)["callbacks"] == paper_recipe["callbacks"]
+    for technique, callback in zip(("AWP", "layer selection", "distillation"), paper_recipe["callbacks"]):
+        alone = strict[f"non-private + {technique} (paper)"]  # Figure 4, one technique at a time
+        assert reproduce.method_recipe(alone)["callbacks"] == [callback]
+        assert reproduce.method_overrides(alone, None, 7)[-2:] == ["--model.privacy.enabled", "false"]
+        assert alone.baseline == figure_4.baseline == "non-private"
 
 
 def test_the_public_teacher_only_row_measures_the_teachers_prefix_without_a_private_step(tiny_model_dir, tmp_path):
