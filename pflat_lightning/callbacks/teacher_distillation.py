@@ -266,7 +266,8 @@ class TeacherDistillation(Callback):
                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                 num_sanity_val_steps=0, limit_val_batches=0, accelerator=trainer.accelerator,
                                 devices=[device.index] if device.type == "cuda" else 1)
-            rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {self.teacher_epochs} epochs")
+            epochs = f"{self.teacher_epochs} epoch{'s' if self.teacher_epochs != 1 else ''}"
+            rank_zero_info(f"TeacherDistillation: training the {self.source} teacher for {epochs}")
             if self.source == "public":
                 nested.fit(teacher, train_dataloaders=datamodule.public_dataloader(self.teacher_batch_size, shuffle=True))
             else:
